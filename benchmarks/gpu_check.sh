@@ -6,13 +6,14 @@
 #
 #     bash benchmarks/gpu_check.sh                   # writes $OUT (default benchmarks/results/gpu_check)
 #
-# Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560).
-# Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 470):
+# Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580).
+# Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 530):
 # optional rows are skipped, and say so, when too little time is left. Files written (at most 8):
 #   gpu_check.log   every command's output, the pytest results included
 #   summary.md      environment + every benchmark table + torch.profiler top ops and device-busy
 #                   fraction of each profiled variant (where the time goes when a goal is missed)
-#   lora.json, compiled.json, full.json   the benchmark results (benchmarks/train_step.py JSON)
+#   lora.json, full.json, lora_more.json, compiled.json   the benchmark results (benchmarks/train_step.py
+#                   JSON, rewritten after every row: a step cut by its limit keeps the rows it finished)
 #   attention.json   SDPA backend timings (benchmarks/attention.py)
 #
 # GPU_CHECK_DRY=1 runs the same steps on a CPU with the tiny config, 2 steps per row, batch 2 for 8,
@@ -34,12 +35,13 @@ OUT=${OUT:-$ROOT/benchmarks/results/gpu_check}
 # the dry run's CPU rows take about as long as the GPU's, on 2 cores other work may share: each
 # step's limit and the budget doubled there
 SCALE=$([[ "$DRY" == 1 ]] && echo 2 || echo 1)
-BUDGET=${GPU_CHECK_BUDGET:-$((470 * SCALE))}
+BUDGET=${GPU_CHECK_BUDGET:-$((530 * SCALE))}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/summary.md
 : >"$LOG"
 export PYTHONUNBUFFERED=1
+export SDADAPT_INSTAFAIL=1  # (tests/conftest.py: each failure's traceback at once, also when a step is cut)
 
 log() { echo "[gpu_check +${SECONDS}s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET - SECONDS)); }
@@ -106,32 +108,36 @@ if [[ "$DRY" == 1 ]]; then
     LARGE=2 LORA_PROFILE=1 FULL_PROFILE=1
 else
     BENCH=(python3 benchmarks/train_step.py --config sd15 --steps 10 --warmup 3)
-    LARGE=8 LORA_PROFILE=3 FULL_PROFILE=2
+    LARGE=8 LORA_PROFILE=1 FULL_PROFILE=1
 fi
 bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.json, table appended to the summary
     local name=$1 limit=$2
     shift 2
     step "bench $name" "$limit" "${BENCH[@]}" --out "$OUT/$name.json" --markdown "$OUT/$name.md" "$@"
-    if [[ -f "$OUT/$name.md" ]]; then
+    if [[ -f "$OUT/$name.md" ]]; then  # (also the rows a cut run finished: the files are rewritten after each)
         { echo; echo "## $name: $*"; echo; cat "$OUT/$name.md"; } >>"$SUMMARY"
         rm -f "$OUT/$name.md"
     else
         { echo; echo "## $name: $* — no result (see gpu_check.log)"; } >>"$SUMMARY"
     fi
 }
-# LoRA r16 on attention: recipe, UNet-only peft on cached latents, sdadapt eager (channels_last and not; per-adapter and
-# q/k/v down-projections batched: batch_shared_input_adapters) and CUDA-graph
-bench lora 200 --modes lora --batch 1 $LARGE --variants reference peft-unet sdadapt sdadapt-nchw sdadapt-qkv sdadapt-captured \
-    --profile $LORA_PROFILE
+# the first H200 run (2026-12-04): SD1.5 model build + 3 warm-up + 10 timed + 1 profiled step took ~25 s
+# per LoRA row (the 12 LoRA rows at --profile 3 ran past 200 s) and ~20 s per full fine-tune row; the
+# goal rows first, each bench's files rewritten after every row.
+# LoRA r16 on attention, the goal rows: UNet-only peft step on cached latents, sdadapt eager, sdadapt CUDA graph
+bench lora 170 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt sdadapt-captured --profile $LORA_PROFILE
 # full fine-tune at batch 1: fp32 recipe, lean (int8 foreach), lean-fused (int8 in backward), fast (bf16),
 # lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True)
-bench full 180 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
+bench full 150 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
     sdadapt-lean-captured sdadapt-fast-captured --profile $FULL_PROFILE
-# which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~20 s
+step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
+# the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step), without
+# channels_last, q/k/v down-projections batched (batch_shared_input_adapters)
+bench lora_more 120 --modes lora --batch 1 $LARGE --variants reference sdadapt-nchw sdadapt-qkv --no-flops
+# which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~40 s
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"
 if [[ -f "$OUT/attention.md" ]]; then { echo; echo "## attention (SDPA backends)"; echo; cat "$OUT/attention.md"; } >>"$SUMMARY"; rm -f "$OUT/attention.md"; fi
-step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
 # torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the slowest
 # rows, so last; the second compile mostly hits inductor's cache)
 bench compiled 170 --modes lora --batch $LARGE --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops

@@ -424,10 +424,12 @@ def kernel_time_us(averages) -> float:
     return sum(e.self_device_time_total for e in averages if e.device_type != DeviceType.CPU)
 
 
-def measure(mode, variants, models, device, mp_dtype, batch, args) -> dict[str, dict[str, float]]:
+def measure(mode, variants, models, device, mp_dtype, batch, args,
+            on_variant=lambda variant, measured: None) -> dict[str, dict[str, float]]:
     """``{variant: {"ms": median ms/step, "mem": peak MiB}}``. CPU: steps interleaved (alternating
     order) so load from other processes hits all alike; CUDA: one variant after the other, peak
-    allocated memory over its build, warm-up and timed steps."""
+    allocated memory over its build, warm-up and timed steps. ``on_variant(variant, measured)`` after
+    each variant's numbers are in (the caller writes its files: a time limit keeps what is done)."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     out: dict[str, dict[str, float]] = {}
 
@@ -459,6 +461,7 @@ def measure(mode, variants, models, device, mp_dtype, batch, args) -> dict[str, 
                       "mem": peak_memory_cpu(k, mode, models, device, mp_dtype, batch, args)}
             if k in profiles:
                 out[k]["profile"] = profiles[k]
+            on_variant(k, out[k])
         return out
     for k in variants:
         _fresh(device)
@@ -472,6 +475,7 @@ def measure(mode, variants, models, device, mp_dtype, batch, args) -> dict[str, 
         out[k] = {"ms": statistics.median(times[k]) * 1e3, "mem": torch.cuda.max_memory_allocated(device) / 2**20}
         if args.profile:
             out[k]["profile"] = profile_steps(step, device, args.profile)
+        on_variant(k, out[k])
         del step, keep, loss
         _fresh(device)
     return out
@@ -515,7 +519,9 @@ def variants_of(mode: str, args, device) -> tuple[str, ...]:
     return tuple(v for v in VARIANTS[mode] if device.type == "cuda" or "compiled" not in v)
 
 
-def run(args) -> dict:
+def run(args, on_rows=lambda result: None) -> dict:
+    """The benchmark's result (``rows``: one per mode, batch and variant); ``on_rows(result)`` each
+    time a row is added (the result so far)."""
     device = torch.device(args.device)
     cfg = CONFIGS[args.config]
     mp_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -523,27 +529,8 @@ def run(args) -> dict:
         glibc_return_freed_memory()
     peak = args.peak_tflops or measure_bf16_peak(device)
     models = Models(cfg, args.seed)
-    rows = []
-    for mode in args.modes:
-        variants = variants_of(mode, args, device)
-        if not variants:
-            continue
-        for b in args.batch:
-            batch = make_batch(cfg, b, device, args.seed + 1)
-            flops = float("nan")
-            if not args.no_flops and (args.config == "tiny" or device.type == "cuda"):
-                flops = count_flops(models, mode, batch, device, mp_dtype)
-                _fresh(device)
-            measured = measure(mode, variants, models, device, mp_dtype, batch, args)
-            for kind, m in measured.items():
-                tflops = flops / (m["ms"] / 1e3) / 1e12
-                rows.append(dict(
-                    mode=mode, batch=b, variant=kind, ms_per_step=m["ms"], images_per_s=b / m["ms"] * 1e3,
-                    peak_mem_mib=m["mem"], flops_per_step=flops, tflops=tflops,
-                    peak_fraction=tflops / peak if peak else None,
-                    **({"profile": m["profile"]} if "profile" in m else {}),
-                ))
-    return {
+    rows: list[dict] = []
+    result = {
         "config": args.config,
         "device": args.device,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -555,6 +542,29 @@ def run(args) -> dict:
         "bf16_peak_tflops": peak,
         "rows": rows,
     }
+    for mode in args.modes:
+        variants = variants_of(mode, args, device)
+        if not variants:
+            continue
+        for b in args.batch:
+            batch = make_batch(cfg, b, device, args.seed + 1)
+            flops = float("nan")
+            if not args.no_flops and (args.config == "tiny" or device.type == "cuda"):
+                flops = count_flops(models, mode, batch, device, mp_dtype)
+                _fresh(device)
+
+            def add_row(kind, m, mode=mode, b=b, flops=flops):
+                tflops = flops / (m["ms"] / 1e3) / 1e12
+                rows.append(dict(
+                    mode=mode, batch=b, variant=kind, ms_per_step=m["ms"], images_per_s=b / m["ms"] * 1e3,
+                    peak_mem_mib=m["mem"], flops_per_step=flops, tflops=tflops,
+                    peak_fraction=tflops / peak if peak else None,
+                    **({"profile": m["profile"]} if "profile" in m else {}),
+                ))
+                on_rows(result)
+
+            measure(mode, variants, models, device, mp_dtype, batch, args, on_variant=add_row)
+    return result
 
 
 def _ratio(base: dict | None, row: dict) -> str:
@@ -587,18 +597,24 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    result = run(args)
-    table = markdown_table(result)
-    print(table)
+def write_files(result: dict, args) -> Path:
+    """The JSON (``--out``, default in benchmarks/results/) and the ``--markdown`` table of ``result``
+    as it stands; returns the JSON's path."""
     out = args.out or RESULTS / f"train_step-{args.config}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
-    print(f"wrote {out}")
+        args.markdown.write_text(markdown_table(result) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # the files are rewritten after every row: a run stopped by a time limit keeps the rows it finished
+    result = run(args, on_rows=lambda partial: write_files(partial, args))
+    print(markdown_table(result))
+    print(f"wrote {write_files(result, args)}")
     return 0
 
 

@@ -13,6 +13,17 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 
 
+def pytest_runtest_logreport(report) -> None:
+    """``SDADAPT_INSTAFAIL=1`` (benchmarks/gpu_check.sh sets it): each failure's traceback is written
+    to stderr as it happens, not only in the summary at the end — a step cut by its time limit still
+    shows why the tests that ran failed."""
+    if os.environ.get("SDADAPT_INSTAFAIL") == "1" and report.failed:
+        import sys
+
+        sys.__stderr__.write(f"\n---- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+        sys.__stderr__.flush()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine torch's

@@ -377,7 +377,7 @@ def test_the_train_command_takes_cuda_graph_with_kohyas_adafactor(red_circles, t
 
     made = spy_on_captured_steps(monkeypatch)
     common = ["train", "lora", "--images", str(red_circles), "--batch-size", "2", "--no-prior", "--steps", "3", "-q",
-              "--optimizer", "Adafactor"]
+              "--optimizer", "Adafactor", "--device", "cpu"]  # (eager there, also on a machine with CUDA)
     assert main([*common, "-o", str(tmp_path / "plain.safetensors")]) == 0
     assert main([*common, "--cuda-graph", "-o", str(tmp_path / "graph.safetensors")]) == 0
     assert len(made) == 1 and made[0].calls == 3
@@ -393,7 +393,8 @@ def test_cuda_fit_with_cuda_graph_and_adafactor_matches_the_eager_run(args, monk
     LRs) trains like the eager run — losses and weights to bf16-backward tolerance — and did capture."""
     made = spy_on_captured_steps(monkeypatch)
     assert_cuda_graph_run_trains_as_eager(dataclasses.replace(_BASE, steps=10, optimizer_args=_FIT_ARGS[args],
-                                                              step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16")))
+                                                              step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16")),
+                                          monkeypatch)
     assert made and made[-1].graph_count == 1 and made[-1].calls == 10
 
 

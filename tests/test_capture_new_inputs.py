@@ -25,6 +25,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from fit_runs import capturable_optimizers
 from tiny_systems import tiny_diffusers_system
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -377,6 +378,7 @@ def test_cuda_fit_captured_matches_eager_on_the_new_inputs(tmp_path, monkeypatch
             input_perturbation_random_strength=True))
     else:
         config = dataclasses.replace(base, cache_text_encoder_outputs=True)
+    capturable_optimizers(monkeypatch)  # (the same AdamW arithmetic on both sides)
     eager = _cuda_sd_run(tmp_path, config, max_token_length=length)
     made = _one_warmup(monkeypatch)
     captured = _cuda_sd_run(tmp_path, dataclasses.replace(config, cuda_graph=True), max_token_length=length)

@@ -644,12 +644,13 @@ def test_the_train_command_refuses_other_dadapt_variants_and_different_lrs(three
 # ------------------------------------------------------------------------------------- CUDA
 @CUDA
 @pytest.mark.parametrize("config", [_FIT, _FIT_LION, _FIT_PREPRINT], ids=["DAdaptAdam", "DAdaptLion", "DAdaptation"])
-def test_cuda_fit_with_cuda_graph_and_dadapt_matches_the_eager_run(config):
+def test_cuda_fit_with_cuda_graph_and_dadapt_matches_the_eager_run(config, monkeypatch):
     """On a GPU: a captured run (3 eager steps, then replays; the estimate on the device) trains as
     the eager run."""
     from sdadapt.training.step import StepConfig
 
-    assert_cuda_graph_run_trains_as_eager(dataclasses.replace(config, steps=8, step=StepConfig(mixed_precision="bf16")))
+    assert_cuda_graph_run_trains_as_eager(dataclasses.replace(config, steps=8, step=StepConfig(mixed_precision="bf16")),
+                                          monkeypatch)
 
 
 @CUDA

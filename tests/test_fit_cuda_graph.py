@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 from _fast_compile import small_toy
-from fit_runs import spy_on_captured_steps
+from fit_runs import capturable_optimizers, spy_on_captured_steps
 
 from sdadapt.cli import main
 from sdadapt.methods import METHODS, FitConfig, fit
@@ -119,7 +119,8 @@ def test_the_train_command_takes_cuda_graph_and_refuses_its_clashes(red_circles,
     import sdadapt
 
     made = spy_on_captured_steps(monkeypatch)
-    common = ["train", "lora", "--images", str(red_circles), "--batch-size", "2", "--no-prior", "--steps", "2", "-q"]
+    common = ["train", "lora", "--images", str(red_circles), "--batch-size", "2", "--no-prior", "--steps", "2", "-q",
+              "--device", "cpu"]  # (eager there, also on a machine with CUDA)
     assert main([*common, "-o", str(tmp_path / "plain.safetensors")]) == 0
     assert not made
     assert main([*common, "--cuda-graph", "-o", str(tmp_path / "graph.safetensors")]) == 0
@@ -144,8 +145,10 @@ def test_the_train_command_takes_cuda_graph_and_refuses_its_clashes(red_circles,
 def test_cuda_fit_with_cuda_graph_matches_the_eager_run(method, optimizer, monkeypatch):
     """On a GPU: the captured run (3 eager steps per layout, then replays; the LR schedule filled into
     the optimiser's tensor lr) trains like the eager run — losses and weights to bf16-backward
-    tolerance — and did capture."""
+    tolerance, with the same optimiser arithmetic (``capturable_optimizers``) — and did capture.
+    (The textual-inversion rows, made before ``system.to("cuda")``, follow the model: fit moves them.)"""
     made = spy_on_captured_steps(monkeypatch)
+    capturable_optimizers(monkeypatch)
     config = dataclasses.replace(_BASE, steps=10, optimizer=optimizer,
                                  step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16"))
     eager = _run(method, config, device="cuda", toy=build_toy)
@@ -188,6 +191,7 @@ def test_cuda_fit_on_a_dataset_with_a_prior_captures_both_forwards(monkeypatch):
     """On a GPU: DreamBooth on a dataset (the class batch a second forward inside the graph) trains
     like the eager run, to bf16-backward tolerance — and did capture (not 8 eager steps)."""
     config = dataclasses.replace(_BASE, steps=8, step=StepConfig(min_snr_gamma=5.0, mixed_precision="bf16"))
+    capturable_optimizers(monkeypatch)  # (the same optimiser arithmetic on both sides)
     eager = _dataset_run(config, device="cuda", toy=build_toy)
     made = spy_on_captured_steps(monkeypatch)
     captured = _dataset_run(dataclasses.replace(config, cuda_graph=True), device="cuda", toy=build_toy)
@@ -237,3 +241,29 @@ def test_a_dropout_layer_in_training_mode_inside_the_unet_counts_too():
     assert _dropout_modules(system.unet) == ["extra_dropout"]
     system.unet.extra_dropout.eval()
     assert _dropout_modules(system.unet) == []  # not drawing in eval mode
+
+
+def test_trained_rows_made_before_the_model_moved_follow_it(monkeypatch):
+    """Textual-inversion rows live in hooks beside the text encoder, outside the module tree
+    ``system.to`` moves: ``fit`` hands every trained parameter and the model's device to
+    ``_follow_model`` (in place: the same objects) before it builds the optimiser. On the first H200
+    run a textual-inversion fit made before ``system.to("cuda")`` stepped its rows on the CPU and never
+    captured; ``test_cuda_fit_with_cuda_graph_matches_the_eager_run[textual-inversion-adamw]`` checks
+    the move itself (a CPU has no second device to move to)."""
+    fit_module = importlib.import_module("sdadapt.methods.fit")
+    system = small_toy(seed=1)
+    adaptation = METHODS["textual-inversion"].adapt(system, seed=1, token="sks")
+    rows = adaptation.params[0]
+    system.to(torch.float64)  # a conversion `to` makes: the rows stay behind
+    assert rows.dtype == torch.float32
+    seen: list[tuple[list, torch.device, int]] = []
+    built: list[int] = []
+    real_make = fit_module.make_optimizer
+    monkeypatch.setattr(fit_module, "_follow_model", lambda params, device: seen.append((params, device, len(built))))
+    monkeypatch.setattr(fit_module, "make_optimizer", lambda groups, config: built.append(1) or real_make(groups, config))
+    system = small_toy(seed=1)
+    adaptation = METHODS["textual-inversion"].adapt(system, seed=1, token="sks")
+    images, captions = concept_data("cross", 2, seed=0)
+    fit(system, adaptation, images, [f"a sks {c}" for c in captions], config=dataclasses.replace(_BASE, steps=1))
+    assert len(seen) == 1 and seen[0][0] is adaptation.params and seen[0][1] == torch.device("cpu") and seen[0][2] == 0
+    assert built == [1]

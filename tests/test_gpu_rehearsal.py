@@ -109,7 +109,7 @@ def test_the_scripts_benchmark_lines_parse_and_name_each_modes_own_variants():
     import train_step
 
     lines = _bench_lines()
-    assert [name for name, _ in lines] == ["lora", "full", "compiled"]
+    assert [name for name, _ in lines] == ["lora", "full", "lora_more", "compiled"]  # (the goal rows first)
     branches = _branches()
     assert len(branches) == 2 and branches[0][1].keys() == branches[1][1].keys()  # the dry run's and the GPU's
     assert branches[1][1]["LARGE"] == "8" and "sd15" in branches[1][0]  # (the rows issue 16 asks for)
@@ -122,6 +122,10 @@ def test_the_scripts_benchmark_lines_parse_and_name_each_modes_own_variants():
             for mode in parsed.modes:  # each variant named runs in a mode of the line
                 assert set(parsed.variants) <= set().union(*(train_step.VARIANTS[m] for m in parsed.modes))
                 assert train_step.variants_of(mode, parsed, torch.device("cuda"))
+    named = {(mode, v) for _, words in lines for parsed in [train_step.parse_args(
+        ["--device", "cuda", "--config", "sd15"] + [re.sub(r"\$(\w+)", lambda m: branches[1][1][m.group(1)], w) for w in words])]
+        for mode in parsed.modes for v in parsed.variants}
+    assert named == {(m, v) for m in ("lora", "full") for v in train_step.VARIANTS[m]}  # every LoRA and full FT variant runs
 
 
 # ------------------------------------------------------------------------------------ emulated CUDA
@@ -321,3 +325,34 @@ def test_the_busy_fraction_counts_each_kernel_once():
               SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=10.0),  # a copy on the device
               SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=0.0)]  # host-only op
     assert train_step.kernel_time_us(events) == 30.0
+
+
+def test_a_benchmark_cut_by_its_time_limit_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """gpu_check.sh runs each benchmark under `timeout`: the JSON and markdown are rewritten after
+    every row, so a run killed during its third variant leaves the first two (the first H200 run lost
+    all twelve LoRA rows to a 200 s limit)."""
+    import json
+
+    import train_step
+
+    real, calls = train_step.measure, []
+
+    def dying(mode, variants, *args, on_variant, **kwargs):  # measures two variants, then is "killed"
+        def counted(variant, measured):
+            calls.append(variant)
+            on_variant(variant, measured)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+
+        return real(mode, variants, *args, on_variant=counted, **kwargs)
+
+    monkeypatch.setattr(train_step, "measure", dying)
+    out, table = tmp_path / "lora.json", tmp_path / "lora.md"
+    with pytest.raises(KeyboardInterrupt):
+        train_step.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--modes", "lora",
+                         "--batch", "1", "--variants", "peft-unet", "sdadapt", "sdadapt-nchw", "--no-flops",
+                         "--out", str(out), "--markdown", str(table)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == calls == ["peft-unet", "sdadapt"]
+    assert all(r["ms_per_step"] > 0 for r in rows)
+    assert "| lora | 1 | sdadapt |" in table.read_text() and "sdadapt-nchw" not in table.read_text()

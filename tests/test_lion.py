@@ -383,11 +383,11 @@ def test_the_train_command_takes_lion_and_resumes_it_bit_for_bit(three_shapes, t
 # ------------------------------------------------------------------------------------- CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("optimizer", ["lion", "lion-bf16"])
-def test_cuda_fit_with_cuda_graph_and_lion_matches_the_eager_run(optimizer):
+def test_cuda_fit_with_cuda_graph_and_lion_matches_the_eager_run(optimizer, monkeypatch):
     """On a GPU: a captured Lion run (3 eager steps, then replays) trains as the eager run."""
     assert_cuda_graph_run_trains_as_eager(FitConfig(steps=8, batch_size=2, learning_rate=1e-3, warmup_steps=2,
                                                     schedule="cosine", optimizer=optimizer,
-                                                    step=StepConfig(mixed_precision="bf16")))
+                                                    step=StepConfig(mixed_precision="bf16")), monkeypatch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

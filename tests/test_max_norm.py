@@ -26,6 +26,7 @@ import math
 
 import pytest
 import torch
+from fit_runs import capturable_optimizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -332,9 +333,11 @@ def test_the_pass_is_part_of_the_captured_graph(fake_cuda_graphs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_the_pass_is_captured_in_the_graph_and_matches_eager():
+def test_cuda_the_pass_is_captured_in_the_graph_and_matches_eager(monkeypatch):
     """On CUDA the max-norm pass runs inside the replayed graph (no host sync under
-    ``set_sync_debug_mode("error")``), and the captured run follows the eager one."""
+    ``set_sync_debug_mode("error")``), and the captured run follows the eager one (the same AdamW
+    arithmetic on both sides: ``capturable_optimizers``)."""
+    capturable_optimizers(monkeypatch)
     def run(cuda_graph: bool):
         system = build_toy(seed=1)
         adaptation = METHODS["lora"].adapt(system, seed=1)

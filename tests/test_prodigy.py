@@ -534,10 +534,11 @@ def test_the_run_report_warns_at_kohyas_bound_and_equal_or_zero_text_encoder_lrs
 
 # ------------------------------------------------------------------------------------- CUDA
 @CUDA
-def test_cuda_fit_with_cuda_graph_and_prodigy_matches_the_eager_run():
+def test_cuda_fit_with_cuda_graph_and_prodigy_matches_the_eager_run(monkeypatch):
     """On a GPU: a captured Prodigy run (3 eager steps, then replays; the estimate on the device)
     trains as the eager run."""
-    assert_cuda_graph_run_trains_as_eager(dataclasses.replace(_FIT, steps=8, step=StepConfig(mixed_precision="bf16")))
+    assert_cuda_graph_run_trains_as_eager(dataclasses.replace(_FIT, steps=8, step=StepConfig(mixed_precision="bf16")),
+                                          monkeypatch)
 
 
 @CUDA

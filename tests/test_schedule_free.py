@@ -642,10 +642,10 @@ def test_train_samples_from_the_eval_mode_weights_and_before_any_step_from_the_s
 
 # ------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_fit_with_cuda_graph_and_schedule_free_adamw_matches_the_eager_run():
+def test_cuda_fit_with_cuda_graph_and_schedule_free_adamw_matches_the_eager_run(monkeypatch):
     """On a GPU: a captured run (3 eager steps, then replays) trains as the eager run, with mode switches."""
     assert_cuda_graph_run_trains_as_eager(FitConfig(**{**_FIT, "steps": 8}, step=StepConfig(mixed_precision="bf16")),
-                                          on_step=lambda info: info.use_weights() if info.step % 3 == 0 else None)
+                                          monkeypatch, on_step=lambda info: info.use_weights() if info.step % 3 == 0 else None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

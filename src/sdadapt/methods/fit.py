@@ -815,6 +815,15 @@ def _weighted_tokenizer(system: System, adaptation: Any, dataset: Any) -> Callab
     return weighted
 
 
+def _follow_model(params: list[nn.Parameter], device: torch.device) -> None:
+    """Move each of ``params`` that is not on ``device`` there, in place (``.data``: the same
+    parameter objects, so an adaptation's lists stay valid); its gradient is dropped."""
+    for param in params:
+        if param.device != device:
+            param.grad = None
+            param.data = param.data.to(device)
+
+
 def fit(
     system: System,
     adaptation: Adaptation,
@@ -877,6 +886,12 @@ def fit(
     augmentation is VAE-encoded for the rank's rows only (``system.encode_images`` must treat rows
     independently, as a VAE's posterior mean does). Not with ``cuda_graph`` or ``fused_backward`` (ValueError).
 
+    Devices: a trained parameter off the model's device is moved there first, in place (the same
+    ``nn.Parameter``): an adaptation made before ``system.to(device)`` trains where the model runs.
+    Textual-inversion rows (also DreamArtist's and Custom Diffusion's) live in hooks beside the text
+    encoder, outside the module tree ``to`` moves; left on the CPU, each step would update them there
+    and a ``cuda_graph`` run could not capture.
+
     Returns:
         the loss of every step run (floats; one host read per optimiser step: docs/training.md#host-syncs).
 
@@ -937,6 +952,7 @@ def fit(
             prior_latents, prior_ids = system.encode_images(prior[0].to(device)), tokenize(prior[1])  # type: ignore[union-attr,index]
         if validation is not None and dataset is None:  # the held-out images: encoded once, as the training ones
             val_latents, val_ids = system.encode_images(validation[0].to(device)), tokenize(list(validation[1]))
+    _follow_model(params, device)
     edm_schedule = getattr(system, "edm", None)  # (an EDM model, Playground v2.5: the step's EDM branch, training.edm)
     step_config = config.step_config(edm=edm_schedule is not None)  # (step=None: min-SNR by the formulation)
     # the schedule the steps train on (the system's own ᾱ keeps serving samples and class images)
