@@ -281,9 +281,13 @@ def test_captured_and_compiled_steps_on_an_fp8_base_are_the_eager_steps(replayin
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_cuda_graph_on_an_fp8_base_matches_the_eager_run():
+def test_cuda_graph_on_an_fp8_base_matches_the_eager_run(monkeypatch):
     """On a GPU: real CUDA-graph capture of the step with the fp8 base (autocast's fp8 -> bf16 casts recorded in
-    the graph) trains like the eager run, to bf16-backward tolerance (as tests/test_fit_cuda_graph.py)."""
+    the graph) trains like the eager run, to bf16-backward tolerance (as tests/test_fit_cuda_graph.py), with the
+    same AdamW arithmetic on both sides (``capturable_optimizers``)."""
+    from fit_runs import capturable_optimizers
+
+    capturable_optimizers(monkeypatch)
     eager = _fit_on_an_fp8_toy("cuda")
     captured = _fit_on_an_fp8_toy("cuda", cuda_graph=True)
     assert captured[0] == pytest.approx(eager[0], rel=1e-3)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from docs_pages import run_block
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optimizer_states import assert_same_optimizer_state
 from torch import nn
 
 from sdadapt.training.optim import (
@@ -25,8 +27,6 @@ from sdadapt.training.optim import (
     set_lr,
     stochastic_round_to_bf16,
 )
-from docs_pages import run_block
-from optimizer_states import assert_same_optimizer_state
 
 SETTINGS = settings(max_examples=25, deadline=None)
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,16 +397,42 @@ def test_foreach_chunks_bound_the_elements():
     assert [[p.numel() for p in c] for c in _chunks(params, 10)] == [[5, 5], [20], [3, 3, 3]]
 
 
-def test_quantize_many_equals_one_tensor_at_a_time():
-    from sdadapt.training.optim import _quantize_many
+def test_a_chunks_padded_buffer_quantises_as_each_tensor_alone():
+    """The int8 step re-quantises a chunk's moments where the step left them — one padded buffer,
+    each tensor's span rounded up to whole blocks — after zeroing the positions ``_padding`` lists:
+    each tensor's codes and absmax are then those of :func:`quantize_blockwise` on it alone."""
+    from sdadapt.training.optim import (
+        _code_boundaries,
+        _padded_to_blocks,
+        _quantize_to_boundaries,
+        _unpadded_views,
+    )
 
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(n, generator=g) * 10.0 ** torch.randint(-6, 2, (n,), generator=g) for n in (1, 63, 64, 65, 200)]
+    sizes = (1, 63, 64, 65, 200)
+    xs = [torch.randn(n, generator=g) * 10.0 ** torch.randint(-6, 2, (n,), generator=g) for n in sizes]
     code = dynamic_map(signed=True)
-    codes, absmax = _quantize_many(xs, code, block_size=64)
-    for x, c, a in zip(xs, codes, absmax):
+    garbage = torch.full((63,), 7.0)  # what the decoded padding holds before the fill: anything
+    flat = torch.cat(_padded_to_blocks(xs, 64, garbage))
+    padding = AdamW([torch.zeros(1, requires_grad=True)], state_dtype="int8")._padding(torch.device("cpu"), 64, sizes)
+    assert padding is not None and padding.numel() == sum(-n % 64 for n in sizes)
+    flat.index_fill_(0, padding, 0.0)
+    codes, absmax = _quantize_to_boundaries(flat, _code_boundaries(code), block_size=64)
+    blocks = [-(-n // 64) for n in sizes]
+    for x, c, a in zip(xs, _unpadded_views(codes, sizes, 64), absmax.split(blocks)):
         c_ref, a_ref = quantize_blockwise(x, code, block_size=64)
         assert torch.equal(c, c_ref) and torch.equal(a, a_ref)
+    whole = AdamW([torch.zeros(1, requires_grad=True)], state_dtype="int8")._padding(torch.device("cpu"), 64, (64, 128))
+    assert whole is None  # every tensor whole blocks: nothing to fill
+
+
+def test_blockwise_absmax_is_the_plain_max_of_the_magnitudes():
+    """absmax per block, taken as max(max x, −min x) in one pass, is ``x.abs().amax()`` to the bit —
+    +0.0 for a block of −0.0s, and NaN for a block holding one."""
+    x = torch.tensor([-0.0] * 4 + [1.0, -3.0, 2.0, 0.5] + [-1e-30, 0.0, 2e-30, -0.0] + [1.0, float("nan"), -2.0, 0.0])
+    _, absmax = quantize_blockwise(x, dynamic_map(signed=True), block_size=4)
+    expected = x.view(4, 4).abs().amax(dim=1)
+    assert torch.equal(absmax[:3], expected[:3]) and not absmax[0].signbit() and absmax[3].isnan()
 
 
 def test_adamw_rejects_bad_options():

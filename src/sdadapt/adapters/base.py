@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGeometry", "AdapterModule", "geometry_of", "graph_capturing", "refresh_scale_after_load", "rank_alpha_for",
-           "ConvRankAlpha"]
+__all__ = ["LayerGeometry", "AdapterModule", "autocast_casts", "geometry_of", "graph_capturing",
+           "refresh_scale_after_load", "rank_alpha_for", "ConvRankAlpha"]
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,11 @@ class AdapterModule(nn.Module):
     #: the strength-1 scale is the file's ``alpha / r`` (LoRA, LoHa, LoKr, GLoRA: :meth:`base_scale`);
     #: ``False``: 1 (``alpha`` is absent or means something else, as OFT's constraint)
     scale_is_alpha_over_rank: ClassVar[bool] = False
+    #: the delta's first op on the input is a linear or convolution (LoRA's down-projection): under
+    #: autocast that op casts a half-precision input to autocast's dtype itself, so the hook leaves
+    #: it as it is instead of casting it to the adapter's dtype first (a cast autocast undoes: the
+    #: same values, two kernels and a full-size copy less per layer and pass)
+    input_cast_by_autocast: ClassVar[bool] = False
     #: ``(group, index)`` while the adapter's down-projection is shared with sibling layers that
     #: read the same input (``shared_input.batch_shared_input_adapters``); ``None`` otherwise
     _shared_input: tuple | None = None
@@ -332,7 +337,8 @@ class AdapterModule(nn.Module):
             if adapted is not None:
                 return adapted
         dtype = self.delta_dtype()
-        x = x if x.dtype == dtype else x.to(dtype)
+        if x.dtype != dtype and not (self.input_cast_by_autocast and autocast_casts(x)):
+            x = x.to(dtype)
         if self.uses_base_weight:
             # the weight without merged deltas of other adapters (the slot keeps the original)
             slot = module._modules.get("sdadapt")
@@ -345,6 +351,19 @@ class AdapterModule(nn.Module):
     def delta_dtype(self) -> torch.dtype:
         """dtype the adapter computes in (its parameters')."""
         return next(self.parameters()).dtype
+
+
+def autocast_casts(x: Tensor) -> bool:
+    """Whether a linear or convolution under the current autocast casts ``x`` itself: a float16 or
+    bfloat16 tensor while autocast is on for its device (casting it to float32 first would only be
+    undone: float16/bfloat16 → float32 is exact). (torch < 2.4's ``is_autocast_enabled`` has no device argument.)"""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # pragma: no cover - torch < 2.4
+        return torch.is_autocast_enabled() if x.device.type == "cuda" else (
+            x.device.type == "cpu" and torch.is_autocast_cpu_enabled())
 
 
 def graph_capturing() -> bool:

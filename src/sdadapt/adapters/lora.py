@@ -224,6 +224,7 @@ class LoRAModule(AdapterModule):
 
     family: ClassVar[str] = "lora"
     scale_is_alpha_over_rank: ClassVar[bool] = True
+    input_cast_by_autocast: ClassVar[bool] = True  # (lora_forward's first op: the down-projection)
     file_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "diff_b")
     marker_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight")
     rank_keys: ClassVar[tuple[str, ...]] = ("lora_down.weight",)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
+from .base import autocast_casts
 from .lora import LoRAModule
 
 __all__ = [
@@ -198,7 +199,7 @@ class SharedInputGroup:
         dtype, device = downs[0].dtype, downs[0].device
         if any(d.dtype != dtype or d.device != device for d in downs):
             return None
-        x = x if x.dtype == dtype else x.to(dtype)
+        x = x if x.dtype == dtype or autocast_casts(x) else x.to(dtype)  # (as the unbatched hook: base.py)
         for i in active:
             buffer = self.members[i]._buffers["scale"]
             if buffer is not self._scale_buffers[i]:

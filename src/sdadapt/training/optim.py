@@ -182,31 +182,14 @@ def _quantize_to_boundaries(x: Tensor, boundaries: Tensor, *, block_size: int) -
         padded = torch.zeros(blocks * block_size, dtype=torch.float32, device=flat.device)
         padded[:n] = flat
     padded = padded.view(blocks, block_size)  # (nb, bs)
-    absmax = padded.abs().amax(dim=1)  # (nb,)
+    # max |x| per block as max(max x, −min x): one pass over the block grid, no |x| copy (abs_ on the
+    # (nb,) result turns an all −0.0 block's −0.0 into the 0.0 ``abs().amax()`` gives)
+    low, high = torch.aminmax(padded, dim=1)  # (nb,), (nb,)
+    absmax = torch.maximum(high, low.neg_()).abs_()  # (nb,)
     y = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # (nb, bs) in [-1, 1]
-    codes = torch.bucketize(y.reshape(-1)[:n], boundaries).to(torch.uint8)  # (n,)
+    # int32 bucket indices (half the int64 default's traffic; every index < 256)
+    codes = torch.bucketize(y.reshape(-1)[:n], boundaries, out_int32=True).to(torch.uint8)  # (n,)
     return codes, absmax
-
-
-def _quantize_many(xs: Sequence[Tensor], code: Tensor, *, block_size: int,
-                   boundaries: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
-    """:func:`quantize_blockwise` of each tensor in ``xs`` (same results), in one batched pass:
-    each tensor is zero-padded to whole blocks, so no block mixes two tensors.
-
-    A fixed number of ops whatever ``len(xs)`` (one zero buffer supplies every tensor's padding;
-    ``boundaries``, the code book's :func:`_code_boundaries`, saves recomputing them).
-    The results are views into two shared buffers: ``(codes_i (n_i,) uint8, absmax_i (nb_i,) float32)``;
-    copy them into tensors of their own to keep them.
-    """
-    if not xs:
-        return [], []
-    sizes = [x.numel() for x in xs]
-    blocks = [-(-n // block_size) for n in sizes]
-    zeros = xs[0].new_zeros(block_size - 1, dtype=torch.float32)  # (bs-1,): every tensor's padding
-    flat = torch.cat(_padded_to_blocks([_flat(x) for x in xs], block_size, zeros)).float()  # (Σnb·bs,)
-    boundaries = _code_boundaries(code) if boundaries is None else boundaries
-    codes, absmax = _quantize_to_boundaries(flat, boundaries, block_size=block_size)  # (Σnb·bs,), (Σnb,)
-    return _unpadded_views(codes, sizes, block_size), list(absmax.split(blocks))
 
 
 def _padded_to_blocks(flats: Sequence[Tensor], block_size: int, pad: Tensor) -> list[Tensor]:
@@ -235,7 +218,7 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Tensor, *, block_s
         float32, flat ``(codes.numel(),)``; reshape to the original shape.
     """
     n = codes.numel()
-    values = code[codes.long()]  # (n,)
+    values = code[codes.int()]  # (n,)
     scale = _block_scales(absmax, block_size, n)  # (n,)
     return values * scale
 
@@ -485,6 +468,7 @@ class AdamW(torch.optim.Optimizer):
         self.generator = generator
         self._codes: dict[tuple[torch.device, bool], Tensor] = {}
         self._boundaries: dict[tuple[torch.device, bool], Tensor] = {}
+        self._paddings: dict[tuple[torch.device, int, tuple[int, ...]], Tensor | None] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``, validating a group's own
@@ -507,6 +491,22 @@ class AdamW(torch.optim.Optimizer):
         if key not in self._boundaries:
             self._boundaries[key] = _code_boundaries(self._code(device, signed))
         return self._boundaries[key]
+
+    def _padding(self, device: torch.device, block_size: int, sizes: Sequence[int]) -> Tensor | None:
+        """Positions of the padding in a chunk's padded flat layout (``torch.cat(_padded_to_blocks(...))``
+        of tensors of ``sizes``), ``(P,)`` int64 on ``device``; ``None``: every size is whole blocks.
+        Cached per layout: a chunk keeps its layout from step to step, so the warm-up steps make it
+        and a captured step only reads it."""
+        key = (device, block_size, tuple(sizes))
+        if key not in self._paddings:
+            positions: list[int] = []
+            offset = 0
+            for n in sizes:
+                span = -(-n // block_size) * block_size
+                positions += range(offset + n, offset + span)
+                offset += span
+            self._paddings[key] = torch.tensor(positions, dtype=torch.int64, device=device) if positions else None
+        return self._paddings[key]
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
         state["step"] = _new_step_count(p, group)
@@ -613,7 +613,7 @@ class AdamW(torch.optim.Optimizer):
         grads = _float32_many([piece.of(piece.param.grad) for piece in pieces])  # type: ignore[arg-type]
         weights = _float32_many(targets)
         if group["state_dtype"] == "int8":
-            ms, vs = self._load_int8_moments(states, pieces, targets, group)
+            ms, vs, flats = self._load_int8_moments(states, pieces, targets, group)
             moment_targets: list[Tensor] = []
         else:
             moment_targets = ([piece.of(state["exp_avg"]) for piece, state in zip(pieces, states)]
@@ -643,18 +643,19 @@ class AdamW(torch.optim.Optimizer):
                 writes += [(moment_targets[i], m, True), (moment_targets[count + i], v, True)]
         _write_back_many(writes, self.generator)
         if group["state_dtype"] == "int8":
-            self._store_int8_moments(states, pieces, group, ms, vs)
+            self._store_int8_moments(states, pieces, group, *flats)
 
     def _load_int8_moments(self, states: list[dict[str, Any]], pieces: list[_Piece], targets: list[Tensor],
-                           group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Dequantise every piece's int8 moments in one batched pass per moment.
+                           group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, Tensor]]:
+        """Dequantise every piece's int8 moments in one batched pass per moment: ``(ms, vs, (m_flat, v_flat))``.
 
         The codes are concatenated with each piece's padded to whole blocks (so the chunk is a
         ``(Σnb, bs)`` grid of blocks, each scaled by its absmax in one broadcast multiply) and the
         moments returned are views of ``targets[i].shape`` (the piece of the weight) into the padded
-        float32 buffer — a fixed number of ops whatever the number of parameters. The padding
-        decodes to values nobody reads. A piece of a split parameter starts on a block boundary, so
-        its codes and absmaxes are slices of the parameter's.
+        float32 buffers ``m_flat``, ``v_flat`` ``(Σnb·bs,)`` — a fixed number of ops whatever the number
+        of parameters. The padding decodes to values nobody reads (:meth:`_store_int8_moments` zeroes
+        it before re-quantising the buffers). A piece of a split parameter starts on a block boundary,
+        so its codes and absmaxes are slices of the parameter's.
         """
         bs, device = group["block_size"], targets[0].device
         sizes = [piece.numel() for piece in pieces]
@@ -664,36 +665,44 @@ class AdamW(torch.optim.Optimizer):
             codes = torch.cat(_padded_to_blocks([piece.codes(state[f"{name}_codes"]) for piece, state in zip(pieces, states)],
                                                 bs, pad))  # (Σnb·bs,)
             absmax = torch.cat([piece.absmax(state[f"{name}_absmax"], bs) for piece, state in zip(pieces, states)])  # (Σnb,)
-            values = self._code(device, signed)[codes.long()]  # (Σnb·bs,) float32
+            values = self._code(device, signed)[codes.int()]  # (Σnb·bs,) float32 (int32 indices: half int64's traffic)
             flat = values.view(-1, bs).mul_(absmax[:, None]).view(-1)  # (Σnb·bs,): code · absmax of its block
             out.append(flat)
         m_flat, root_flat = out
         v_flat = root_flat.square_()
         ms = [_shaped(part, t.shape) for part, t in zip(_unpadded_views(m_flat, sizes, bs), targets)]
         vs = [_shaped(part, t.shape) for part, t in zip(_unpadded_views(v_flat, sizes, bs), targets)]
-        return ms, vs
+        return ms, vs, (m_flat, v_flat)
 
     def _store_int8_moments(self, states: list[dict[str, Any]], pieces: list[_Piece], group: dict[str, Any],
-                            ms: list[Tensor], vs: list[Tensor]) -> None:
-        """Re-quantise every piece's moments in one batched pass per moment (blocks never straddle
-        pieces) and copy the codes and absmax into (slices of) the state tensors with one
-        multi-tensor copy: in place, so a captured graph reads the new values on its next replay and
-        each state tensor keeps a storage of its own (``state_dict`` saves per-parameter tensors, not
-        the chunk)."""
-        bs, device = group["block_size"], ms[0].device
+                            m_flat: Tensor, v_flat: Tensor) -> None:
+        """Re-quantise every piece's moments in one batched pass per moment and copy the codes and
+        absmax into (slices of) the state tensors with one multi-tensor copy: in place, so a captured
+        graph reads the new values on its next replay and each state tensor keeps a storage of its
+        own (``state_dict`` saves per-parameter tensors, not the chunk).
+
+        ``m_flat``, ``v_flat``: :meth:`_load_int8_moments`' padded buffers, updated in place by the
+        step. Their padding is zeroed (one indexed fill) and they are quantised where they are — the
+        layout a batched ``torch.cat`` of every moment would build by copying them (blocks never straddle
+        pieces; the zeros make each piece's last block the one :func:`quantize_blockwise` sees)."""
+        bs, device = group["block_size"], m_flat.device
+        sizes = [piece.numel() for piece in pieces]
+        blocks = [-(-n // bs) for n in sizes]
+        padding = self._padding(device, bs, sizes)
         # one copy per dtype: CUDA's multi-tensor kernels take lists of one dtype (mixed lists run
         # one copy kernel per tensor)
         code_targets: list[Tensor] = []
         code_sources: list[Tensor] = []
         absmax_targets: list[Tensor] = []
         absmax_sources: list[Tensor] = []
-        for name, signed, values in (("exp_avg", True, ms), ("exp_avg_sq", False, torch._foreach_sqrt(vs))):
-            codes, absmax = _quantize_many(values, self._code(device, signed), block_size=bs,
-                                           boundaries=self._code_boundaries(device, signed))
+        for name, signed, flat in (("exp_avg", True, m_flat), ("exp_avg_sq", False, v_flat.sqrt())):
+            if padding is not None:
+                flat.index_fill_(0, padding, 0.0)
+            codes, absmax = _quantize_to_boundaries(flat, self._code_boundaries(device, signed), block_size=bs)
             code_targets += [piece.codes(state[f"{name}_codes"]) for piece, state in zip(pieces, states)]
-            code_sources += codes
+            code_sources += _unpadded_views(codes, sizes, bs)
             absmax_targets += [piece.absmax(state[f"{name}_absmax"], bs) for piece, state in zip(pieces, states)]
-            absmax_sources += absmax
+            absmax_sources += list(absmax.split(blocks))
         torch._foreach_copy_(code_targets, code_sources)
         torch._foreach_copy_(absmax_targets, absmax_sources)
 
