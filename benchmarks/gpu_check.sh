@@ -127,10 +127,14 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
 # LoRA r16 on attention, the goal rows: UNet-only peft step on cached latents, sdadapt eager, sdadapt CUDA graph
 bench lora 170 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt sdadapt-captured --profile $LORA_PROFILE
 # full fine-tune at batch 1: fp32 recipe, lean (int8 foreach), lean-fused (int8 in backward), fast (bf16),
-# lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True)
-bench full 150 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
-    sdadapt-lean-captured sdadapt-fast-captured --profile $FULL_PROFILE
+# lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True), small (lean captured, every
+# block recomputed)
+bench full 170 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
+    sdadapt-lean-captured sdadapt-fast-captured sdadapt-small-captured --profile $FULL_PROFILE
 step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
+# torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the path to the
+# batch-8 goal the first run had no time for; the second compile mostly hits inductor's cache)
+bench compiled 170 --modes lora --batch $LARGE --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops
 # the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step), without
 # channels_last, q/k/v down-projections batched (batch_shared_input_adapters)
 bench lora_more 120 --modes lora --batch 1 $LARGE --variants reference sdadapt-nchw sdadapt-qkv --no-flops
@@ -138,9 +142,6 @@ bench lora_more 120 --modes lora --batch 1 $LARGE --variants reference sdadapt-n
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"
 if [[ -f "$OUT/attention.md" ]]; then { echo; echo "## attention (SDPA backends)"; echo; cat "$OUT/attention.md"; } >>"$SUMMARY"; rm -f "$OUT/attention.md"; fi
-# torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the slowest
-# rows, so last; the second compile mostly hits inductor's cache)
-bench compiled 170 --modes lora --batch $LARGE --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops
 
 log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 cat "$SUMMARY"

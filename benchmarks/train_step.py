@@ -25,7 +25,9 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     ``sdadapt-fast`` — bf16 weights + stochastic rounding, bf16 AdamW states, ``foreach``, clipping,
     no checkpointing. ``sdadapt-lean-captured``, ``sdadapt-fast-captured``: the same steps captured
     whole in a CUDA graph (:class:`~sdadapt.training.step_capture.CapturedStep`, sdadapt's AdamW with
-    ``capturable=True`` and a tensor LR; on CPU the eager step). Textual inversion: one trainable row spliced in at the placeholder positions by
+    ``capturable=True`` and a tensor LR; on CPU the eager step). ``sdadapt-small-captured``: lean
+    captured with every transformer and ResNet block recomputed (the first H200 run had the captured
+    lean step at 9.6 GB: its graph holds the gradients beside the activations). Textual inversion: one trainable row spliced in at the placeholder positions by
     :class:`sdadapt.embeddings.TokenRows` (no gradient for the 38M-entry matrix).
 
 Reported per row: ms/step (median after warm-up), images/s, speed-up over the reference and (LoRA)
@@ -224,7 +226,8 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     from sdadapt.training.step import StepConfig, TrainState, train_step
 
     cuda = device.type == "cuda"
-    lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured")
+    lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
+                       "sdadapt-small-captured")
     weight_dtype = torch.bfloat16 if lean else (mp_dtype or torch.float32)
     unet, vae, tes = models.copy(device, weight_dtype)
     channels_last = cuda and variant != "sdadapt-nchw"  # sdadapt-nchw: is NHWC worth it on this GPU?
@@ -239,7 +242,8 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     max_norm = 1.0
     model = unet_call(unet)
     data = {"latents": latents, "cond": cond}
-    capture = variant in ("sdadapt-captured", "sdadapt-compiled-captured", "sdadapt-lean-captured", "sdadapt-fast-captured")
+    capture = variant in ("sdadapt-captured", "sdadapt-compiled-captured", "sdadapt-lean-captured", "sdadapt-fast-captured",
+                          "sdadapt-small-captured")
     if mode == "lora":
         handle = sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, sdadapt.LoRAConfig(rank=16, alpha=16, init="gaussian"))
         if variant == "sdadapt-qkv":  # one down-projection matmul per attention input for the q/k/v LoRAs
@@ -271,6 +275,9 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
             max_norm = None
         elif variant in ("sdadapt-lean", "sdadapt-lean-captured"):  # bf16 grads, int8 states in multi-tensor steps, attention recomputed
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock))
+            optimizer = AdamW(params, state_dtype="int8", foreach=True, **lr)
+        elif variant == "sdadapt-small-captured":  # lean captured, every block recomputed: fewer activations beside the grads
+            enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock, ResnetBlock2D))
             optimizer = AdamW(params, state_dtype="int8", foreach=True, **lr)
         elif variant in ("sdadapt-fast", "sdadapt-fast-captured"):  # bf16 weights and states, multi-tensor AdamW, nothing recomputed
             optimizer = AdamW(params, state_dtype=torch.bfloat16, foreach=True, **lr)
@@ -311,7 +318,8 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
 VARIANTS = {
     "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-nchw", "sdadapt-qkv", "sdadapt-captured", "sdadapt-compiled", "sdadapt-compiled-captured"),
-    "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured"),
+    "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
+             "sdadapt-small-captured"),
     "ti": ("reference", "sdadapt"),
 }
 

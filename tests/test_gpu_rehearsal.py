@@ -109,7 +109,7 @@ def test_the_scripts_benchmark_lines_parse_and_name_each_modes_own_variants():
     import train_step
 
     lines = _bench_lines()
-    assert [name for name, _ in lines] == ["lora", "full", "lora_more", "compiled"]  # (the goal rows first)
+    assert [name for name, _ in lines] == ["lora", "full", "compiled", "lora_more"]  # (the goal rows first)
     branches = _branches()
     assert len(branches) == 2 and branches[0][1].keys() == branches[1][1].keys()  # the dry run's and the GPU's
     assert branches[1][1]["LARGE"] == "8" and "sd15" in branches[1][0]  # (the rows issue 16 asks for)
@@ -279,7 +279,8 @@ def captured_steps(monkeypatch):
 
 
 @pytest.mark.parametrize("mode, variant", [("lora", "sdadapt-captured"), ("lora", "sdadapt-compiled-captured"),
-                                           ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured")])
+                                           ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"),
+                                           ("full", "sdadapt-small-captured")])
 def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, captured_steps, mode, variant):
     """The GPU branch of benchmarks/train_step.py (capturable torch / sdadapt AdamW with a tensor LR,
     channels_last, the strict CapturedStep; the lean row's checkpointed transformer blocks, int8
