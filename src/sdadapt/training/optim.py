@@ -496,16 +496,18 @@ class AdamW(torch.optim.Optimizer):
         """Positions of the padding in a chunk's padded flat layout (``torch.cat(_padded_to_blocks(...))``
         of tensors of ``sizes``), ``(P,)`` int64 on ``device``; ``None``: every size is whole blocks.
         Cached per layout: a chunk keeps its layout from step to step, so the warm-up steps make it
-        and a captured step only reads it."""
+        and a captured step only reads it. Made by device ops alone (``arange``, no copy from host
+        memory), so a layout first seen inside a CUDA-graph capture is recorded, not refused."""
         key = (device, block_size, tuple(sizes))
         if key not in self._paddings:
-            positions: list[int] = []
+            runs: list[Tensor] = []
             offset = 0
             for n in sizes:
                 span = -(-n // block_size) * block_size
-                positions += range(offset + n, offset + span)
+                if span > n:
+                    runs.append(torch.arange(offset + n, offset + span, device=device))
                 offset += span
-            self._paddings[key] = torch.tensor(positions, dtype=torch.int64, device=device) if positions else None
+            self._paddings[key] = torch.cat(runs) if runs else None
         return self._paddings[key]
 
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
