@@ -135,9 +135,9 @@ step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addo
 # torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the path to the
 # batch-8 goal the first run had no time for; the second compile mostly hits inductor's cache)
 bench compiled 170 --modes lora --batch $LARGE --variants peft-unet sdadapt-compiled sdadapt-compiled-captured --no-flops
-# the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step), without
-# channels_last, q/k/v down-projections batched (batch_shared_input_adapters)
-bench lora_more 120 --modes lora --batch 1 $LARGE --variants reference sdadapt-nchw sdadapt-qkv --no-flops
+# the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step); the captured
+# step without channels_last and with the q/k/v down-projections batched (batch_shared_input_adapters)
+bench lora_more 120 --modes lora --batch 1 $LARGE --variants reference sdadapt-captured-nchw sdadapt-captured-qkv --no-flops
 # which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~40 s
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"

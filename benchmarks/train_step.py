@@ -13,9 +13,12 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     OneTrainer and any latent cache give): the kernel-for-kernel comparison with sdadapt's step.
 ``sdadapt`` — :func:`sdadapt.training.step.train_step` on cached latents/text states, adapters
     injected by ``sdadapt.inject`` over a frozen base in the compute dtype, channels_last on CUDA,
-    fused AdamW. ``sdadapt-nchw``: the same without channels_last (does NHWC help on this GPU?). ``sdadapt-qkv``: the same with ``sdadapt.batch_shared_input_adapters`` (the q/k/v
-    LoRAs of each attention input share one down-projection matmul). ``sdadapt-captured``: :class:`sdadapt.training.step_capture.CapturedStep` (one CUDA
-    graph per step, capturable AdamW; on CPU it falls back to the eager step). ``sdadapt-compiled``:
+    fused AdamW. ``sdadapt-captured``: :class:`sdadapt.training.step_capture.CapturedStep` (one CUDA
+    graph per step, capturable AdamW; on CPU it falls back to the eager step); ``sdadapt-captured-nchw``:
+    the same without channels_last (does NHWC help on this GPU?), ``sdadapt-captured-qkv``: the same with
+    ``sdadapt.batch_shared_input_adapters`` (the q/k/v LoRAs of each attention input share one
+    down-projection matmul) — both captured, where the device time they change is what the step
+    takes (an eager step is bound by the host). ``sdadapt-compiled``:
     ``torch.compile`` of the injected UNet (``--compile-backend``); ``sdadapt-compiled-captured``: both
     (the compiled kernels replayed inside the step's CUDA graph). Full fine-tune:
     ``sdadapt-lean`` — bf16 weights with stochastic rounding, bf16 gradients, int8 AdamW states updated
@@ -230,7 +233,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
                        "sdadapt-small-captured")
     weight_dtype = torch.bfloat16 if lean else (mp_dtype or torch.float32)
     unet, vae, tes = models.copy(device, weight_dtype)
-    channels_last = cuda and variant != "sdadapt-nchw"  # sdadapt-nchw: is NHWC worth it on this GPU?
+    channels_last = cuda and variant != "sdadapt-captured-nchw"  # is NHWC worth it on this GPU?
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     with torch.no_grad():  # encoded once: what a latent cache gives every later epoch
@@ -242,11 +245,11 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     max_norm = 1.0
     model = unet_call(unet)
     data = {"latents": latents, "cond": cond}
-    capture = variant in ("sdadapt-captured", "sdadapt-compiled-captured", "sdadapt-lean-captured", "sdadapt-fast-captured",
+    capture = variant in ("sdadapt-captured", "sdadapt-captured-nchw", "sdadapt-captured-qkv", "sdadapt-compiled-captured", "sdadapt-lean-captured", "sdadapt-fast-captured",
                           "sdadapt-small-captured")
     if mode == "lora":
         handle = sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, sdadapt.LoRAConfig(rank=16, alpha=16, init="gaussian"))
-        if variant == "sdadapt-qkv":  # one down-projection matmul per attention input for the q/k/v LoRAs
+        if variant == "sdadapt-captured-qkv":  # one down-projection matmul per attention input for the q/k/v LoRAs
             sdadapt.batch_shared_input_adapters(handle)
         params = list(handle.parameters())
         if capture and cuda:  # (CPU optimisers are not capturable: CapturedStep runs eagerly there)
@@ -317,7 +320,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
 
 VARIANTS = {
-    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-nchw", "sdadapt-qkv", "sdadapt-captured", "sdadapt-compiled", "sdadapt-compiled-captured"),
+    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-captured", "sdadapt-captured-nchw", "sdadapt-captured-qkv", "sdadapt-compiled", "sdadapt-compiled-captured"),
     "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
              "sdadapt-small-captured"),
     "ti": ("reference", "sdadapt"),

@@ -278,7 +278,8 @@ def captured_steps(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("mode, variant", [("lora", "sdadapt-captured"), ("lora", "sdadapt-compiled-captured"),
+@pytest.mark.parametrize("mode, variant", [("lora", "sdadapt-captured"), ("lora", "sdadapt-captured-nchw"),
+                                           ("lora", "sdadapt-captured-qkv"), ("lora", "sdadapt-compiled-captured"),
                                            ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"),
                                            ("full", "sdadapt-small-captured")])
 def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, captured_steps, mode, variant):
@@ -299,7 +300,7 @@ def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, ca
     step, unet, _ = train_step.build_ours(mode, variant, models, device, torch.bfloat16, batch,
                                           argparse.Namespace(compile_backend="eager"))
     (captured,) = captured_steps
-    assert captured.problems == [] and captured.config.channels_last
+    assert captured.problems == [] and captured.config.channels_last == (variant != "sdadapt-captured-nchw")
     trained = [p.detach().clone() for p in captured.params]
     losses = [step() for _ in range(captured.warmup_steps + 1)]  # warm-up, then the capture
     assert captured.graph_count == 1
@@ -351,9 +352,9 @@ def test_a_benchmark_cut_by_its_time_limit_keeps_the_rows_it_finished(tmp_path, 
     out, table = tmp_path / "lora.json", tmp_path / "lora.md"
     with pytest.raises(KeyboardInterrupt):
         train_step.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--modes", "lora",
-                         "--batch", "1", "--variants", "peft-unet", "sdadapt", "sdadapt-nchw", "--no-flops",
+                         "--batch", "1", "--variants", "peft-unet", "sdadapt", "sdadapt-captured-nchw", "--no-flops",
                          "--out", str(out), "--markdown", str(table)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == calls == ["peft-unet", "sdadapt"]
     assert all(r["ms_per_step"] > 0 for r in rows)
-    assert "| lora | 1 | sdadapt |" in table.read_text() and "sdadapt-nchw" not in table.read_text()
+    assert "| lora | 1 | sdadapt |" in table.read_text() and "sdadapt-captured-nchw" not in table.read_text()
