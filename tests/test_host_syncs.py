@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 from _fast_s1 import one_level_toy
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
@@ -276,11 +276,13 @@ def test_fit_on_a_dataset_copies_its_host_latents_without_a_wait():
 
 
 @settings(max_examples=200, deadline=None)
+@example([3.39617752923046e+38, -3.39617752923046e+38], torch.bfloat16)  # ±inf in bf16: NaN both ways
 @given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=8),
        st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
 def test_the_step_loss_read_once_equals_the_python_float_sum(values, dtype):
     """fit reads an optimiser step's micro-batch losses once: bit for bit the Python float sum of one
-    ``float()`` per micro-batch (what it did before), whatever the loss dtype."""
+    ``float()`` per micro-batch (what it did before), whatever the loss dtype — NaN where that sum is
+    NaN (float32 values beyond bf16's range become ±inf in bf16, and inf − inf is NaN)."""
     from sdadapt.methods.fit import _mean_loss
 
     losses = [torch.tensor(v, dtype=dtype) for v in values]
@@ -289,7 +291,7 @@ def test_the_step_loss_read_once_equals_the_python_float_sum(values, dtype):
         python += float(loss)
     with HostSyncs() as syncs:
         mean = _mean_loss(losses)
-    assert mean == python / len(values)
+    assert mean == python / len(values) or (math.isnan(mean) and math.isnan(python))
     assert [e.op for e in syncs.reads()] == ["tolist"]
 
 
