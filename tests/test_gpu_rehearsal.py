@@ -214,6 +214,7 @@ def emulated_cuda(monkeypatch):
                         "synchronize": returning(None), "set_sync_debug_mode": returning(None),
                         "manual_seed": returning(None), "get_device_name": returning("emulated"),
                         "reset_peak_memory_stats": returning(None), "max_memory_allocated": returning(0),
+                        "memory_allocated": returning(0),
                         "empty_cache": returning(None), "is_bf16_supported": returning(True), "CUDAGraph": _Graph,
                         "get_rng_state": returning(torch.zeros(16, dtype=torch.uint8)), "set_rng_state": returning(None),
                         "is_current_stream_capturing": lambda: _CAPTURING[0],
@@ -358,3 +359,22 @@ def test_a_benchmark_cut_by_its_time_limit_keeps_the_rows_it_finished(tmp_path, 
     assert [r["variant"] for r in rows] == calls == ["peft-unet", "sdadapt"]
     assert all(r["ms_per_step"] > 0 for r in rows)
     assert "| lora | 1 | sdadapt |" in table.read_text() and "sdadapt-captured-nchw" not in table.read_text()
+
+
+def test_the_benchmarks_cuda_measurement_runs_on_emulated_cuda(emulated_cuda, tmp_path):
+    """``measure``'s CUDA branch (one variant after the other: build, warm-up, timed steps with the
+    steady peak taken over their second half, the profile) and the files it writes after each row —
+    the code that must work the first time on the lent GPU, where the CPU dry run never goes."""
+    import json
+
+    import train_step
+
+    out, table = tmp_path / "lora.json", tmp_path / "lora.md"
+    assert train_step.main(["--config", "tiny", "--device", "cuda", "--steps", "2", "--warmup", "1", "--modes", "lora",
+                            "--batch", "1", "--variants", "peft-unet", "sdadapt-captured", "--no-flops",
+                            "--compile-backend", "eager", "--peak-tflops", "1", "--out", str(out),
+                            "--markdown", str(table)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["peft-unet", "sdadapt-captured"]
+    assert all(r["ms_per_step"] > 0 and r["steady_mem_mib"] == 0 == r["built_mem_mib"] for r in rows)
+    assert "| steady peak (MiB) | built (MiB) |" in table.read_text() and "| lora | 1 | sdadapt-captured |" in table.read_text()
