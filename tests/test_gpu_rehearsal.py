@@ -109,7 +109,7 @@ def test_the_scripts_benchmark_lines_parse_and_name_each_modes_own_variants():
     import train_step
 
     lines = _bench_lines()
-    assert [name for name, _ in lines] == ["lora", "full", "compiled", "lora_more"]  # (the goal rows first)
+    assert [name for name, _ in lines] == ["lora", "compiled", "full", "lora_more"]  # (the goal rows first)
     branches = _branches()
     assert len(branches) == 2 and branches[0][1].keys() == branches[1][1].keys()  # the dry run's and the GPU's
     assert branches[1][1]["LARGE"] == "8" and "sd15" in branches[1][0]  # (the rows issue 16 asks for)
