@@ -217,7 +217,7 @@ def test_a_lora_training_step_on_an_fp8_unet_matches_the_rounded_bf16_reference(
     alphas = torch.linspace(0.999, 0.01, 1000, device=device)
     results = []
     for unet in unets:
-        prepared = prepare_batch(batch, state=TrainState(seed=0), config=config, alphas_cumprod=alphas)
+        prepared = prepare_batch(batch, state=TrainState(seed=0, device=device), config=config, alphas_cumprod=alphas)
         loss = step_loss(lambda x, t, c, unet=unet: unet(x, t, c).sample, prepared, config)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}))

@@ -534,3 +534,13 @@ def test_a_prior_batch_is_a_second_forward_drawn_after_the_batch_and_weighted():
     want = step_loss(model, main, config) + (0.3 * step_loss(model, second, config) + extra(main, prediction))
     assert torch.equal(got, want)
     assert torch.equal(prepared["prior"]["x_t"], second["x_t"]) and prepared["prior_weight"] == 0.3
+
+
+def test_a_generator_on_another_device_than_the_latents_is_refused_with_the_fix():
+    """A ``TrainState`` made on the CPU for latents elsewhere: a ValueError that names both devices
+    and the constructor call, not torch's bare "Expected a 'cuda' device type for generator"."""
+    from sdadapt.training.step import prepare_batch
+
+    batch = {"latents": torch.zeros(2, 4, 8, 8, device="meta"), "cond": torch.zeros(2, 5, 16, device="meta")}
+    with pytest.raises(ValueError, match=r"generator is on cpu but the latents are on meta.*device='meta'"):
+        prepare_batch(batch, state=TrainState(seed=0), config=StepConfig(), alphas_cumprod=_alphas())

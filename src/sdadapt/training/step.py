@@ -185,6 +185,9 @@ def _random_strength(maximum: float, latents: Tensor, generator: torch.Generator
 
 def _noise_and_timesteps(latents: Tensor, config: StepConfig, state: TrainState, num_steps: int):
     g = state.generator
+    if g is not None and g.device.type != latents.device.type:
+        raise ValueError(f"the TrainState's generator is on {g.device} but the latents are on {latents.device}: "
+                         f"make the state on the training device, TrainState(seed=..., device={str(latents.device)!r})")
     noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
     if config.noise_offset:  # kohya's order: ε, then the random strength, then the offset's own draw
         strength: float | Tensor = config.noise_offset
