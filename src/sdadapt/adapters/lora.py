@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
 from .tucker import rebuild_tucker
+from .weight_casts import cast_weight, read_through_cast
 
 __all__ = [
     "LoRAConfig",
@@ -259,6 +260,7 @@ class LoRAModule(AdapterModule):
         self.lora_down = nn.Parameter(torch.empty(rank, geometry.in_features, *down_kernel, **factory))
         self.lora_up = nn.Parameter((torch.zeros if init_weights else torch.empty)(up_shape, **factory))
         self.lora_mid = nn.Parameter(torch.empty(rank, rank, *geometry.kernel, **factory)) if tucker else None
+        read_through_cast(*(p for p in (self.lora_down, self.lora_up, self.lora_mid) if p is not None))
         # a file's bias delta beside the factors (ComfyUI's extraction with bias_diff): added to the bias at the
         # strength alone, not at alpha / r (ComfyUI's loader patches the bias apart); None for trained LoRAs
         self.diff_b: nn.Parameter | None = None
@@ -305,16 +307,17 @@ class LoRAModule(AdapterModule):
         return out + (bias.view(-1, 1, 1) if self.geometry.is_conv else bias)  # type: ignore[union-attr]
 
     def _factors_forward(self, x: Tensor) -> Tensor:
+        mid = self.lora_mid
         return lora_forward(
             x,
-            self.lora_up,
-            self.lora_down,
+            cast_weight(self.lora_up),  # (one cast of every trained factor per step: weight_casts)
+            cast_weight(self.lora_down),
             self.scale,
             self.geometry,
             dropout=self.dropout,
             rank_dropout=self.rank_dropout,
             training=self.training,
-            mid=self.lora_mid,
+            mid=None if mid is None else cast_weight(mid),
         )
 
     def init_from_base(self, weight: Tensor) -> Tensor | None:

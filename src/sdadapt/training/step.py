@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import diffusion, edm, timestep_distribution
+from ..adapters.weight_casts import batched_weight_casts
 from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
 from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
@@ -336,19 +337,22 @@ ExtraLoss = Callable[[Mapping[str, object], Tensor], Tensor]
 
 
 def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig,
-              extra_loss: ExtraLoss | None = None, *, autocast_cache: bool = True) -> Tensor:
+              extra_loss: ExtraLoss | None = None, *, autocast_cache: bool = True,
+              batch_casts: Sequence[Tensor] = ()) -> Tensor:
     """Forward under the configured autocast (an EDM model's output mixed into its denoised latent,
     :func:`~sdadapt.training.edm.edm_denoised`) and the weighted loss (0-dim, float32), plus
     ``prior_weight`` × the class batch's loss when ``prepared`` holds a ``"prior"``
     (:func:`prepare_batch`'s ``prior=``), plus ``extra_loss(prepared, prediction)`` when given (times
     ``prepared["share"]`` when there: a data-parallel rank's share of an uneven global batch,
     :func:`~sdadapt.training.data_parallel.shard_prepared`). ``autocast_cache=False`` turns off autocast's
-    cache of low-precision weight copies (what PyTorch asks for under CUDA-graph capture; same numbers)."""
+    cache of low-precision weight copies (what PyTorch asks for under CUDA-graph capture; same numbers).
+    ``batch_casts``: the trained parameters; the adapter weights among them get their autocast copies
+    from one cast (:func:`~sdadapt.adapters.weight_casts.batched_weight_casts`; same numbers, fewer kernels)."""
     x_t: Tensor = prepared["x_t"]  # type: ignore[assignment]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
     autocast = (torch.autocast(x_t.device.type, dtype=dtype, cache_enabled=autocast_cache)
                 if dtype is not None else nullcontext())
-    with autocast, sdpa_backends(config.sdpa_backends):
+    with autocast, sdpa_backends(config.sdpa_backends), batched_weight_casts(batch_casts, x_t.device.type):
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
     if "edm_out" in prepared:  # (EDM: the denoised latent c_skip·x_σ + c_out·F is what the loss sees, training.edm)
         prediction = edm.edm_denoised(prepared, prediction)
@@ -359,7 +363,8 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
     prior: Mapping[str, object] | None = prepared.get("prior")  # type: ignore[assignment]
     share = prepared.get("share")  # (data parallel, an uneven split: this rank's factor, shard_prepared; as its weights')
     if prior is not None:  # the class batch's second forward, then extra_loss, added to the loss as one term
-        extra = prepared["prior_weight"] * step_loss(model, prior, config, autocast_cache=autocast_cache)  # type: ignore[operator]
+        extra = prepared["prior_weight"] * step_loss(model, prior, config, autocast_cache=autocast_cache,  # type: ignore[operator]
+                                                     batch_casts=batch_casts)
         if extra_loss is not None:
             term = extra_loss(prepared, prediction.float())
             extra = extra + (term if share is None else term * share)
@@ -465,7 +470,7 @@ def train_step(
                              prior=prior)
     if shard is not None:
         prepared = shard(prepared)
-    loss = step_loss(model, prepared, config, extra_loss)
+    loss = step_loss(model, prepared, config, extra_loss, batch_casts=params)
     if config.mixed_precision == "fp16" and state.scaler is None:
         state.scaler = loss_scaler(params, loss.device.type)  # (fp16 weights: a scaler that unscales fp16 gradients)
     scaled = loss / config.accumulation_steps

@@ -79,6 +79,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ..adapters.weight_casts import is_batched_cast
 from .optim import set_lr
 from .step import ExtraLoss, StepConfig, TrainState, clip_and_step, prepare_batch, step_loss
 
@@ -154,9 +155,11 @@ def _record(graph: torch.cuda.CUDAGraph, body: Callable[[], dict[str, Tensor]]) 
 
 def _reached(loss: Tensor) -> set[int]:
     """``id`` of every leaf tensor ``loss.backward()`` accumulates a gradient into (its autograd graph's
-    ``AccumulateGrad`` nodes); a Python walk, no device work."""
+    ``AccumulateGrad`` nodes); a Python walk, no device work. Of the weights cast together
+    (:func:`~sdadapt.adapters.weight_casts.batched_weight_casts`) only those whose copy some edge reads."""
     seen: set[object] = set()
     reached: set[int] = set()
+    read_copies: dict[object, set[int]] = {}  # batched cast node -> the outputs (copies) an edge reads
     pending = [loss.grad_fn]
     while pending:
         node = pending.pop()
@@ -166,7 +169,13 @@ def _reached(loss: Tensor) -> set[int]:
         variable = getattr(node, "variable", None)
         if isinstance(variable, Tensor):
             reached.add(id(variable))
-        pending.extend(next_node for next_node, _ in node.next_functions)
+        for next_node, output in node.next_functions:
+            if is_batched_cast(next_node):
+                read_copies.setdefault(next_node, set()).add(output)
+            else:
+                pending.append(next_node)
+    for node, outputs in read_copies.items():  # (its next functions: the weights' AccumulateGrad nodes)
+        reached.update(id(node.next_functions[i][0].variable) for i in outputs if node.next_functions[i][0] is not None)
     return reached
 
 
@@ -267,7 +276,7 @@ class CapturedStep:
     # ------------------------------------------------------------------ the step's two halves
     def _backward(self, prepared: Mapping[str, object], *, capturing: bool = False) -> dict[str, Tensor]:
         """Forward, loss, ``(loss / k).backward()`` into ``.grad`` (owned gradients: added in place)."""
-        loss = step_loss(self.model, prepared, self.config, self.extra_loss, autocast_cache=False)
+        loss = step_loss(self.model, prepared, self.config, self.extra_loss, autocast_cache=False, batch_casts=self.params)
         if capturing:
             self._settle_grads(loss)
         (loss / self.config.accumulation_steps).backward()
