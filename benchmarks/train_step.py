@@ -479,6 +479,7 @@ def measure(mode, variants, models, device, mp_dtype, batch, args,
         return out
     for k in variants:
         _fresh(device)
+        before = torch.cuda.memory_allocated(device)
         step, *keep = _build(k, mode, models, device, mp_dtype, batch, args)
         built = torch.cuda.memory_allocated(device)
         for _ in range(args.warmup):
@@ -499,6 +500,10 @@ def measure(mode, variants, models, device, mp_dtype, batch, args,
         on_variant(k, out[k])
         del step, keep, loss
         _fresh(device)
+        left = (torch.cuda.memory_allocated(device) - before) / 2**20
+        out[k]["left_mib"] = left  # (a leak: every later row's memory would start this much higher)
+        if left > 64:
+            print(f"warning: {k} left {left:.0f} MiB allocated after it was dropped", file=sys.stderr)
     return out
 
 

@@ -359,3 +359,28 @@ def test_fit_splits_a_block_across_lr_groups_and_keeps_one_optimisers_state_layo
         assert torch.equal(a, b) and torch.equal(a, c)
     handle.remove()
     handle2.remove()
+
+
+def test_dropping_the_model_and_the_handle_frees_the_parameters_and_the_states():
+    """The gradient hooks hold the handle weakly: with a strong reference (kept by each parameter, where
+    Python's collector cannot see it) a dropped model, handle and int8 states stayed alive for ever —
+    the H200 benchmark's next rows started 3.3 GB higher. While kept, the handle steps; once dropped,
+    its hooks are gone and backward accumulates ``.grad`` as usual."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    params = list(model.parameters())
+    handle = fuse_optimizer_into_backward(params, lambda ps: AdamW(ps, lr=1e-2, state_dtype="int8", foreach=True))
+    before = params[0].detach().clone()
+    model(torch.randn(3, 4)).sum().backward()
+    assert not torch.equal(before, params[0]) and params[0].grad is None  # (stepped by the hook, gradient dropped)
+    refs = [weakref.ref(x) for x in (model, params[0], handle, handle.optimizers[0])]
+    del handle
+    gc.collect()
+    assert refs[2]() is None
+    model(torch.randn(3, 4)).sum().backward()  # the hooks went with the handle: an ordinary backward
+    assert params[0].grad is not None
+    del model, params
+    gc.collect()
+    assert all(ref() is None for ref in refs)

@@ -19,6 +19,7 @@ float64 parameter is updated at float32 precision: use ``torch.optim.AdamW`` for
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -1328,6 +1329,9 @@ def _decay_add_(state: Tensor, new: Tensor, beta2t: float | Tensor, rest: float 
 class FusedBackward:
     """Handle of :func:`fuse_optimizer_into_backward`: one optimiser per group of parameters,
     stepped by gradient hooks. ``remove()`` undoes the hooks; the parameters are otherwise untouched.
+    Keep the handle while training: the hooks hold it weakly, and once it is garbage they are removed
+    (later backward passes accumulate ``.grad`` as usual), so dropping the model, the handle and the
+    optimisers frees them all, states included.
 
     Attributes:
         params: the fused (trainable) parameters, in the order given.
@@ -1348,15 +1352,25 @@ class FusedBackward:
         self._awaited = [0] * len(self.groups)
 
     def _hook(self, index: int) -> Callable[[Tensor], None]:
+        # the hook (kept by the parameter, where Python's garbage collector cannot see it) holds the handle
+        # weakly: a strong reference would keep the handle, its optimisers' states and every parameter alive
+        # for ever once the caller drops them all; a dropped handle's hooks are removed (its finalizer)
+        owner = weakref.ref(self)
+
         def _arrive(param: Tensor) -> None:
-            task = torch._C._current_graph_task_id()
-            if task != self._task:
-                self._begin(task)
-            self._arrived[index] += 1
-            if self._arrived[index] == self._awaited[index]:
-                self._step(index)
+            handle = owner()
+            if handle is not None:
+                handle._arrive(index)
 
         return _arrive
+
+    def _arrive(self, index: int) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            self._begin(task)
+        self._arrived[index] += 1
+        if self._arrived[index] == self._awaited[index]:
+            self._step(index)
 
     def _begin(self, task: int) -> None:
         """The first gradient of a backward pass: count what each group awaits, queue its end."""
@@ -1496,7 +1510,14 @@ def fuse_optimizer_into_backward(
     for index, group in enumerate(partition):
         hook = handle._hook(index)
         handle._hooks += [p.register_post_accumulate_grad_hook(hook) for p in group]
+    weakref.finalize(handle, _remove_hooks, handle._hooks)  # (dropped: later backwards accumulate .grad as usual)
     return handle
+
+
+def _remove_hooks(hooks: list[Any]) -> None:
+    for hook in hooks:
+        hook.remove()
+    hooks.clear()
 
 
 def _checked_groups(groups: Iterable[Iterable[Tensor]], trainable: list[Tensor], given: set[int]) -> list[list[Tensor]]:
