@@ -738,3 +738,21 @@ def test_docs_example_runs():
     namespace = run_block("optim.md")
     assert namespace["final_loss"] < 0.1 * namespace["first_loss"]
     assert all(p.grad is None for p in namespace["model"].parameters())
+
+
+def test_stochastic_rounding_of_adjacent_pieces_reads_their_buffer_and_draws_as_the_concatenation():
+    """Working copies that are consecutive pieces of one float32 buffer (the multi-tensor step's, when
+    only weights are rounded) are rounded from that buffer without a concatenated copy: the same draws
+    and the same bf16 values as the copy path."""
+    from sdadapt.training.optim import _adjacent, _copy_stochastic_many
+
+    buffer = torch.randn(61) * 3
+    pieces = [part.view(shape) for part, shape in zip(buffer.split([6, 15, 40]), [(2, 3), (15,), (4, 2, 5)])]
+    separate = [p.clone() for p in pieces]  # (same values, apart: concatenated)
+    assert _adjacent(pieces) is not None and _adjacent(pieces).data_ptr() == buffer.data_ptr()
+    assert _adjacent(separate) is None and _adjacent(pieces[::-1]) is None
+    out = [[torch.empty(p.shape, dtype=torch.bfloat16) for p in pieces] for _ in range(2)]
+    _copy_stochastic_many(out[0], pieces, torch.Generator().manual_seed(5))
+    _copy_stochastic_many(out[1], separate, torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    assert torch.equal(buffer, torch.cat([p.reshape(-1) for p in separate]))  # (the source is not changed)

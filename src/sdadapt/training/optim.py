@@ -109,10 +109,28 @@ def _copy_stochastic_many(targets: Sequence[Tensor], sources: Sequence[Tensor], 
     ``randint`` per tensor in order, so this is bit-identical to calling :func:`copy_stochastic_`
     on each pair in turn (tested); on CUDA the draws differ but are just as uniform.
     """
-    flat = torch.cat([_flat(s) for s in sources]).float()  # (Σn,) float32
+    flat = _adjacent(sources)
+    if flat is None:
+        flat = torch.cat([_flat(s) for s in sources]).float()  # (Σn,) float32
     rounded = stochastic_round_to_bf16(flat, generator)  # (Σn,) bfloat16
     parts = rounded.split([s.numel() for s in sources])
     torch._foreach_copy_(list(targets), [_shaped(part, t.shape) for part, t in zip(parts, targets)])
+
+
+def _adjacent(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The (Σn,) view that ``tensors`` are consecutive pieces of — contiguous float32 parts of one
+    buffer, in order, such as :func:`_float32_many`'s working copies — or ``None`` (then the caller
+    concatenates: the same values, one copy more)."""
+    first = tensors[0]
+    if first.dtype != torch.float32:
+        return None
+    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    for t in tensors:
+        if (t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() != end
+                or t.untyped_storage().data_ptr() != storage):
+            return None
+        end += t.numel() * 4
+    return first.as_strided((sum(t.numel() for t in tensors),), (1,))
 
 
 def _flat(t: Tensor) -> Tensor:
