@@ -7,6 +7,8 @@
 #     bash benchmarks/gpu_check.sh                   # writes $OUT (default benchmarks/results/gpu_check)
 #
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580).
+# `bash benchmarks/gpu_check.sh --goals`: only issue 16's goal rows and the CUDA tests of their paths
+# (~4 minutes: a re-check after changes, when a session has little device time left).
 # Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 530):
 # optional rows are skipped, and say so, when too little time is left. Files written (at most 8):
 #   gpu_check.log   every command's output, the pytest results included
@@ -24,7 +26,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-if [[ "${1:-}" == "--download" ]]; then
+GOALS=0
+if [[ "${1:-}" == "--goals" ]]; then  # issue 16's goal rows and the tests of their paths only: a short re-check
+    GOALS=1
+elif [[ "${1:-}" == "--download" ]]; then
     # pure-python wheels the GPU image lacks (diffusers and its one missing dependency)
     python3 -m pip download --no-deps --only-binary=:all: -d .whl "diffusers==0.42.1" "importlib_metadata==10.2.0"
     exit $?
@@ -93,12 +98,12 @@ cat "$SUMMARY" >>"$LOG"
 # the capture and step tests first (the benchmark rows below depend on them); the optimiser and
 # input-path CUDA tests after the goal benchmarks, so a slow test run cannot cut the measurements
 CORE_TESTS=(tests/test_train.py tests/test_fit_cuda_graph.py tests/test_captured_accumulation.py tests/test_optim_capturable.py
-    tests/test_lean_finetune.py tests/test_shared_input_lora.py tests/test_attention_backends.py)
+    tests/test_lean_finetune.py tests/test_shared_input_lora.py tests/test_attention_backends.py tests/test_weight_casts.py)
 MORE_TESTS=(tests/test_train_options.py tests/test_optim.py tests/test_host_syncs.py tests/test_optim_split.py
     tests/test_compile_graphs.py tests/test_max_norm.py tests/test_capture_new_inputs.py tests/test_lion.py tests/test_prodigy.py
     tests/test_adafactor_capturable.py tests/test_schedule_free.py tests/test_dadapt.py tests/test_fp8_base.py tests/test_compile_inductor.py
     tests/test_a1111_noise.py tests/test_optim_flat.py)
-step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
+[[ "$GOALS" == 1 ]] || step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
 
 # ------------------------------------------------------------------------------------ benchmarks
 # the dry run: the same rows and code paths, lighter (batch 2 for 8, one profiled step: a busy 2-core
@@ -121,6 +126,19 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
         { echo; echo "## $name: $* — no result (see gpu_check.log)"; } >>"$SUMMARY"
     fi
 }
+if [[ "$GOALS" == 1 ]]; then
+    # --goals (~4 minutes on an H200, the diffusers install included): the LoRA goal rows against peft's
+    # UNet step, the captured step without channels_last at batch 8, the full fine-tune goal rows, then
+    # the CUDA tests of the paths they take (last: the measurements first)
+    bench goals_lora 110 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured --profile $LORA_PROFILE
+    bench goals_nchw 45 --modes lora --batch $LARGE --variants sdadapt-captured-nchw --no-flops
+    bench goals_full 100 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured --profile $FULL_PROFILE
+    step "cuda tests (goal paths)" 80 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda tests/test_weight_casts.py \
+        tests/test_max_norm.py tests/test_fp8_base.py tests/test_train.py tests/test_lean_finetune.py tests/test_fit_cuda_graph.py
+    log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+    cat "$SUMMARY"
+    exit 0
+fi
 # the first H200 run (2026-12-04): SD1.5 model build + 3 warm-up + 10 timed + 1 profiled step took ~25 s
 # per LoRA row (the 12 LoRA rows at --profile 3 ran past 200 s) and ~20 s per full fine-tune row; the
 # goal rows first, each bench's files rewritten after every row.

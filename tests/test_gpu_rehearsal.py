@@ -128,6 +128,27 @@ def test_the_scripts_benchmark_lines_parse_and_name_each_modes_own_variants():
     assert named == {(m, v) for m in ("lora", "full") for v in train_step.VARIANTS[m]}  # every LoRA and full FT variant runs
 
 
+def test_the_goals_mode_runs_the_goal_rows_and_their_tests():
+    """``gpu_check.sh --goals`` (a short re-check): its bench lines parse on the GPU branch and name issue
+    16's goal variants; its test files exist."""
+    import train_step
+
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    lines = [(m.group(1), m.group(2).split()) for m in re.finditer(r"^\s+bench (goals_\w+) \d+ (.*)$", text, re.M)]
+    assert [name for name, _ in lines] == ["goals_lora", "goals_nchw", "goals_full"]
+    values = _branches()[1][1]
+    named = set()
+    for _, words in lines:
+        args = [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], word) for word in words]
+        parsed = train_step.parse_args(["--device", "cuda", "--config", "sd15"] + args)
+        named |= {(mode, v) for mode in parsed.modes for v in train_step.variants_of(mode, parsed, torch.device("cuda"))}
+    assert {("lora", "peft-unet"), ("lora", "sdadapt-captured"), ("lora", "sdadapt-captured-nchw"), ("full", "reference"),
+            ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured")} == named
+    tests = re.search(r'step "cuda tests \(goal paths\)" \d+ (.*)', text).group(1).split()
+    files = [t for t in tests if t.startswith("tests/")]
+    assert len(files) >= 5 and all((ROOT / f).is_file() for f in files)
+
+
 # ------------------------------------------------------------------------------------ emulated CUDA
 def _on_cpu(device: object) -> object:
     if isinstance(device, torch.device):

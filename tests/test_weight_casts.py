@@ -54,7 +54,8 @@ def _model(width: int, rank: int, seed: int, **kwargs) -> tuple[nn.Module, list[
 def _loss_and_grads(net: nn.Module, params: list[nn.Parameter], x: torch.Tensor, batched: bool):
     for p in params:
         p.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16), batched_weight_casts(params if batched else [], "cpu"):
+    device = x.device.type
+    with torch.autocast(device, dtype=torch.bfloat16), batched_weight_casts(params if batched else [], device):
         out = net(x)
     loss = out.float().square().mean()
     loss.backward()
@@ -83,6 +84,15 @@ def test_an_adapter_whose_layer_does_not_run_keeps_no_gradient():
     _, grads = _loss_and_grads(net, params, x, True)
     unused = {id(p) for n, p in net.named_parameters() if "unused" in n and p.dtype == torch.float32}
     assert len(unused) == 2 and all((g is None) == (id(p) in unused) for p, g in zip(params, grads))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_the_loss_and_every_gradient_equal_the_per_layer_casts_bit_for_bit():
+    """CUDA autocast's casts and kernels: the same bits with the copies made together."""
+    net, params = _model(32, 4, seed=9)
+    net.cuda()
+    x = torch.randn(4, 3, 8, 8).to(torch.bfloat16).cuda()
+    _assert_same(_loss_and_grads(net, params, x, False), _loss_and_grads(net, params, x, True))
 
 
 @pytest.mark.parametrize("kind", ["non-reentrant", "reentrant"])
