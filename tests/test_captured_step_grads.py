@@ -53,3 +53,40 @@ def test_an_eager_step_after_a_capture_sees_only_its_own_gradient(fake_cuda_grap
     for got, prepared in zip(seen, prepared_seen):
         want, = torch.autograd.grad(step_loss(model, prepared, config), w)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("replaying_cuda_graphs")
+def test_a_dropped_captured_step_frees_the_model_its_gradients_and_the_optimiser():
+    """Nothing of a captured step outlives it: the model, the trained parameters (and the gradients it
+    owns), the step and the optimiser's state are freed with the last reference (weak references die
+    after ``gc.collect()``). On the H200 each captured benchmark row left 195–264 MiB allocated after it
+    was dropped; this pins that it is not these objects (on a CPU, graphs replayed by stand-ins)."""
+    import gc
+    import weakref
+
+    import sdadapt
+    from sdadapt.targets import by_type
+    from sdadapt.training.step_capture import CapturedStep
+
+    class Denoiser(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x, t, cond):
+            return self.conv(x)
+
+    model = Denoiser()
+    handle = sdadapt.inject(model, by_type(nn.Conv2d), sdadapt.LoRAConfig(rank=2))
+    params = list(handle.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    step = CapturedStep(model, params=params, optimizer=optimizer, config=StepConfig(mixed_precision="bf16"),
+                        alphas_cumprod=torch.linspace(0.99, 0.01, 100), warmup_steps=1)
+    state = TrainState(seed=0)
+    for _ in range(3):
+        step({"latents": torch.randn(2, 4, 8, 8), "cond": None}, state=state)
+    assert step.graph_count == 1
+    refs = [weakref.ref(x) for x in (model, params[0], params[0].grad, step, optimizer)]
+    del model, handle, params, optimizer, step
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True] * 5
