@@ -8,7 +8,8 @@
 #
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580).
 # `bash benchmarks/gpu_check.sh --goals`: only issue 16's goal rows and the CUDA tests of their paths
-# (~4 minutes: a re-check after changes, when a session has little device time left).
+# (~4 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
+# compiled+captured LoRA row at batch 8 alone, with 420 s for inductor's cold compile.
 # Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 530):
 # optional rows are skipped, and say so, when too little time is left. Files written (at most 8):
 #   gpu_check.log   every command's output, the pytest results included
@@ -26,9 +27,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-GOALS=0
+GOALS=0 COMPILED=0
 if [[ "${1:-}" == "--goals" ]]; then  # issue 16's goal rows and the tests of their paths only: a short re-check
     GOALS=1
+elif [[ "${1:-}" == "--compiled" ]]; then  # the compiled LoRA row alone, with the time a cold compile takes
+    COMPILED=1
 elif [[ "${1:-}" == "--download" ]]; then
     # pure-python wheels the GPU image lacks (diffusers and its one missing dependency)
     python3 -m pip download --no-deps --only-binary=:all: -d .whl "diffusers==0.42.1" "importlib_metadata==10.2.0"
@@ -103,7 +106,7 @@ MORE_TESTS=(tests/test_train_options.py tests/test_optim.py tests/test_host_sync
     tests/test_compile_graphs.py tests/test_max_norm.py tests/test_capture_new_inputs.py tests/test_lion.py tests/test_prodigy.py
     tests/test_adafactor_capturable.py tests/test_schedule_free.py tests/test_dadapt.py tests/test_fp8_base.py tests/test_compile_inductor.py
     tests/test_a1111_noise.py tests/test_optim_flat.py)
-[[ "$GOALS" == 1 ]] || step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
+[[ "$GOALS" == 1 || "$COMPILED" == 1 ]] || step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
 
 # ------------------------------------------------------------------------------------ benchmarks
 # the dry run: the same rows and code paths, lighter (batch 2 for 8, one profiled step: a busy 2-core
@@ -135,6 +138,15 @@ if [[ "$GOALS" == 1 ]]; then
     bench goals_full 100 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured --profile $FULL_PROFILE
     step "cuda tests (goal paths)" 80 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda tests/test_weight_casts.py \
         tests/test_max_norm.py tests/test_fp8_base.py tests/test_train.py tests/test_lean_finetune.py tests/test_fit_cuda_graph.py
+    log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+    cat "$SUMMARY"
+    exit 0
+fi
+if [[ "$COMPILED" == 1 ]]; then
+    # --compiled (~6-8 minutes on an H200): the UNet compiled by inductor inside the CUDA graph at batch 8,
+    # the batch-8 goal's path, beside the captured eager step; one compile from a cold cache (the whole
+    # script's 170 s did not cover it on the second H200 run), so this step has most of the budget
+    bench compiled_only 420 --modes lora --batch $LARGE --variants peft-unet sdadapt-captured-nchw sdadapt-compiled-captured --no-flops
     log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
     cat "$SUMMARY"
     exit 0
