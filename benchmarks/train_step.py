@@ -243,6 +243,8 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
         latents = encode_latents(vae, batch["pixels"]).to(weight_dtype)
         cond = encode_text(tes, batch)
     del vae
+    if mode != "ti":  # (the text encoders served the cache, as peft-unet's: kept, they added ~235 MiB to every
+        tes = []      # LoRA and full fine-tune row's memory on the H200 — textual inversion runs one every step)
     ac = diffusion.alphas_cumprod_of(diffusion.noise_schedule("scaled_linear")).float().to(device)
     state = TrainState(seed=0, device=device)
     max_norm = 1.0
