@@ -201,3 +201,15 @@ def dataclass_replace(config, **changes):
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+def test_a_weight_listed_twice_is_cast_once_and_gets_its_gradient_once():
+    net, params = _model(8, 2, seed=6)
+    x = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
+    once = _loss_and_grads(net, params, x, True)
+    for p in params:
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16), batched_weight_casts(params + params[:3], "cpu"):
+        loss = net(x).float().square().mean()
+    loss.backward()
+    _assert_same(once, (loss.detach(), [p.grad for p in params]))

@@ -108,12 +108,19 @@ def batched_weight_casts(weights: Sequence[Tensor], device_type: str) -> Iterato
         device_type: the forward's device type (``"cuda"``, ``"cpu"``).
     """
     dtype = _autocast_dtype(device_type)
-    chosen = [w for w in weights if _batchable(w, device_type)] if dtype is not None else []
-    if len(chosen) < 2 or torch.compiler.is_compiling():
+    by_device: dict[torch.device, dict[int, Tensor]] = {}  # (one cast per device; a weight listed twice once)
+    if dtype is not None and not torch.compiler.is_compiling():
+        for w in weights:
+            if _batchable(w, device_type):
+                by_device.setdefault(w.device, {})[id(w)] = w
+    chosen = [list(group.values()) for group in by_device.values() if len(group) >= 2]
+    if not chosen:
         yield
         return
-    copies = _CastTogether.apply(dtype, *chosen)
-    token = _COPIES.set({id(w): c for w, c in zip(chosen, copies)})
+    made: dict[int, Tensor] = {}
+    for group in chosen:
+        made.update(zip(map(id, group), _CastTogether.apply(dtype, *group)))
+    token = _COPIES.set(made)
     try:
         yield
     finally:
