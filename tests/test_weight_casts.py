@@ -213,3 +213,31 @@ def test_a_weight_listed_twice_is_cast_once_and_gets_its_gradient_once():
         loss = net(x).float().square().mean()
     loss.backward()
     _assert_same(once, (loss.detach(), [p.grad for p in params]))
+
+
+def test_the_batched_qkv_projection_reads_the_copies_of_the_up_factors():
+    """``batch_shared_input_adapters``' path takes each member's up factor through ``cast_weight`` too:
+    under autocast the same loss and gradients with the copies made together, and the up factors no
+    longer cast one by one."""
+    from test_shared_input_lora import _qkv_with_lora
+
+    model = _qkv_with_lora((2, 3, 2), seed=4).to(torch.bfloat16)
+    params = [p for n, p in model.named_parameters() if "lora" in n]
+    for p in params:
+        p.data = p.data.float()
+    sdadapt.batch_shared_input_adapters(model)
+    x = torch.randn(2, 5, 6).to(torch.bfloat16)
+
+    def run(batched: bool):
+        for p in params:
+            p.grad = None
+        with _Casts() as casts:
+            with torch.autocast("cpu", dtype=torch.bfloat16), batched_weight_casts(params if batched else [], "cpu"):
+                out = model(x)
+            loss = sum(v.float().square().sum() for v in out.values())
+            loss.backward()
+        return (loss.detach(), [p.grad.clone() for p in params]), casts.count
+
+    (plain, plain_casts), (together, together_casts) = run(False), run(True)
+    _assert_same(plain, together)
+    assert plain_casts - together_casts >= 2 * 3 - 2  # (the three up factors: a cast each way each, now 1 + 1 for all)

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from .base import autocast_casts
 from .lora import LoRAModule
+from .weight_casts import cast_weight
 
 __all__ = [
     "SHARED_INPUT_SIBLINGS",
@@ -212,7 +213,7 @@ class SharedInputGroup:
     def _up(self, index: int, part: Tensor, output: Tensor) -> Tensor:
         """``output + part @ upᵀ`` (..., out), as the unbatched hook adds Δy. (An ``addmm`` would
         not save a launch: it copies ``output`` into its result first, on CPU and CUDA alike.)"""
-        return output + F.linear(part, self.members[index].lora_up).to(output.dtype)
+        return output + F.linear(part, cast_weight(self.members[index].lora_up)).to(output.dtype)
 
     @staticmethod
     def _usable(member: LoRAModule) -> bool:
