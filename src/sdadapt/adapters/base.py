@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGeometry", "AdapterModule", "autocast_casts", "geometry_of", "graph_capturing",
+__all__ = ["LayerGeometry", "AdapterModule", "autocast_casts", "autocast_dtype", "geometry_of", "graph_capturing",
            "refresh_scale_after_load", "rank_alpha_for", "ConvRankAlpha"]
 
 
@@ -356,14 +356,26 @@ class AdapterModule(nn.Module):
 def autocast_casts(x: Tensor) -> bool:
     """Whether a linear or convolution under the current autocast casts ``x`` itself: a float16 or
     bfloat16 tensor while autocast is on for its device (casting it to float32 first would only be
-    undone: float16/bfloat16 → float32 is exact). (torch < 2.4's ``is_autocast_enabled`` has no device argument.)"""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return False
+    undone: float16/bfloat16 → float32 is exact)."""
+    return x.dtype in (torch.float16, torch.bfloat16) and _autocast_on(x.device.type)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type`` (``"cuda"``, ``"cpu"``), ``None`` when it is off there."""
+    if not _autocast_on(device_type):
+        return None
     try:
-        return torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # pragma: no cover - torch < 2.4
-        return torch.is_autocast_enabled() if x.device.type == "cuda" else (
-            x.device.type == "cpu" and torch.is_autocast_cpu_enabled())
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # pragma: no cover - torch < 2.4
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4 (no device argument)
+        return torch.is_autocast_enabled() if device_type == "cuda" else (
+            device_type == "cpu" and torch.is_autocast_cpu_enabled())
 
 
 def graph_capturing() -> bool:

@@ -29,6 +29,8 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
+from .base import autocast_dtype
+
 __all__ = ["batched_weight_casts", "cast_weight", "is_batched_cast", "read_through_cast"]
 
 _MARK = "_sdadapt_read_through_cast"
@@ -80,17 +82,6 @@ def is_batched_cast(node: object) -> bool:
     return isinstance(node, _CastTogether._backward_cls)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts to on ``device_type``, ``None`` when it is off there. (torch < 2.4 has
-    no device argument.)"""
-    try:
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    except (TypeError, AttributeError):  # pragma: no cover - torch < 2.4
-        if device_type == "cuda":
-            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" and torch.is_autocast_cpu_enabled() else None
-
-
 def _batchable(w: Tensor, device_type: str) -> bool:
     return (getattr(w, _MARK, False) and w.dtype == torch.float32 and w.device.type == device_type
             and type(w.detach()) is Tensor and w.is_contiguous() and w.numel() > 0)
@@ -107,7 +98,7 @@ def batched_weight_casts(weights: Sequence[Tensor], device_type: str) -> Iterato
         weights: the step's trained parameters (others in the list are left to autocast).
         device_type: the forward's device type (``"cuda"``, ``"cpu"``).
     """
-    dtype = _autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
     by_device: dict[torch.device, dict[int, Tensor]] = {}  # (one cast per device; a weight listed twice once)
     if dtype is not None and not torch.compiler.is_compiling():
         for w in weights:

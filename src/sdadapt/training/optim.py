@@ -122,15 +122,15 @@ def _adjacent(tensors: Sequence[Tensor]) -> Tensor | None:
     buffer, in order, such as :func:`_float32_many`'s working copies — or ``None`` (then the caller
     concatenates: the same values, one copy more)."""
     first = tensors[0]
-    if first.dtype != torch.float32:
-        return None
-    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    end = first.data_ptr()
     for t in tensors:
-        if (t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() != end
-                or t.untyped_storage().data_ptr() != storage):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() != end:
             return None
         end += t.numel() * 4
-    return first.as_strided((sum(t.numel() for t in tensors),), (1,))
+    storage = first.untyped_storage()  # (one check for all: memory right after the first piece is its buffer's)
+    if end > storage.data_ptr() + storage.nbytes():
+        return None
+    return first.as_strided(((end - first.data_ptr()) // 4,), (1,))
 
 
 def _flat(t: Tensor) -> Tensor:
