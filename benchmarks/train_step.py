@@ -37,8 +37,9 @@ Reported per row: ms/step (median after warm-up), images/s, speed-up over the re
 over ``peft-unet``, peak memory (CUDA: ``max_memory_allocated`` from before the variant's models
 are built, so weights + optimiser state + activations; CPU: peak RSS growth, approximate), on CUDA
 also the steady peak (over the second half of the timed steps, when a captured step only replays:
-the memory training holds, without the warm-up's and the capture's transients) and what the built
-models and adapters hold before the first step, achieved
+the memory training holds, without the warm-up's and the capture's transients), what the built
+models and adapters hold before the first step and the peak reserved from the driver (a CUDA
+graph's private pool counts as allocated only while a tensor lives in it), achieved
 TFLOP/s (the UNet (+TE) forward+backward FLOPs of one step, counted once per mode and batch with
 ``torch.utils.flop_counter`` on the benchmark's device, divided by the step time — the reference's
 extra per-step encoding is not counted as useful work) and that as a fraction of the device's bf16
@@ -498,7 +499,10 @@ def measure(mode, variants, models, device, mp_dtype, batch, args,
         check(loss, k)
         steady = torch.cuda.max_memory_allocated(device)
         out[k] = {"ms": statistics.median(times[k]) * 1e3, "mem": max(peak, steady) / 2**20,
-                  "steady_mem": steady / 2**20, "built_mem": built / 2**20}
+                  "steady_mem": steady / 2**20, "built_mem": built / 2**20,
+                  # what the process holds from the driver (a graph's private pool included, which `allocated`
+                  # counts only while a tensor lives in it), peak since _fresh emptied the cache
+                  "reserved_mem": torch.cuda.max_memory_reserved(device) / 2**20}
         if args.profile:
             out[k]["profile"] = profile_steps(step, device, args.profile)
         on_variant(k, out[k])
@@ -588,6 +592,7 @@ def run(args, on_rows=lambda result: None) -> dict:
                 rows.append(dict(
                     mode=mode, batch=b, variant=kind, ms_per_step=m["ms"], images_per_s=b / m["ms"] * 1e3,
                     peak_mem_mib=m["mem"], steady_mem_mib=m.get("steady_mem"), built_mem_mib=m.get("built_mem"),
+                    reserved_mem_mib=m.get("reserved_mem"),
                     flops_per_step=flops, tflops=tflops,
                     peak_fraction=tflops / peak if peak else None,
                     **({"profile": m["profile"]} if "profile" in m else {}),
@@ -609,17 +614,19 @@ def markdown_table(result: dict) -> str:
     lines = [f"{result['config']} on {result['device_name']} (torch {result['torch']}, {result['mixed_precision']}"
              + (f", bf16 peak {peak:.0f} TFLOP/s measured" if peak else "") + ")", "",
              "| mode | batch | variant | ms/step | images/s | vs reference | vs peft-unet | peak mem (MiB) | steady peak (MiB) "
-             "| built (MiB) | TFLOP/s | % of bf16 peak |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| built (MiB) | peak reserved (MiB) | TFLOP/s | % of bf16 peak |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_key = {(r["mode"], r["batch"], r["variant"]): r for r in result["rows"]}
     for r in result["rows"]:
         ref = by_key.get((r["mode"], r["batch"], "reference"))
         peft = by_key.get((r["mode"], r["batch"], "peft-unet"))
         fraction = "" if r.get("peak_fraction") is None else f"{100 * r['peak_fraction']:.1f}"
         tflops = "" if r["tflops"] != r["tflops"] else f"{r['tflops']:.3f}"
-        steady, built = (("" if r.get(key) is None else f"{r[key]:.0f}") for key in ("steady_mem_mib", "built_mem_mib"))
+        steady, built, reserved = (("" if r.get(key) is None else f"{r[key]:.0f}")
+                                   for key in ("steady_mem_mib", "built_mem_mib", "reserved_mem_mib"))
         lines.append(f"| {r['mode']} | {r['batch']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.1f} | "
-                     f"{_ratio(ref, r)} | {_ratio(peft, r)} | {r['peak_mem_mib']:.0f} | {steady} | {built} | {tflops} | {fraction} |")
+                     f"{_ratio(ref, r)} | {_ratio(peft, r)} | {r['peak_mem_mib']:.0f} | {steady} | {built} | {reserved} | "
+                     f"{tflops} | {fraction} |")
     for r in result["rows"]:
         prof = r.get("profile")
         if prof:

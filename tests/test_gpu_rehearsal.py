@@ -238,7 +238,7 @@ def emulated_cuda(monkeypatch):
                         "synchronize": returning(None), "set_sync_debug_mode": returning(None),
                         "manual_seed": returning(None), "get_device_name": returning("emulated"),
                         "reset_peak_memory_stats": returning(None), "max_memory_allocated": returning(0),
-                        "memory_allocated": returning(0),
+                        "memory_allocated": returning(0), "max_memory_reserved": returning(0),
                         "empty_cache": returning(None), "is_bf16_supported": returning(True), "CUDAGraph": _Graph,
                         "get_rng_state": returning(torch.zeros(16, dtype=torch.uint8)), "set_rng_state": returning(None),
                         "is_current_stream_capturing": lambda: _CAPTURING[0],
@@ -401,4 +401,6 @@ def test_the_benchmarks_cuda_measurement_runs_on_emulated_cuda(emulated_cuda, tm
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["peft-unet", "sdadapt-captured"]
     assert all(r["ms_per_step"] > 0 and r["steady_mem_mib"] == 0 == r["built_mem_mib"] for r in rows)
-    assert "| steady peak (MiB) | built (MiB) |" in table.read_text() and "| lora | 1 | sdadapt-captured |" in table.read_text()
+    assert all(r["reserved_mem_mib"] == 0 for r in rows)
+    assert "| steady peak (MiB) | built (MiB) | peak reserved (MiB) |" in table.read_text()
+    assert "| lora | 1 | sdadapt-captured |" in table.read_text()
