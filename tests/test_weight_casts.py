@@ -38,11 +38,18 @@ class _Net(nn.Module):
         return checkpoint(self._tail, h, use_reentrant=self.checkpointed == "reentrant")
 
 
-def _model(width: int, rank: int, seed: int, **kwargs) -> tuple[nn.Module, list[nn.Parameter]]:
+def _model(width: int, rank: int, seed: int, *, bf16_scales: bool = False,
+           **kwargs) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The base in bf16, then float32 LoRA factors injected (inject's default), at alpha ≠ rank so the
+    scale folded into the up factors' copies is not 1; ``bf16_scales``: the whole model cast to bf16
+    after injection (the scale buffers too), the factors made float32 again."""
     torch.manual_seed(seed)
     net = _Net(width, **kwargs)
-    handle = sdadapt.inject(net, by_type(nn.Linear, nn.Conv2d), sdadapt.LoRAConfig(rank=rank))
-    net.to(torch.bfloat16)
+    if not bf16_scales:
+        net.to(torch.bfloat16)
+    handle = sdadapt.inject(net, by_type(nn.Linear, nn.Conv2d), sdadapt.LoRAConfig(rank=rank, alpha=0.7 * rank + 0.4))
+    if bf16_scales:
+        net.to(torch.bfloat16)
     g = torch.Generator().manual_seed(seed + 1)
     params = list(handle.parameters())
     with torch.no_grad():
@@ -71,9 +78,10 @@ def _assert_same(a, b) -> None:
 
 
 @settings(max_examples=12, deadline=None)
-@given(width=st.integers(2, 24), rank=st.integers(1, 6), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_the_loss_and_every_gradient_equal_the_per_layer_casts_bit_for_bit(width, rank, batch, seed):
-    net, params = _model(width, rank, seed)
+@given(width=st.integers(2, 24), rank=st.integers(1, 6), batch=st.integers(1, 3), seed=st.integers(0, 2**16),
+       bf16_scales=st.booleans())
+def test_the_loss_and_every_gradient_equal_the_per_layer_casts_bit_for_bit(width, rank, batch, seed, bf16_scales):
+    net, params = _model(width, rank, seed, bf16_scales=bf16_scales)
     x = torch.randn(batch, 3, 4, 4, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
     _assert_same(_loss_and_grads(net, params, x, False), _loss_and_grads(net, params, x, True))
 
@@ -105,36 +113,55 @@ def test_checkpointed_layers_get_the_same_gradients(kind):
 
 
 class _Casts(TorchDispatchMode):
+    """Counts casts (``count``) and multiplies (``muls``)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.muls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._to_copy.default:
             self.count += 1
+        if func.overloadpacket is torch.ops.aten.mul:
+            self.muls += 1
         return func(*args, **(kwargs or {}))
 
 
 def test_the_factors_are_cast_twice_per_step_instead_of_twice_each():
     net, params = _model(8, 2, seed=1)
     x = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
-    counts = []
+    counts, muls = [], []
     for batched in (False, True):
         with _Casts() as casts:
             _loss_and_grads(net, params, x, batched)
         counts.append(casts.count)
+        muls.append(casts.muls)
     read = sum(1 for n, p in net.named_parameters() if p.dtype == torch.float32 and "unused" not in n)
     assert read == 6 and counts[0] - counts[1] == 2 * read - 2  # (forward and backward: n casts each -> 1 each)
+    assert muls[0] - muls[1] == 2 * 3 - 2  # (each layer's scale · up and its backward -> one multiply each way)
 
 
 def test_outside_the_context_and_for_other_tensors_the_weight_itself_is_read():
-    _, params = _model(4, 1, seed=2)
+    """Inside: a down factor's copy is its bf16 cast, an up factor's is ``bf16(up · scale)`` (read through
+    ``cast_scaled_weight`` only); outside, or for a tensor no adapter marked, the weight (times the scale)."""
+    from sdadapt.adapters.lora import LoRAModule
+    from sdadapt.adapters.weight_casts import cast_scaled_weight
+
+    net, params = _model(4, 1, seed=2)
+    modules = [m for m in net.modules() if isinstance(m, LoRAModule)]
     assert all(cast_weight(p) is p for p in params)
+    assert all(torch.equal(cast_scaled_weight(m.lora_up, m.scale), m.lora_up * m.scale) for m in modules)
     other = nn.Parameter(torch.zeros(3, 3))  # (not an adapter's: never batched)
     with torch.autocast("cpu", dtype=torch.bfloat16), batched_weight_casts(params + [other], "cpu"):
         assert cast_weight(other) is other
-        copies = [cast_weight(p) for p in params]
-    assert all(c.dtype == torch.bfloat16 and torch.equal(c, p.to(torch.bfloat16)) for c, p in zip(copies, params))
+        downs = [cast_weight(m.lora_down) for m in modules]
+        ups = [cast_scaled_weight(m.lora_up, m.scale) for m in modules]
+        assert all(cast_weight(m.lora_up) is m.lora_up for m in modules)  # (an up factor's copy carries its scale)
+    assert all(float(m.scale) != 1 for m in modules)
+    bf16 = torch.bfloat16
+    assert all(d.dtype == bf16 and torch.equal(d, m.lora_down.to(bf16)) for d, m in zip(downs, modules))
+    assert all(u.dtype == bf16 and torch.equal(u, (m.lora_up * m.scale).to(bf16)) for u, m in zip(ups, modules))
     with batched_weight_casts(params, "cpu"):  # autocast off: nothing to cast to
         assert all(cast_weight(p) is p for p in params)
 
@@ -190,8 +217,9 @@ def test_train_step_casts_together_and_matches_the_per_layer_casts():
         p.grad = None
     optimizer = torch.optim.SGD(params, lr=0.0)
     with _Casts() as casts:
-        out = train_step(lambda x, t, c: net(x, t, c), batch, params=params, optimizer=optimizer, state=TrainState(seed=7),
-                         config=dataclass_replace(config, accumulation_steps=2), alphas_cumprod=alphas)
+        out = train_step(lambda x, t, c: net(x, t, c), batch, params=params, optimizer=optimizer,
+                         state=TrainState(seed=7), config=dataclass_replace(config, accumulation_steps=2),
+                         alphas_cumprod=alphas)
     assert torch.equal(out["loss"], reference.detach())
     assert all(torch.equal(p.grad * 2, g) for p, g in zip(params, expected))  # (loss / accumulation_steps: exact)
     assert casts.count <= 8  # (2 batched casts + the inputs' and the loss's, not 2 per factor on top)
@@ -221,10 +249,10 @@ def test_the_batched_qkv_projection_reads_the_copies_of_the_up_factors():
     longer cast one by one."""
     from test_shared_input_lora import _qkv_with_lora
 
-    model = _qkv_with_lora((2, 3, 2), seed=4).to(torch.bfloat16)
+    model = _qkv_with_lora((2, 3, 2), seed=4, alpha=1.7)
+    for layer in (model.to_q, model.to_k, model.to_v):  # (a bf16 base; float32 factors and scales)
+        layer.weight.data, layer.bias.data = layer.weight.data.bfloat16(), layer.bias.data.bfloat16()
     params = [p for n, p in model.named_parameters() if "lora" in n]
-    for p in params:
-        p.data = p.data.float()
     sdadapt.batch_shared_input_adapters(model)
     x = torch.randn(2, 5, 6).to(torch.bfloat16)
 
@@ -240,4 +268,5 @@ def test_the_batched_qkv_projection_reads_the_copies_of_the_up_factors():
 
     (plain, plain_casts), (together, together_casts) = run(False), run(True)
     _assert_same(plain, together)
-    assert plain_casts - together_casts >= 2 * 3 - 2  # (the three up factors: a cast each way each, now 1 + 1 for all)
+    # (the three up factors a cast each way each, the group's concatenated downs one each way: now 1 + 1 for all)
+    assert plain_casts - together_casts == 2 * 3 + 2 - 2

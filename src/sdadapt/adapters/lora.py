@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
 from .tucker import rebuild_tucker
-from .weight_casts import cast_weight, read_through_cast
+from .weight_casts import cast_scaled_weight, cast_weight, read_through_cast
 
 __all__ = [
     "LoRAConfig",
@@ -112,7 +112,9 @@ def lora_forward(
     training: bool = False,
     mid: Tensor | None = None,
 ) -> Tensor:
-    """The delta output ``scale · up(down(x))`` without forming ``ΔW``.
+    """The delta output ``scale · up(down(x))`` without forming ``ΔW``, as ``(scale · up)(down(x))``:
+    the scale multiplies the small (out, r) weight, not the (..., r) activation (under autocast the
+    product is rounded once, with the weight's cast).
 
     Args:
         x: the base layer's input, (..., in) for linear, (B, in, H, W) for conv.
@@ -143,10 +145,18 @@ def lora_forward(
             keep = keep.view(h.shape[0], *([1] * (h.dim() - 2)), rank)  # (B, 1.., r)
         h = h * keep
         scale = scale / (1.0 - rank_dropout)
-    h = h * scale  # scale the r-channel activation, cheaper than scaling the output
+    up = _scaled_up(up, scale)
     if geometry.is_conv:
         return F.conv2d(h, up)  # up: (out, r, 1, 1)
     return F.linear(h, up)  # up: (out, r)
+
+
+def _scaled_up(up: Tensor, scale: float | Tensor) -> Tensor:
+    """``scale · up`` (no op for a plain 1; never in place: ``up`` is the caller's factor), the factor
+    :func:`lora_forward` applies."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return up
+    return up * scale
 
 
 def pissa_factors(weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -260,7 +270,8 @@ class LoRAModule(AdapterModule):
         self.lora_down = nn.Parameter(torch.empty(rank, geometry.in_features, *down_kernel, **factory))
         self.lora_up = nn.Parameter((torch.zeros if init_weights else torch.empty)(up_shape, **factory))
         self.lora_mid = nn.Parameter(torch.empty(rank, rank, *geometry.kernel, **factory)) if tucker else None
-        read_through_cast(*(p for p in (self.lora_down, self.lora_up, self.lora_mid) if p is not None))
+        read_through_cast(*(p for p in (self.lora_down, self.lora_mid) if p is not None))
+        read_through_cast(self.lora_up, scale_of=self)  # (its copy is scale · up: lora_forward's product)
         # a file's bias delta beside the factors (ComfyUI's extraction with bias_diff): added to the bias at the
         # strength alone, not at alpha / r (ComfyUI's loader patches the bias apart); None for trained LoRAs
         self.diff_b: nn.Parameter | None = None
@@ -308,11 +319,15 @@ class LoRAModule(AdapterModule):
 
     def _factors_forward(self, x: Tensor) -> Tensor:
         mid = self.lora_mid
+        if self.training and self.rank_dropout > 0:  # (its 1/(1-p) joins the scale: the factors as they are)
+            up, scale = self.lora_up, self.scale
+        else:  # scale · up: cast with every trained factor in one go when the step batches them (weight_casts)
+            up, scale = cast_scaled_weight(self.lora_up, self.scale), 1.0
         return lora_forward(
             x,
-            cast_weight(self.lora_up),  # (one cast of every trained factor per step: weight_casts)
+            up,
             cast_weight(self.lora_down),
-            self.scale,
+            scale,
             self.geometry,
             dropout=self.dropout,
             rank_dropout=self.rank_dropout,

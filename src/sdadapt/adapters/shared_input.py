@@ -5,9 +5,9 @@ In every attention block ``to_q``, ``to_k`` and ``to_v`` read the same ``hidden_
 on them runs its own down-projection ``x @ downᵢᵀ``. Grouped, the first member called on ``x``
 computes all of them in one matmul and every member takes its slice::
 
-    z = x @ cat(scale_1 · down_1, ..., scale_n · down_n)ᵀ      (..., Σ rᵢ)   one matmul instead of n
+    z = x @ cat(down_1, ..., down_n)ᵀ                          (..., Σ rᵢ)   one matmul instead of n
     z_1, ..., z_n = split(z, (r_1, ..., r_n))                  views; one cat in backward
-    Δyᵢ = zᵢ @ upᵢᵀ                                            (..., outᵢ)   as the unbatched path
+    Δyᵢ = zᵢ @ (scaleᵢ · upᵢ)ᵀ                                  (..., outᵢ)   as the unbatched path
 
 Counted with ``torch.profiler`` (aten ops called from Python or autograd, views left out; about
 one kernel each on a GPU) for one q/k/v with rank-16 LoRAs, base layers included: self-attention
@@ -15,8 +15,7 @@ one kernel each on a GPU) for one q/k/v with rank-16 LoRAs, base layers included
 a whole SD1.5 UNet step with LoRA on attention 2789 → 2597 (``benchmarks/lora_overhead.py``).
 
 The output and the gradients of ``down``, ``up`` and ``x`` equal the unbatched path's up to
-rounding (the scale multiplies the small weight instead of the activation, and the matmul sums
-in its own order): float32 to ~1e-6, bf16 to its precision.
+rounding (the matmul sums in its own order): float32 to ~1e-6, bf16 to its precision.
 Nothing is rebound and no key changes: the member adapters keep their parameters and their
 hooks; each hook asks its group for its slice (``AdapterModule._shared_input``) and falls back
 to the unbatched path whenever the group cannot serve it:
@@ -54,7 +53,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from .base import autocast_casts
 from .lora import LoRAModule
-from .weight_casts import cast_weight
+from .weight_casts import cast_scaled_weight, cast_weight
 
 __all__ = [
     "SHARED_INPUT_SIBLINGS",
@@ -129,10 +128,6 @@ class SharedInputGroup:
         # backward can recompute that call, else once its backward is over (see start_of_parent_call)
         self._committed = tuple(self._subset_of)
         self._waiting: dict[tuple[int, ...], _Waiting] = {}
-        # (r, 1) views of each member's 0-dim ``scale`` buffer: set_scale()'s in-place fill shows
-        # through them (in CUDA graphs too); rebuilt if .to() replaced a buffer
-        self._scale_buffers = [m._buffers["scale"] for m in self.members]
-        self._scale_views = [b.expand(m.rank, 1) for b, m in zip(self._scale_buffers, self.members)]
         self.served = 0
         self.fallbacks = 0
         self.splits = 0
@@ -201,19 +196,15 @@ class SharedInputGroup:
         if any(d.dtype != dtype or d.device != device for d in downs):
             return None
         x = x if x.dtype == dtype or autocast_casts(x) else x.to(dtype)  # (as the unbatched hook: base.py)
-        for i in active:
-            buffer = self.members[i]._buffers["scale"]
-            if buffer is not self._scale_buffers[i]:
-                self._scale_buffers[i], self._scale_views[i] = buffer, buffer.expand(self.members[i].rank, 1)
-        # the scales go on the (Σr, in) weight, not on the (..., Σr) activation: one small multiply
-        scales = torch.cat([self._scale_views[i] for i in active])  # (Σr, 1)
-        z = F.linear(x, torch.cat(downs) * scales.to(dtype))  # (..., Σr) = scaleᵢ · x downᵢᵀ side by side
+        z = F.linear(x, torch.cat([cast_weight(d) for d in downs]))  # (..., Σr) = x downᵢᵀ side by side
         return dict(zip(active, z.split([d.shape[0] for d in downs], dim=-1)))
 
     def _up(self, index: int, part: Tensor, output: Tensor) -> Tensor:
-        """``output + part @ upᵀ`` (..., out), as the unbatched hook adds Δy. (An ``addmm`` would
-        not save a launch: it copies ``output`` into its result first, on CPU and CUDA alike.)"""
-        return output + F.linear(part, cast_weight(self.members[index].lora_up)).to(output.dtype)
+        """``output + part @ (scale · up)ᵀ`` (..., out), as the unbatched hook adds Δy (the same scaled
+        factor: cast with the others when the step batches them). (An ``addmm`` would not save a
+        launch: it copies ``output`` into its result first, on CPU and CUDA alike.)"""
+        member = self.members[index]
+        return output + F.linear(part, cast_scaled_weight(member.lora_up, member.scale)).to(output.dtype)
 
     @staticmethod
     def _usable(member: LoRAModule) -> bool:
