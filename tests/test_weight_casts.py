@@ -270,3 +270,29 @@ def test_the_batched_qkv_projection_reads_the_copies_of_the_up_factors():
     _assert_same(plain, together)
     # (the three up factors a cast each way each, the group's concatenated downs one each way: now 1 + 1 for all)
     assert plain_casts - together_casts == 2 * 3 + 2 - 2
+
+
+@pytest.mark.parametrize("how", ["pickled", "deepcopy"])
+def test_a_copied_model_pickles_and_gives_the_same_numbers(how):
+    """The scale a weight's copy is made with is found through a registry, not an attribute of the
+    weight (a weak reference there made every LoRA-injected model unpicklable: ``torch.save(model)``
+    raised). A copy of the model — unpickled or deep-copied — is not registered: its up factors take
+    the per-layer path, with the same numbers."""
+    import copy
+    import io
+
+    net, _ = _model(10, 3, seed=8)
+    params = [p for _, p in net.named_parameters() if p.dtype == torch.float32]  # (the twin's order)
+    if how == "pickled":
+        buffer = io.BytesIO()
+        torch.save(net, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    else:
+        twin = copy.deepcopy(net)
+    twin_params = [p for n, p in twin.named_parameters() if p.dtype == torch.float32]
+    assert len(twin_params) == len(params)
+    x = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
+    reference = _loss_and_grads(net, params, x, False)
+    _assert_same(reference, _loss_and_grads(twin, twin_params, x, True))
+    _assert_same(reference, _loss_and_grads(net, params, x, True))

@@ -40,7 +40,11 @@ from .base import autocast_dtype
 __all__ = ["batched_weight_casts", "cast_scaled_weight", "cast_weight", "is_batched_cast", "read_through_cast"]
 
 _MARK = "_sdadapt_read_through_cast"
-_SCALE_OF = "_sdadapt_cast_scale_of"
+_SCALED = "_sdadapt_cast_scaled"
+# id of a weight read scaled -> the module whose ``scale`` it is read with. Not an attribute of the weight: a
+# parameter's attributes are pickled with it (a reference to its module would drag the module along, a weak
+# one cannot be pickled); the module must still hold the weight among its own parameters (ids are reused)
+_SCALE_OWNERS: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
 # (plain copies, scale · weight copies) by id of the weight, while a batched_weight_casts context is open
 _Copies = tuple[dict[int, Tensor], dict[int, Tensor]]
 _COPIES: ContextVar[_Copies | None] = ContextVar("sdadapt_weight_copies", default=None)
@@ -51,12 +55,15 @@ _SLOTS_KEPT = 8
 
 def read_through_cast(*weights: Tensor, scale_of: object | None = None) -> None:
     """Mark ``weights`` as read through :func:`cast_weight` in their adapter's forward (so
-    :func:`batched_weight_casts` may cast them together); with ``scale_of`` (an object with a 0-dim
-    ``scale`` tensor, held weakly) as read through :func:`cast_scaled_weight` with that scale."""
+    :func:`batched_weight_casts` may cast them together); with ``scale_of`` (the module holding them,
+    with a 0-dim ``scale`` tensor; held weakly) as read through :func:`cast_scaled_weight` with that
+    scale. A copy of the module (``copy.deepcopy``, unpickled) is not registered: its weights take the
+    per-layer path."""
     for w in weights:
         setattr(w, _MARK, True)
         if scale_of is not None:
-            setattr(w, _SCALE_OF, weakref.ref(scale_of))
+            setattr(w, _SCALED, True)
+            _SCALE_OWNERS[id(w)] = scale_of
 
 
 def cast_weight(weight: Tensor) -> Tensor:
@@ -154,10 +161,12 @@ def _scale_for(w: Tensor) -> Tensor | None | bool:
     """The scale ``w``'s copy is multiplied by: ``None`` for a plain weight, its ``scale_of``'s 0-dim
     ``scale`` on ``w``'s device as float32 (what ``w * scale`` computes with: a bf16 buffer, after a
     model's ``.to(torch.bfloat16)``, converts exactly), or ``False`` when there is none (the per-layer path)."""
-    ref = getattr(w, _SCALE_OF, None)
-    if ref is None:
+    if not getattr(w, _SCALED, False):
         return None
-    scale = getattr(ref(), "scale", None)
+    owner = _SCALE_OWNERS.get(id(w))
+    if owner is None or not any(p is w for p in getattr(owner, "_parameters", {}).values()):
+        return False
+    scale = getattr(owner, "scale", None)
     if not (isinstance(scale, Tensor) and scale.dim() == 0 and scale.is_floating_point() and scale.device == w.device):
         return False
     return scale if scale.dtype == torch.float32 else scale.float()
