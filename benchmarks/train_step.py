@@ -29,8 +29,8 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     no checkpointing. ``sdadapt-lean-captured``, ``sdadapt-fast-captured``: the same steps captured
     whole in a CUDA graph (:class:`~sdadapt.training.step_capture.CapturedStep`, sdadapt's AdamW with
     ``capturable=True`` and a tensor LR; on CPU the eager step). ``sdadapt-small-captured``: lean
-    captured with every transformer and ResNet block recomputed (the first H200 run had the captured
-    lean step at 9.6 GB: its graph holds the gradients beside the activations). Textual inversion: one trainable row spliced in at the placeholder positions by
+    captured with every transformer and ResNet block recomputed (made when the captured lean step
+    seemed to hold 9.6 GB; that was the lean-fused row's leak, since fixed: it holds 6.2 GB). Textual inversion: one trainable row spliced in at the placeholder positions by
     :class:`sdadapt.embeddings.TokenRows` (no gradient for the 38M-entry matrix).
 
 Reported per row: ms/step (median after warm-up), images/s, speed-up over the reference and (LoRA)
@@ -505,13 +505,13 @@ def measure(mode, variants, models, device, mp_dtype, batch, args,
                   "reserved_mem": torch.cuda.max_memory_reserved(device) / 2**20}
         if args.profile:
             out[k]["profile"] = profile_steps(step, device, args.profile)
-        on_variant(k, out[k])
         del step, keep, loss
         _fresh(device)
         left = (torch.cuda.memory_allocated(device) - before) / 2**20
-        out[k]["left_mib"] = left  # (a leak: every later row's memory would start this much higher)
+        out[k]["left_mem"] = left  # (a leak: every later row's memory would start this much higher)
         if left > 64:
             print(f"warning: {k} left {left:.0f} MiB allocated after it was dropped", file=sys.stderr)
+        on_variant(k, out[k])
     return out
 
 
@@ -592,7 +592,7 @@ def run(args, on_rows=lambda result: None) -> dict:
                 rows.append(dict(
                     mode=mode, batch=b, variant=kind, ms_per_step=m["ms"], images_per_s=b / m["ms"] * 1e3,
                     peak_mem_mib=m["mem"], steady_mem_mib=m.get("steady_mem"), built_mem_mib=m.get("built_mem"),
-                    reserved_mem_mib=m.get("reserved_mem"),
+                    reserved_mem_mib=m.get("reserved_mem"), left_mem_mib=m.get("left_mem"),
                     flops_per_step=flops, tflops=tflops,
                     peak_fraction=tflops / peak if peak else None,
                     **({"profile": m["profile"]} if "profile" in m else {}),

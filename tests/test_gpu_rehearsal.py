@@ -401,6 +401,6 @@ def test_the_benchmarks_cuda_measurement_runs_on_emulated_cuda(emulated_cuda, tm
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["peft-unet", "sdadapt-captured"]
     assert all(r["ms_per_step"] > 0 and r["steady_mem_mib"] == 0 == r["built_mem_mib"] for r in rows)
-    assert all(r["reserved_mem_mib"] == 0 for r in rows)
+    assert all(r["reserved_mem_mib"] == 0 == r["left_mem_mib"] for r in rows)
     assert "| steady peak (MiB) | built (MiB) | peak reserved (MiB) |" in table.read_text()
     assert "| lora | 1 | sdadapt-captured |" in table.read_text()

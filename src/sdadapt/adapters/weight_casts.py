@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import autocast_dtype
 
@@ -105,16 +105,16 @@ class _ScaledWeight(torch.autograd.Function):
 
 
 class _CastTogether(torch.autograd.Function):
-    """``weights`` (float32, contiguous) → their ``dtype`` copies, each scaled one (``scales``: a 0-dim
-    float32 tensor per ``True`` of ``scaled``) times its scale: one concatenation, one multiply and
-    one cast each way. ``slots`` (Σn,): each element's index into ``scales`` plus a final 1."""
+    """The first ``count`` tensors (the weights: float32, contiguous) → their ``dtype`` copies, each
+    times its scale (the rest: one 0-dim float32 tensor per scaled weight): one concatenation, one
+    multiply and one cast each way. ``slots`` (Σn,): each element's index into the scales plus a final 1."""
 
     @staticmethod
-    def forward(ctx, dtype: torch.dtype, aux: tuple[tuple[bool, ...], Tensor | None],  # type: ignore[override]
+    def forward(ctx, dtype: torch.dtype, aux: tuple[int, Tensor | None],  # type: ignore[override]
                 *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)  # (an unread copy's gradient stays None: its weight gets none)
-        scaled, slots = aux
-        weights, scales = tensors[:len(scaled)], tensors[len(scaled):]
+        count, slots = aux
+        weights, scales = tensors[:count], tensors[count:]
         ctx.shapes, ctx.dtype, ctx.scales = [w.shape for w in weights], dtype, len(scales)
         flat = torch.cat([w.view(-1) for w in weights])  # (Σn,) float32
         ctx.multiplier = None
@@ -153,8 +153,10 @@ def is_batched_cast(node: object) -> bool:
 
 
 def _batchable(w: Tensor, device_type: str) -> bool:
+    # (a plain tensor, not a DTensor's shard: the usual types answer without making a detached tensor)
     return (getattr(w, _MARK, False) and w.dtype == torch.float32 and w.device.type == device_type
-            and type(w.detach()) is Tensor and w.is_contiguous() and w.numel() > 0)
+            and (type(w) is nn.Parameter or type(w) is Tensor or type(w.detach()) is Tensor)
+            and w.is_contiguous() and w.numel() > 0)
 
 
 def _scale_for(w: Tensor) -> Tensor | None | bool:
@@ -218,8 +220,7 @@ def batched_weight_casts(weights: Sequence[Tensor], device_type: str) -> Iterato
             slot_of.append(len(scales) if scale is None else next_slot)
             next_slot += scale is not None
         slots = _slots(device, tuple(w.numel() for w, _ in members), tuple(slot_of)) if scales else None
-        flags = tuple(scale is not None for _, scale in members)
-        copies = _CastTogether.apply(dtype, (flags, slots), *(w for w, _ in members), *scales)
+        copies = _CastTogether.apply(dtype, (len(members), slots), *(w for w, _ in members), *scales)
         for (w, scale), copy in zip(members, copies):
             (plain if scale is None else scaled)[id(w)] = copy
     if not plain and not scaled:

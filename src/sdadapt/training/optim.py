@@ -1418,9 +1418,7 @@ class FusedBackward:
         """Remove the hooks: later backward passes accumulate ``.grad`` as usual. The gradients a
         backward that raised before its end left in its open groups are dropped (not applied), so
         they neither stay alive nor add to the next backward's."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        _remove_hooks(self._hooks)
         for index, arrived in enumerate(self._arrived):
             if arrived:
                 for p in self.groups[index]:
