@@ -8,7 +8,7 @@
 #
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580).
 # `bash benchmarks/gpu_check.sh --goals`: only issue 16's goal rows and the CUDA tests of their paths
-# (~4 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
+# (~5 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
 # compiled+captured LoRA row at batch 8 alone, with 420 s for inductor's cold compile.
 # Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 530):
 # optional rows are skipped, and say so, when too little time is left. Files written (at most 8):
@@ -101,7 +101,8 @@ cat "$SUMMARY" >>"$LOG"
 # the capture and step tests first (the benchmark rows below depend on them); the optimiser and
 # input-path CUDA tests after the goal benchmarks, so a slow test run cannot cut the measurements
 CORE_TESTS=(tests/test_train.py tests/test_fit_cuda_graph.py tests/test_captured_accumulation.py tests/test_optim_capturable.py
-    tests/test_lean_finetune.py tests/test_shared_input_lora.py tests/test_attention_backends.py tests/test_weight_casts.py)
+    tests/test_lean_finetune.py tests/test_shared_input_lora.py tests/test_attention_backends.py tests/test_weight_casts.py
+    tests/test_norm_precision.py)
 MORE_TESTS=(tests/test_train_options.py tests/test_optim.py tests/test_host_syncs.py tests/test_optim_split.py
     tests/test_compile_graphs.py tests/test_max_norm.py tests/test_capture_new_inputs.py tests/test_lion.py tests/test_prodigy.py
     tests/test_adafactor_capturable.py tests/test_schedule_free.py tests/test_dadapt.py tests/test_fp8_base.py tests/test_compile_inductor.py
@@ -130,14 +131,16 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
     fi
 }
 if [[ "$GOALS" == 1 ]]; then
-    # --goals (~4 minutes on an H200, the diffusers install included): the LoRA goal rows against peft's
+    # --goals (~5 minutes on an H200, the diffusers install included): the LoRA goal rows against peft's
     # UNet step, the captured step without channels_last at batch 8, the full fine-tune goal rows, then
     # the CUDA tests of the paths they take (last: the measurements first)
-    bench goals_lora 110 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured --profile $LORA_PROFILE
-    bench goals_nchw 45 --modes lora --batch $LARGE --variants sdadapt-captured-nchw --no-flops
-    bench goals_full 100 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured --profile $FULL_PROFILE
+    bench goals_lora 150 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms \
+        --profile $LORA_PROFILE
+    bench goals_nchw 75 --modes lora --batch $LARGE --variants sdadapt-captured-nchw sdadapt-captured-nchw-halfnorms --no-flops
+    bench goals_full 120 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured \
+        sdadapt-fast-captured-halfnorms --profile $FULL_PROFILE
     step "cuda tests (goal paths)" 80 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda tests/test_weight_casts.py \
-        tests/test_max_norm.py tests/test_fp8_base.py tests/test_train.py tests/test_lean_finetune.py tests/test_fit_cuda_graph.py
+        tests/test_norm_precision.py tests/test_max_norm.py tests/test_fp8_base.py tests/test_train.py tests/test_lean_finetune.py tests/test_fit_cuda_graph.py
     log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
     cat "$SUMMARY"
     exit 0
@@ -156,7 +159,7 @@ fi
 # goal rows first, each bench's files rewritten after every row.
 # LoRA r16 on attention, the goal rows: UNet-only peft step on cached latents against the sdadapt CUDA graph
 # (the eager sdadapt step runs with the other LoRA rows below); then the compiled rows, the batch-8 goal path
-bench lora 170 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured --profile $LORA_PROFILE
+bench lora 210 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms --profile $LORA_PROFILE
 # torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the path to the
 # batch-8 goal the first run had no time for; the second compile mostly hits inductor's cache)
 bench compiled 170 --modes lora --batch $LARGE --variants sdadapt-compiled sdadapt-compiled-captured --no-flops
@@ -164,11 +167,12 @@ bench compiled 170 --modes lora --batch $LARGE --variants sdadapt-compiled sdada
 # lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True), small (lean captured, every
 # block recomputed)
 bench full 170 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
-    sdadapt-lean-captured sdadapt-fast-captured sdadapt-small-captured --profile $FULL_PROFILE
+    sdadapt-lean-captured sdadapt-fast-captured sdadapt-small-captured sdadapt-fast-captured-halfnorms --profile $FULL_PROFILE
 step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
 # the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step); the captured
 # step without channels_last and with the q/k/v down-projections batched (batch_shared_input_adapters)
-bench lora_more 120 --modes lora --batch 1 $LARGE --variants reference sdadapt sdadapt-captured-nchw sdadapt-captured-qkv --no-flops
+bench lora_more 150 --modes lora --batch 1 $LARGE --variants reference sdadapt sdadapt-halfnorms sdadapt-captured-nchw \
+    sdadapt-captured-nchw-halfnorms sdadapt-captured-qkv --no-flops
 # which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~40 s
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"

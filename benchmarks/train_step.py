@@ -234,10 +234,10 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
     cuda = device.type == "cuda"
     lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
-                       "sdadapt-small-captured")
+                       "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms")
     weight_dtype = torch.bfloat16 if lean else (mp_dtype or torch.float32)
     unet, vae, tes = models.copy(device, weight_dtype)
-    channels_last = cuda and variant != "sdadapt-captured-nchw"  # is NHWC worth it on this GPU?
+    channels_last = cuda and not variant.startswith("sdadapt-captured-nchw")  # is NHWC worth it on this GPU?
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     with torch.no_grad():  # encoded once: what a latent cache gives every later epoch
@@ -251,8 +251,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     max_norm = 1.0
     model = unet_call(unet)
     data = {"latents": latents, "cond": cond}
-    capture = variant in ("sdadapt-captured", "sdadapt-captured-nchw", "sdadapt-captured-qkv", "sdadapt-compiled-captured", "sdadapt-lean-captured", "sdadapt-fast-captured",
-                          "sdadapt-small-captured")
+    capture = "-captured" in variant
     if mode == "lora":
         handle = sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, sdadapt.LoRAConfig(rank=16, alpha=16, init="gaussian"))
         if variant == "sdadapt-captured-qkv":  # one down-projection matmul per attention input for the q/k/v LoRAs
@@ -288,7 +287,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
         elif variant == "sdadapt-small-captured":  # lean captured, every block recomputed: fewer activations beside the grads
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock, ResnetBlock2D))
             optimizer = AdamW(params, state_dtype="int8", foreach=True, **lr)
-        elif variant in ("sdadapt-fast", "sdadapt-fast-captured"):  # bf16 weights, float32 moments, multi-tensor AdamW,
+        elif variant in ("sdadapt-fast", "sdadapt-fast-captured", "sdadapt-fast-captured-halfnorms"):  # bf16 weights, float32 moments, multi-tensor AdamW,
             # nothing recomputed (bf16 moments cost two more stochastic roundings of every element: the H200's
             # fast-captured step spent ~80 of its 118 ms in the optimiser with them)
             optimizer = AdamW(params, state_dtype=torch.float32, foreach=True, **lr)
@@ -310,7 +309,9 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
         data = {"latents": latents, "cond": None}
     mixed = "bf16" if (mp_dtype == torch.bfloat16 or lean) else None
-    config = StepConfig(mixed_precision=mixed, max_grad_norm=max_norm, channels_last=channels_last)
+    # -halfnorms: GroupNorm/LayerNorm in bf16 instead of CUDA autocast's float32 (training.norm_precision)
+    config = StepConfig(mixed_precision=mixed, max_grad_norm=max_norm, channels_last=channels_last,
+                        half_precision_norms=variant.endswith("-halfnorms") and mixed is not None)
     if capture:
         from sdadapt.training.step_capture import CapturedStep
 
@@ -328,9 +329,10 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
 
 VARIANTS = {
-    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-captured", "sdadapt-captured-nchw", "sdadapt-captured-qkv", "sdadapt-compiled", "sdadapt-compiled-captured"),
+    "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-captured", "sdadapt-captured-nchw", "sdadapt-captured-qkv", "sdadapt-compiled",
+             "sdadapt-compiled-captured", "sdadapt-halfnorms", "sdadapt-captured-halfnorms", "sdadapt-captured-nchw-halfnorms"),
     "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
-             "sdadapt-small-captured"),
+             "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms"),
     "ti": ("reference", "sdadapt"),
 }
 

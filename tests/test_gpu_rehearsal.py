@@ -146,7 +146,8 @@ def test_the_goals_mode_runs_the_goal_rows_and_their_tests():
         parsed = train_step.parse_args(["--device", "cuda", "--config", "sd15"] + args)
         named |= {(mode, v) for mode in parsed.modes for v in train_step.variants_of(mode, parsed, torch.device("cuda"))}
     assert {("lora", "peft-unet"), ("lora", "sdadapt-captured"), ("lora", "sdadapt-captured-nchw"), ("full", "reference"),
-            ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured")} == named
+            ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"), ("lora", "sdadapt-captured-halfnorms"),
+            ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms")} == named
     tests = re.search(r'step "cuda tests \(goal paths\)" \d+ (.*)', text).group(1).split()
     files = [t for t in tests if t.startswith("tests/")]
     assert len(files) >= 5 and all((ROOT / f).is_file() for f in files)
@@ -306,7 +307,8 @@ def captured_steps(monkeypatch):
 @pytest.mark.parametrize("mode, variant", [("lora", "sdadapt-captured"), ("lora", "sdadapt-captured-nchw"),
                                            ("lora", "sdadapt-captured-qkv"), ("lora", "sdadapt-compiled-captured"),
                                            ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"),
-                                           ("full", "sdadapt-small-captured")])
+                                           ("full", "sdadapt-small-captured"), ("lora", "sdadapt-captured-halfnorms"),
+                                           ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms")])
 def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, captured_steps, mode, variant):
     """The GPU branch of benchmarks/train_step.py (capturable torch / sdadapt AdamW with a tensor LR,
     channels_last, the strict CapturedStep; the lean row's checkpointed transformer blocks, int8
@@ -325,7 +327,8 @@ def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, ca
     step, unet, _ = train_step.build_ours(mode, variant, models, device, torch.bfloat16, batch,
                                           argparse.Namespace(compile_backend="eager"))
     (captured,) = captured_steps
-    assert captured.problems == [] and captured.config.channels_last == (variant != "sdadapt-captured-nchw")
+    assert captured.problems == [] and captured.config.channels_last == ("-nchw" not in variant)
+    assert captured.config.half_precision_norms == variant.endswith("-halfnorms")
     trained = [p.detach().clone() for p in captured.params]
     losses = [step() for _ in range(captured.warmup_steps + 1)]  # warm-up, then the capture
     assert captured.graph_count == 1

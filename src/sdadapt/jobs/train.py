@@ -185,6 +185,8 @@ class TrainOptions:
     Speed: ``sdpa_backends`` — ``"measure"`` (time flash / memory-efficient / cuDNN / math attention on
     the first batch's attention calls and train under the fastest order) or a comma list such as
     ``"flash,math"`` (tried in that order); default: torch's choice (:mod:`sdadapt.training.attention`).
+    ``half_precision_norms``: GroupNorm/LayerNorm read and write the mixed-precision dtype instead of CUDA
+    autocast's float32 (``StepConfig.half_precision_norms``, :mod:`sdadapt.training.norm_precision`).
     ``cache_text_encoder_outputs`` (kohya's: every caption encoded once before training, the steps
     train the UNet on the cached conditioning, bit for bit what the text encoder gives; needs a
     UNet-only run and captions fixed before training — a whole-caption dropout is fine;
@@ -362,6 +364,7 @@ class TrainOptions:
     gradient_checkpointing_fraction: float | None = None
     fused_backward_pass: bool = False
     sdpa_backends: str | None = None
+    half_precision_norms: bool = False
     cuda_graph: bool = False
     ddp_timeout: int | None = None
     cache_text_encoder_outputs: bool = False
@@ -609,6 +612,9 @@ class TrainOptions:
                              f"got {self.text_encoder_steps}")
         if self.extract_lora is not None and self.extract_lora < 1:
             raise ValueError(f"--extract-lora must be a LoRA rank >= 1, got {self.extract_lora}")
+        if self.half_precision_norms and self.mixed_precision not in ("bf16", "fp16"):
+            raise ValueError("--half-precision-norms keeps GroupNorm/LayerNorm in the mixed-precision dtype instead of "
+                             "autocast's float32, so it needs --mixed-precision bf16 or fp16")
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise ValueError("--full-bf16 trains bf16 weights, so the forward pass must run under bf16 autocast: add "
                              "--mixed-precision bf16")
@@ -2133,7 +2139,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                         scale_v_pred_loss_like_noise_pred=options.scale_v_pred_loss_like_noise_pred,
                         v_pred_like_loss=options.v_pred_like_loss or 0.0,
                         max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed,
-                        sdpa_backends=_sdpa_order(options.sdpa_backends)),
+                        sdpa_backends=_sdpa_order(options.sdpa_backends), half_precision_norms=options.half_precision_norms),
     )
     tensorboard = options.log_with == "tensorboard" or (options.log_with == "auto" and tensorboard_available())
     for line in dataset.report():

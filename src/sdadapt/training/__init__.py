@@ -19,6 +19,7 @@
 | :mod:`.fp8_base` | kohya's ``--fp8_base``: a frozen base's Linear / Conv weights stored in float8, upcast by autocast |
 | :mod:`.half_weights` | kohya's ``full_fp16`` / ``full_bf16`` for adapters: trainable weights in fp16/bf16, the fp16 loss scaler |
 | :mod:`.attention` | which SDPA kernel to use, measured on the model's own attention calls |
+| :mod:`.norm_precision` | GroupNorm/LayerNorm in autocast's half dtype instead of CUDA autocast's float32 (``StepConfig.half_precision_norms``) |
 | :mod:`.step_capture` | the whole step as CUDA-graph replays, one graph per batch layout (:class:`CapturedStep`) |
 | :mod:`.distributed` | FSDP2 sharding block by block for data-parallel runs (:func:`~.distributed.fully_shard_blocks`) |
 | :mod:`.latent_cache` | encode latents and text states once into safetensors shards |
@@ -52,6 +53,7 @@ from . import (
     lion,
     lr_schedules,
     max_norm,
+    norm_precision,
     optim,
     optimizer_args,
     param_groups,
@@ -71,6 +73,7 @@ from .step_capture import CapturedStep
 
 __all__ = [
     "attention",
+    "norm_precision",
     "diffusion",
     "edm",
     "timestep_distribution",

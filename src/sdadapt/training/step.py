@@ -31,6 +31,7 @@ from ..formats.files import atomic_write, read_safetensors, staged_outputs, writ
 from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .half_weights import found_inf, loss_scaler
+from .norm_precision import half_precision_norms
 from .optim import FusedBackward, restore_capturable_mode
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class StepConfig:
     accumulation_steps: int = 1
     mixed_precision: str | None = None  # None | "bf16" | "fp16"
     channels_last: bool = False  # feed NHWC latents (use with model.to(memory_format=torch.channels_last))
+    # GroupNorm/LayerNorm read and write the half dtype (float32 statistics inside the kernels) instead of CUDA
+    # autocast's float32 copies: ~5 fewer kernels per norm and half the norms' traffic (training.norm_precision)
+    half_precision_norms: bool = False
     sdpa_backends: tuple[str, ...] | None = None  # attention kernels to try in order (training.attention); None: torch's choice
     # an EDM-formulation model's schedule (the system's ``edm``, Playground v2.5): σ-grid noising, c_in / c_noise /
     # c_skip / c_out preconditioning and the x0 target, as diffusers' EDM training (training.edm); None: DDPM
@@ -106,6 +110,9 @@ class StepConfig:
         if self.v_pred_like_loss and self.prediction_type == "v_prediction":  # kohya refuses it too
             raise ValueError(f"v_pred_like_loss={self.v_pred_like_loss} adds a v-prediction-like loss to an epsilon "
                              "loss, so it cannot go with prediction_type='v_prediction'")
+        if self.half_precision_norms and self.mixed_precision is None:
+            raise ValueError("half_precision_norms keeps GroupNorm/LayerNorm in autocast's dtype, so it needs "
+                             "mixed_precision='bf16' or 'fp16'")
         if self.sdpa_backends is not None:
             object.__setattr__(self, "sdpa_backends", tuple(self.sdpa_backends))  # a list from JSON/TOML
             unknown = [name for name in self.sdpa_backends if name not in SDPA_BACKENDS]
@@ -347,12 +354,14 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
     :func:`~sdadapt.training.data_parallel.shard_prepared`). ``autocast_cache=False`` turns off autocast's
     cache of low-precision weight copies (what PyTorch asks for under CUDA-graph capture; same numbers).
     ``batch_casts``: the trained parameters; the adapter weights among them get their autocast copies
-    from one cast (:func:`~sdadapt.adapters.weight_casts.batched_weight_casts`; same numbers, fewer kernels)."""
+    from one cast (:func:`~sdadapt.adapters.weight_casts.batched_weight_casts`; same numbers, fewer kernels).
+    ``config.half_precision_norms``: the norms run in autocast's dtype (:mod:`~sdadapt.training.norm_precision`)."""
     x_t: Tensor = prepared["x_t"]  # type: ignore[assignment]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
     autocast = (torch.autocast(x_t.device.type, dtype=dtype, cache_enabled=autocast_cache)
                 if dtype is not None else nullcontext())
-    with autocast, sdpa_backends(config.sdpa_backends), batched_weight_casts(batch_casts, x_t.device.type):
+    with (autocast, sdpa_backends(config.sdpa_backends), batched_weight_casts(batch_casts, x_t.device.type),
+          half_precision_norms(config.half_precision_norms, x_t.device.type)):
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
     if "edm_out" in prepared:  # (EDM: the denoised latent c_skip·x_σ + c_out·F is what the loss sees, training.edm)
         prediction = edm.edm_denoised(prepared, prediction)

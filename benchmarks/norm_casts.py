@@ -1,0 +1,125 @@
+"""What ``StepConfig(half_precision_norms=True)`` removes from a LoRA training step, counted on a CPU.
+
+CUDA autocast runs GroupNorm and LayerNorm in float32 (input, weight and bias cast up, a float32
+output every following convolution or linear casts back down); CPU autocast leaves them in bfloat16,
+so on a CPU the difference would not show. :class:`CudaNormPolicy` puts CUDA's rule for the two
+norms on CPU autocast (a torch function mode outside the step's own), and the script counts the aten
+ops one step of ``benchmarks/train_step.py``'s LoRA rows ``sdadapt`` and ``sdadapt-halfnorms`` (r16 on
+attention, bf16 autocast, cached latents) dispatch, without and with the option — each op about one
+kernel on a GPU — and the largest absolute difference of the LoRA gradients between the two.
+
+    python benchmarks/norm_casts.py [--config tiny|sd15]      # tiny: seconds; sd15 (512 px): ~2 min
+
+Writes ``benchmarks/results/norm_casts-<config>.json``. The GPU time it saves is measured by
+``train_step.py``'s ``-halfnorms`` rows (``benchmarks/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step
+
+from sdadapt.training.norm_precision import NORM_FUNCTIONS
+
+__all__ = ["CudaNormPolicy", "OpCounter", "count_step_ops", "main"]
+
+
+class CudaNormPolicy(TorchFunctionMode):
+    """CUDA autocast's rule for GroupNorm and LayerNorm on CPU autocast: while CPU autocast is on,
+    every floating-point tensor argument of those calls is cast to float32 and the call runs with
+    autocast off (a float32 output). Enter it outside the code under test."""
+
+    def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in NORM_FUNCTIONS and torch.is_autocast_enabled("cpu"):
+            up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            with torch.autocast("cpu", enabled=False):
+                return func(*up, **{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                                    for k, v in kwargs.items()})
+        return func(*args, **kwargs)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is on, by name (``counts["_to_copy"]``: the casts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Args:
+    compile_backend = "inductor"
+
+
+def count_step_ops(config: str, *, half_precision_norms: bool) -> tuple[Counter[str], list[torch.Tensor]]:
+    """The aten ops of the second step of the benchmark's LoRA row (under :class:`CudaNormPolicy`)
+    and the LoRA gradients of that step."""
+    spec = train_step.CONFIGS[config]
+    models = train_step.Models(spec, 0)
+    batch = train_step.make_batch(spec, 1, torch.device("cpu"), 0)
+    variant = "sdadapt-halfnorms" if half_precision_norms else "sdadapt"
+    step, *_ = train_step.build_ours("lora", variant, models, torch.device("cpu"), torch.bfloat16, batch, _Args())
+    grads: list[torch.Tensor] = []
+
+    def keep_grads(optimizer, *_):
+        grads[:] = [p.grad.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+
+    with CudaNormPolicy():
+        step()
+        counter = OpCounter()
+        hook = register_optimizer_step_pre_hook(keep_grads)  # (the optimiser the row made)
+        try:
+            with counter:
+                step()
+        finally:
+            hook.remove()
+    return counter.counts, grads
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    off, grads_off = count_step_ops(args.config, half_precision_norms=False)
+    on, grads_on = count_step_ops(args.config, half_precision_norms=True)
+    diff = max(float((a - b).abs().max()) for a, b in zip(grads_off, grads_on))
+    scale = max(float(a.abs().max()) for a in grads_off)
+    names = sorted(set(off) | set(on), key=lambda n: off[n] - on[n], reverse=True)
+    rows = [(name, off[name], on[name]) for name in names if off[name] != on[name]]
+    lines = [f"LoRA step, {args.config} config, bf16 autocast with CUDA's float32 norms (emulated on CPU)", "",
+             "| aten op | float32 norms | half_precision_norms |", "|---|---:|---:|"]
+    lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
+    lines += [f"| **all ops** | **{sum(off.values())}** | **{sum(on.values())}** |", "",
+              f"LoRA gradients: largest |difference| {diff:.3g} (largest |gradient| {scale:.3g})"]
+    print("\n".join(lines))
+    out = args.out or train_step.RESULTS / f"norm_casts-{args.config}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": args.config, "ops_float32_norms": dict(off),
+                               "ops_half_precision_norms": dict(on),
+                               "grad_max_abs_diff": diff, "grad_max_abs": scale}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

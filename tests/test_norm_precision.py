@@ -1,0 +1,268 @@
+"""``StepConfig(half_precision_norms=True)``: GroupNorm/LayerNorm in autocast's dtype (training.norm_precision).
+
+CPU autocast already leaves the norms in bfloat16, so CUDA autocast's float32 rule for them is put on
+CPU autocast by ``benchmarks/norm_casts.py``'s ``CudaNormPolicy`` (entered outside the code under
+test); the numbers are checked against float64 references written here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sdadapt
+from sdadapt.targets import by_type
+from sdadapt.toy import ToyUNet
+from sdadapt.training.norm_precision import half_precision_norms
+from sdadapt.training.step import StepConfig, TrainState, train_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from norm_casts import CudaNormPolicy, OpCounter
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _reference(kind: str, x: torch.Tensor, weight, bias, arg, eps: float) -> torch.Tensor:
+    """The norm in float64 (affine in float64 from the weights the half path reads: cast to x's dtype)."""
+    x64 = x.double()
+    if kind == "group":
+        b, c = x.shape[:2]
+        g = x64.reshape(b, arg, -1)
+        y = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + eps)
+        y = y.reshape(x.shape)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+    else:
+        dims = tuple(range(-len(arg), 0))
+        y = (x64 - x64.mean(dims, keepdim=True)) / torch.sqrt(x64.var(dims, unbiased=False, keepdim=True) + eps)
+        shape = tuple(arg)
+    if weight is not None:
+        y = y * weight.to(x.dtype).double().reshape(shape)
+    if bias is not None:
+        y = y + bias.to(x.dtype).double().reshape(shape)
+    return y
+
+
+def _call(kind: str, x, weight, bias, arg, eps, *, as_keywords: bool = False):
+    func = F.group_norm if kind == "group" else F.layer_norm
+    if as_keywords:
+        return func(x, arg, weight=weight, bias=bias, eps=eps)
+    return func(x, arg, weight, bias, eps)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["group", "layer"]), dtype=st.sampled_from(HALF), batch=st.integers(1, 3),
+       groups=st.integers(1, 4), per_group=st.integers(1, 4), spatial=st.integers(1, 5),
+       affine=st.sampled_from(["none", "float32", "half"]), as_keywords=st.booleans(), seed=st.integers(0, 2**16))
+def test_norms_run_in_the_half_dtype_with_float32_statistics(kind, dtype, batch, groups, per_group, spatial, affine,
+                                                             as_keywords, seed):
+    """Under the mode the output is the input's half dtype where CUDA's rule gives float32, equals the
+    float64 norm rounded once (within one half-precision step of it), and is bit for bit the same call
+    made without autocast on half-precision weights."""
+    g = torch.Generator().manual_seed(seed)
+    channels = groups * per_group
+    x = (torch.randn(batch, channels, spatial, spatial + 1, generator=g) * 3 + 1).to(dtype)
+    arg = groups if kind == "group" else [spatial + 1]
+    width = channels if kind == "group" else spatial + 1
+    weight = bias = None
+    if affine != "none":
+        wdtype = torch.float32 if affine == "float32" else dtype
+        weight = (torch.rand(width, generator=g) + 0.5).to(wdtype)
+        bias = torch.randn(width, generator=g).to(wdtype)
+    with CudaNormPolicy(), torch.autocast("cpu", dtype=dtype):
+        upcast = _call(kind, x, weight, bias, arg, 1e-5, as_keywords=as_keywords)
+        with half_precision_norms(True, "cpu"):
+            out = _call(kind, x, weight, bias, arg, 1e-5, as_keywords=as_keywords)
+    assert upcast.dtype == torch.float32  # (the stand-in policy is on)
+    assert out.dtype == dtype and out.shape == x.shape
+    cast = None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype)
+    torch.testing.assert_close(out, _call(kind, x, *cast, arg, 1e-5), rtol=0, atol=0)
+    ref = _reference(kind, x, weight, bias, arg, 1e-5)
+    step = torch.finfo(dtype).eps * ref.abs().clamp_min(1.0)  # one rounding of the output + float32 statistics
+    assert ((out.double() - ref).abs() <= 2 * step).all()
+
+
+def test_gradients_reach_float32_weights_and_the_input():
+    """A trained float32 norm weight gets a float32 gradient through the cast; input and weight
+    gradients match float64 autograd of the same norm within half-precision rounding."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 8, 4, 4) * 2).bfloat16().requires_grad_(True)
+    norm = nn.GroupNorm(4, 8)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.normal_(norm.bias)
+    upstream = torch.randn(2, 8, 4, 4)
+    with CudaNormPolicy(), torch.autocast("cpu", dtype=torch.bfloat16), half_precision_norms(True, "cpu"):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    (y.float() * upstream).sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = norm.weight.detach().bfloat16().double().requires_grad_(True)
+    b64 = norm.bias.detach().bfloat16().double().requires_grad_(True)
+    (F.group_norm(x64, 4, w64, b64, norm.eps) * upstream.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=2e-2 * float(x64.grad.abs().max()))
+    torch.testing.assert_close(norm.weight.grad.double(), w64.grad, rtol=2e-2, atol=2e-2 * float(w64.grad.abs().max()))
+    torch.testing.assert_close(norm.bias.grad.double(), b64.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_calls_it_does_not_own_are_left_alone():
+    """Outside autocast, on an input of another dtype than autocast's, on another device type, with
+    ``enabled=False``, and for every other function the calls are what they are without the mode."""
+    torch.manual_seed(0)
+    x32 = torch.randn(2, 8, 3, 3)
+    w = torch.rand(8) + 0.5
+    xb = x32.bfloat16()
+    with CudaNormPolicy():
+        with half_precision_norms(True, "cpu"):
+            assert F.group_norm(xb, 2, w.bfloat16()).dtype == torch.bfloat16  # autocast off: plain call
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = F.group_norm(x32, 2, w)
+            with half_precision_norms(True, "cpu"):
+                same = F.group_norm(x32, 2, w)  # float32 input: not autocast's dtype
+                other_device = half_precision_norms(True, "cuda")
+            with other_device:
+                upcast = F.group_norm(xb, 2, w)
+            with half_precision_norms(False, "cpu"):
+                off = F.group_norm(xb, 2, w)
+            with half_precision_norms(True, "cpu"):
+                silu = F.silu(xb)
+    torch.testing.assert_close(same, plain, rtol=0, atol=0)
+    assert upcast.dtype == off.dtype == torch.float32
+    assert silu.dtype == torch.bfloat16
+
+
+def test_torch_level_norm_functions_are_covered():
+    """``torch.layer_norm``/``torch.group_norm`` called directly (not through ``F``) are run in half too."""
+    x = torch.randn(2, 6, 5).bfloat16()
+    w = torch.rand(5) + 0.5
+    with CudaNormPolicy(), torch.autocast("cpu", dtype=torch.bfloat16), half_precision_norms(True, "cpu"):
+        a = torch.layer_norm(x, [5], w, None, 1e-5)
+        b = torch.group_norm(x, 3, None, None, 1e-5)
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(a, F.layer_norm(x, [5], w.bfloat16()), rtol=0, atol=0)
+
+
+def _lora_toy_step(norms: str):
+    """Loss, LoRA gradients and aten op counts of the second of two LoRA steps on the toy UNet under
+    CUDA's norm rule: ``norms`` "float32" (bf16 autocast, CUDA's float32 norms), "half"
+    (``half_precision_norms``) or "reference" (everything float32, no autocast, from the same bf16
+    weights and data). LoRA factors in float32 over the base, as the benchmark's row."""
+    dtype = torch.float32 if norms == "reference" else torch.bfloat16
+    torch.manual_seed(0)
+    unet = ToyUNet().bfloat16().to(dtype)
+    handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
+    params = list(handle.parameters())
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.SGD(params, lr=1e-2)
+    grads = []
+    opt.register_step_pre_hook(lambda *_: grads.__setitem__(slice(None), [torch.zeros_like(p) if p.grad is None
+                                                                          else p.grad.clone() for p in params]))
+    g = torch.Generator().manual_seed(1)
+    batch = {"latents": torch.randn(2, 12, 8, 8, generator=g).bfloat16().to(dtype),
+             "cond": torch.randn(2, 7, 64, generator=g).bfloat16().to(dtype)}
+    config = StepConfig(mixed_precision=None if norms == "reference" else "bf16", half_precision_norms=norms == "half")
+    ac = torch.linspace(0.999, 0.01, 1000)
+    state = TrainState(seed=3)
+    counter = OpCounter()
+    with CudaNormPolicy():
+        train_step(unet, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)
+        with counter:
+            out = train_step(unet, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)
+    return float(out["loss"]), torch.cat([g.flatten() for g in grads]), counter.counts
+
+
+def test_the_step_drops_the_norm_casts_and_keeps_its_numbers():
+    """A bf16 LoRA step on the toy UNet under CUDA's norm rule: the option leaves only the step's own
+    casts (every norm's up and down casts, forward and backward, go), and its loss and LoRA gradients
+    are no farther from an all-float32 step's than those of the step with float32 norms (both ~1.8 %)."""
+    loss32, grads32, ops32 = _lora_toy_step("float32")
+    loss16, grads16, ops16 = _lora_toy_step("half")
+    loss, grads, _ = _lora_toy_step("reference")
+    norms = sum(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in ToyUNet().modules())
+    assert ops32["_to_copy"] - ops16["_to_copy"] >= 3 * norms  # input up, output down, their backward at least
+    assert ops16["_to_copy"] <= 12
+    assert float(grads.norm()) > 0
+    error32, error16 = (float((g - grads).norm() / grads.norm()) for g in (grads32, grads16))
+    assert error16 <= 1.25 * error32 + 1e-3, (error16, error32)
+    assert abs(loss16 - loss) <= 1.25 * abs(loss32 - loss) + 1e-4 * loss
+
+
+def test_step_config_needs_mixed_precision():
+    with pytest.raises(ValueError, match="half_precision_norms.*mixed_precision"):
+        StepConfig(half_precision_norms=True)
+    assert StepConfig(mixed_precision="fp16", half_precision_norms=True).half_precision_norms
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_upcasts_norms_and_the_mode_keeps_them_half():
+    """The premise on a real GPU: CUDA autocast runs GroupNorm/LayerNorm in float32 (what the CPU tests
+    emulate); under the mode they return bfloat16, bit for bit the call without autocast on bf16
+    weights, and a bf16 LoRA step of the toy UNet dispatches its norms' casts no more."""
+    x = torch.randn(2, 8, 4, 4, device="cuda").bfloat16()
+    w = torch.rand(8, device="cuda") + 0.5
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert F.group_norm(x, 4, w).dtype == F.layer_norm(x, [4], None).dtype == torch.float32
+        with half_precision_norms(True, "cuda"):
+            out = F.group_norm(x, 4, w)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.group_norm(x, 4, w.bfloat16()), rtol=0, atol=0)
+
+    def casts(half: bool) -> int:
+        torch.manual_seed(0)
+        unet = ToyUNet().cuda().bfloat16()
+        handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
+        params = list(handle.parameters())
+        opt = torch.optim.SGD(params, lr=1e-2)
+        batch = {"latents": torch.randn(2, 12, 8, 8, device="cuda").bfloat16(),
+                 "cond": torch.randn(2, 7, 64, device="cuda").bfloat16()}
+        config = StepConfig(mixed_precision="bf16", half_precision_norms=half)
+        counter = OpCounter()
+        with counter:
+            train_step(unet, batch, params=params, optimizer=opt, state=TrainState(seed=0, device="cuda"),
+                       config=config, alphas_cumprod=torch.linspace(0.999, 0.01, 1000, device="cuda"))
+        return counter.counts["_to_copy"]
+
+    norms = sum(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in ToyUNet().modules())
+    assert casts(False) - casts(True) >= 3 * norms
+
+
+def test_train_half_precision_norms_reaches_the_step(tmp_path, monkeypatch):
+    """``train --half-precision-norms`` (TOML ``half_precision_norms``) runs every step under the mode
+    with the run's device; without ``--mixed-precision`` bf16/fp16 it is refused before training."""
+    from train_inputs import read_train_toml
+
+    from sdadapt.cli import main
+    from sdadapt.images import write_png
+    from sdadapt.jobs import TrainOptions
+    from sdadapt.training import step as step_module
+
+    options, _, notes = read_train_toml(tmp_path / "train.toml", "half_precision_norms = true\n")
+    assert options == {"half_precision_norms": True} and not notes
+    with pytest.raises(ValueError, match="--half-precision-norms.*--mixed-precision bf16 or fp16"):
+        TrainOptions(images=str(tmp_path), half_precision_norms=True)
+    seen = []
+
+    def spy(enabled, device_type):
+        seen.append((enabled, device_type))
+        return half_precision_norms(enabled, device_type)
+
+    monkeypatch.setattr(step_module, "half_precision_norms", spy)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    write_png(images / "a.png", torch.zeros(3, 32, 32))
+    (images / "a.txt").write_text("a red circle")
+    args = ["train", "lora", "--images", str(images), "--model", "toy", "--steps", "2", "--batch-size", "1",
+            "--no-prior",
+            "--mixed-precision", "bf16"]
+    assert main([*args, "--half-precision-norms", "-o", str(tmp_path / "h.safetensors")]) == 0
+    assert seen and set(seen) == {(True, "cpu")}
+    seen.clear()
+    assert main([*args, "-o", str(tmp_path / "p.safetensors")]) == 0
+    assert seen and set(seen) == {(False, "cpu")}
