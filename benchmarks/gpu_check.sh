@@ -134,8 +134,8 @@ if [[ "$GOALS" == 1 ]]; then
     # --goals (~5 minutes on an H200, the diffusers install included): the LoRA goal rows against peft's
     # UNet step, the captured step without channels_last at batch 8, the full fine-tune goal rows, then
     # the CUDA tests of the paths they take (last: the measurements first)
-    bench goals_lora 150 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms \
-        --profile $LORA_PROFILE
+    bench goals_lora 190 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms \
+        sdadapt-captured-qkv-halfnorms --profile $LORA_PROFILE
     bench goals_nchw 75 --modes lora --batch $LARGE --variants sdadapt-captured-nchw sdadapt-captured-nchw-halfnorms --no-flops
     bench goals_full 120 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured \
         sdadapt-fast-captured-halfnorms --profile $FULL_PROFILE
@@ -172,7 +172,7 @@ step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addo
 # the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step); the captured
 # step without channels_last and with the q/k/v down-projections batched (batch_shared_input_adapters)
 bench lora_more 150 --modes lora --batch 1 $LARGE --variants reference sdadapt sdadapt-halfnorms sdadapt-captured-nchw \
-    sdadapt-captured-nchw-halfnorms sdadapt-captured-qkv --no-flops
+    sdadapt-captured-nchw-halfnorms sdadapt-captured-qkv sdadapt-captured-qkv-halfnorms --no-flops
 # which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~40 s
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"

@@ -18,7 +18,10 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     the same without channels_last (does NHWC help on this GPU?), ``sdadapt-captured-qkv``: the same with
     ``sdadapt.batch_shared_input_adapters`` (the q/k/v LoRAs of each attention input share one
     down-projection matmul) — both captured, where the device time they change is what the step
-    takes (an eager step is bound by the host). ``sdadapt-compiled``:
+    takes (an eager step is bound by the host). A ``-halfnorms`` suffix (``sdadapt-halfnorms``,
+    ``sdadapt-captured-halfnorms``, ``-nchw-halfnorms``, ``-qkv-halfnorms``, ``sdadapt-fast-captured-halfnorms``):
+    that row with ``StepConfig(half_precision_norms=True)`` (GroupNorm/LayerNorm in bf16 instead of CUDA
+    autocast's float32). ``sdadapt-compiled``:
     ``torch.compile`` of the injected UNet (``--compile-backend``); ``sdadapt-compiled-captured``: both
     (the compiled kernels replayed inside the step's CUDA graph). Full fine-tune:
     ``sdadapt-lean`` — bf16 weights with stochastic rounding, bf16 gradients, int8 AdamW states updated
@@ -254,7 +257,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     capture = "-captured" in variant
     if mode == "lora":
         handle = sdadapt.inject(unet, sdadapt.targets.UNET_ATTENTION, sdadapt.LoRAConfig(rank=16, alpha=16, init="gaussian"))
-        if variant == "sdadapt-captured-qkv":  # one down-projection matmul per attention input for the q/k/v LoRAs
+        if "-qkv" in variant:  # one down-projection matmul per attention input for the q/k/v LoRAs
             sdadapt.batch_shared_input_adapters(handle)
         params = list(handle.parameters())
         if capture and cuda:  # (CPU optimisers are not capturable: CapturedStep runs eagerly there)
@@ -330,7 +333,8 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
 VARIANTS = {
     "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-captured", "sdadapt-captured-nchw", "sdadapt-captured-qkv", "sdadapt-compiled",
-             "sdadapt-compiled-captured", "sdadapt-halfnorms", "sdadapt-captured-halfnorms", "sdadapt-captured-nchw-halfnorms"),
+             "sdadapt-compiled-captured", "sdadapt-halfnorms", "sdadapt-captured-halfnorms", "sdadapt-captured-nchw-halfnorms",
+             "sdadapt-captured-qkv-halfnorms"),
     "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
              "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms"),
     "ti": ("reference", "sdadapt"),

@@ -147,7 +147,8 @@ def test_the_goals_mode_runs_the_goal_rows_and_their_tests():
         named |= {(mode, v) for mode in parsed.modes for v in train_step.variants_of(mode, parsed, torch.device("cuda"))}
     assert {("lora", "peft-unet"), ("lora", "sdadapt-captured"), ("lora", "sdadapt-captured-nchw"), ("full", "reference"),
             ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"), ("lora", "sdadapt-captured-halfnorms"),
-            ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms")} == named
+            ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms"),
+            ("lora", "sdadapt-captured-qkv-halfnorms")} == named
     tests = re.search(r'step "cuda tests \(goal paths\)" \d+ (.*)', text).group(1).split()
     files = [t for t in tests if t.startswith("tests/")]
     assert len(files) >= 5 and all((ROOT / f).is_file() for f in files)
@@ -308,7 +309,8 @@ def captured_steps(monkeypatch):
                                            ("lora", "sdadapt-captured-qkv"), ("lora", "sdadapt-compiled-captured"),
                                            ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"),
                                            ("full", "sdadapt-small-captured"), ("lora", "sdadapt-captured-halfnorms"),
-                                           ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms")])
+                                           ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms"),
+                                           ("lora", "sdadapt-captured-qkv-halfnorms")])
 def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, captured_steps, mode, variant):
     """The GPU branch of benchmarks/train_step.py (capturable torch / sdadapt AdamW with a tensor LR,
     channels_last, the strict CapturedStep; the lean row's checkpointed transformer blocks, int8

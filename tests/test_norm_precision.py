@@ -266,3 +266,34 @@ def test_train_half_precision_norms_reaches_the_step(tmp_path, monkeypatch):
     seen.clear()
     assert main([*args, "-o", str(tmp_path / "p.safetensors")]) == 0
     assert seen and set(seen) == {(False, "cpu")}
+
+
+def test_a_compiled_model_traces_the_mode_without_graph_breaks():
+    """``torch.compile`` of the injected toy UNet inside a half-precision-norm step (CUDA's norm rule
+    emulated as well): dynamo traces both modes in one graph and the compiled step's losses equal
+    the eager step's with the option."""
+    from torch._dynamo.utils import counters
+
+    def losses(compiled: bool) -> list[float]:
+        torch.manual_seed(0)
+        unet = ToyUNet().bfloat16()
+        handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
+        params = list(handle.parameters())
+        opt = torch.optim.SGD(params, lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        batch = {"latents": torch.randn(2, 12, 8, 8, generator=g).bfloat16(),
+                 "cond": torch.randn(2, 7, 64, generator=g).bfloat16()}
+        model = torch.compile(unet, backend="aot_eager") if compiled else unet
+        config = StepConfig(mixed_precision="bf16", half_precision_norms=True)
+        state, ac = TrainState(seed=3), torch.linspace(0.999, 0.01, 1000)
+        with CudaNormPolicy():
+            return [float(train_step(model, batch, params=params, optimizer=opt, state=state, config=config,
+                                     alphas_cumprod=ac)["loss"]) for _ in range(2)]
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert losses(True) == losses(False)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
