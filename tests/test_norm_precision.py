@@ -297,3 +297,76 @@ def test_a_compiled_model_traces_the_mode_without_graph_breaks():
         assert not counters["graph_break"], dict(counters["graph_break"])
     finally:
         torch._dynamo.reset()
+
+
+def _float_base_step(*, checkpoint: str = "none", compiled: bool = False, half: bool = True, captured: bool = False):
+    """LoRA gradients of one bf16 step on the float32 toy UNet (CPU autocast: the mode casts the norms'
+    float32 weights to bf16, so a recompute without it differs in its saved tensors' dtypes).
+    ``checkpoint``: "none", "sdadapt" (``enable_checkpointing``) or "own" (the model calls
+    ``torch.utils.checkpoint`` itself, as diffusers' ``enable_gradient_checkpointing()`` does)."""
+    from sdadapt.training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
+    from sdadapt.training.step_capture import CapturedStep
+
+    torch.manual_seed(0)
+    unet = ToyUNet()
+    handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
+    if checkpoint == "sdadapt":
+        enable_checkpointing(unet, UNET_BLOCKS)
+    unet.train()
+    params = list(handle.parameters())
+    opt = torch.optim.SGD(params, lr=1e-2)
+    grads = []
+    opt.register_step_pre_hook(lambda *_: grads.extend(torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                                       for p in params))
+    g = torch.Generator().manual_seed(1)
+    batch = {"latents": torch.randn(2, 12, 8, 8, generator=g), "cond": torch.randn(2, 7, 64, generator=g)}
+    config = StepConfig(mixed_precision="bf16", half_precision_norms=half)
+    ac = torch.linspace(0.999, 0.01, 1000)
+    model = unet
+    if checkpoint == "own":
+        def model(x, t, c):
+            return torch.utils.checkpoint.checkpoint(unet, x, t, c, use_reentrant=False)
+    if compiled:
+        model = torch.compile(model, backend="aot_eager")
+    state = TrainState(seed=3)
+    if captured:
+        CapturedStep(model, params=params, optimizer=opt, config=config, alphas_cumprod=ac)(batch, state=state)
+    else:
+        train_step(model, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)
+    return torch.cat([x.flatten() for x in grads])
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_checkpointed_blocks_recompute_under_the_half_precision_norms(captured):
+    """``enable_checkpointing``'s recompute runs inside backward, where no torch function mode is
+    active: it re-enters the step's mode, so the recompute matches the forward (torch would refuse
+    it otherwise) and the gradients are bit for bit those of the step without checkpointing."""
+    plain = _float_base_step()
+    torch.testing.assert_close(_float_base_step(checkpoint="sdadapt", captured=captured), plain, rtol=0, atol=0)
+    assert not torch.equal(_float_base_step(half=False), plain)  # (the mode changes something here)
+
+
+def test_a_models_own_checkpointing_gets_an_error_that_says_what_to_do():
+    """A model checkpointing through its own code recomputes outside the mode: torch's metadata
+    error becomes one naming the cause and the fix; without the option the same model trains."""
+    with pytest.raises(RuntimeError, match="half_precision_norms.*enable_checkpointing"):
+        _float_base_step(checkpoint="own")
+    torch.testing.assert_close(_float_base_step(checkpoint="own", half=False), _float_base_step(half=False),
+                               rtol=0, atol=0)
+
+
+def test_compiled_checkpointed_blocks_train_with_the_option():
+    """Under ``torch.compile`` the checkpointed blocks are recomputed from the traced graph (no context
+    function: torch.compile refuses one that is not a dispatch mode); the step runs without a graph
+    break and within bf16 rounding of the eager step's gradients."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = _float_base_step(checkpoint="sdadapt", compiled=True)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    plain = _float_base_step()
+    assert float((compiled - plain).norm()) <= 3e-2 * float(plain.norm())

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch.utils.checkpoint
 from torch import nn
 
 from ..adapters.base import graph_capturing
 from ..targets import Target, by_regex, select_outermost
+from . import norm_precision
 
 __all__ = ["UNET_BLOCKS", "CheckpointHandle", "blocks_by_activation_memory", "enable_checkpointing"]
 
@@ -52,14 +54,23 @@ def _checkpointed_class(cls: type) -> type:
 
         def __call__(self, *args, **kwargs):  # noqa: N807
             if self.training and torch.is_grad_enabled():
+                # the step's half-precision norms re-entered for the recompute (no torch function mode is active
+                # inside backward); none active, or compiling (the traced graph is what recomputes): torch's default
+                recompute_in_half = not torch.compiler.is_compiling() and norm_precision.recompute_active()
+                context = {"context_fn": _recompute_contexts} if recompute_in_half else {}
                 return torch.utils.checkpoint.checkpoint(
-                    super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not graph_capturing(), **kwargs
+                    super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not graph_capturing(),
+                    **context, **kwargs
                 )
             return super(sub, self).__call__(*args, **kwargs)
 
         sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_sdadapt_base_class": cls})
         _SUBCLASSES[cls] = sub
     return sub
+
+
+def _recompute_contexts() -> tuple[AbstractContextManager[object], AbstractContextManager[object]]:
+    return nullcontext(), norm_precision.recompute_context()
 
 
 def _outermost(model: nn.Module, targets: Target | str | Iterable[str]) -> dict[str, nn.Module]:

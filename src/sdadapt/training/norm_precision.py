@@ -16,12 +16,20 @@ autocast off and the affine weights in the input's dtype when the input already 
 Nothing is patched and nothing of the model changes; outside the context autocast is as before. A
 mode sees every torch call on the host, so an eager step pays a little Python time for it; a
 :class:`~sdadapt.training.step_capture.CapturedStep` pays it once, at capture.
+
+Gradient checkpointing recomputes a block inside backward, where no torch function mode is active:
+:func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` re-enters the mode for its
+recomputes (:func:`recompute_context`, its ``context_fn``), so they match the forward. A model that
+checkpoints through its own code (diffusers' ``enable_gradient_checkpointing()``) recomputes its norms
+in float32 and torch refuses the mismatch; :func:`explain_recompute_errors` turns that error into one
+that says what to do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -31,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..adapters.base import autocast_dtype
 
-__all__ = ["NORM_FUNCTIONS", "half_precision_norms"]
+__all__ = ["NORM_FUNCTIONS", "explain_recompute_errors", "half_precision_norms", "recompute_active", "recompute_context"]
 
 #: the calls the mode runs in half precision (``nn.GroupNorm``/``nn.LayerNorm`` reach the first two);
 #: for all four the input is argument 0, the weight argument 2 and the bias argument 3
@@ -49,10 +57,56 @@ def half_precision_norms(enabled: bool, device_type: str) -> AbstractContextMana
     return _HalfPrecisionNorms(device_type) if enabled else nullcontext()
 
 
+def recompute_context() -> AbstractContextManager[object]:
+    """The context a checkpointed block started now should recompute under: the half-precision norms
+    of the innermost active :func:`half_precision_norms` (a new mode for the same device type), or a
+    no-op context when none is active."""
+    active = getattr(_ACTIVE, "device_types", None)
+    return _HalfPrecisionNorms(active[-1]) if active else nullcontext()
+
+
+def recompute_active() -> bool:
+    """Whether a :func:`half_precision_norms` mode is active on this thread."""
+    return bool(getattr(_ACTIVE, "device_types", None))
+
+
+@contextmanager
+def explain_recompute_errors(enabled: bool) -> Iterator[None]:
+    """Around a backward pass: with ``enabled`` (``StepConfig.half_precision_norms``), torch's
+    "recomputed values ... have different metadata" checkpoint error becomes a ``RuntimeError`` that
+    names the cause and the fix."""
+    try:
+        yield
+    except torch.utils.checkpoint.CheckpointError as error:
+        if not enabled:
+            raise
+        raise RuntimeError(
+            "half_precision_norms: a gradient-checkpointed block recomputed its GroupNorm/LayerNorm in float32 "
+            "(its recompute ran outside the step's half-precision norms: the model checkpoints through its own code, "
+            "e.g. diffusers' enable_gradient_checkpointing()). Checkpoint with "
+            "sdadapt.training.grad_checkpointing.enable_checkpointing instead (FitConfig.gradient_checkpointing, "
+            "train --gradient-checkpointing), which recomputes under them, or turn half_precision_norms off"
+        ) from error
+
+
+_ACTIVE = threading.local()  # .device_types: the device types of the modes entered on this thread, innermost last
+
+
 class _HalfPrecisionNorms(TorchFunctionMode):
     def __init__(self, device_type: str) -> None:
         super().__init__()
         self.device_type = device_type
+
+    def __enter__(self):
+        entered = super().__enter__()
+        if not hasattr(_ACTIVE, "device_types"):
+            _ACTIVE.device_types = []
+        _ACTIVE.device_types.append(self.device_type)
+        return entered
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.device_types.pop()
+        super().__exit__(*exc)
 
     def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:

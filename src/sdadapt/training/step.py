@@ -31,7 +31,7 @@ from ..formats.files import atomic_write, read_safetensors, staged_outputs, writ
 from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .half_weights import found_inf, loss_scaler
-from .norm_precision import half_precision_norms
+from .norm_precision import explain_recompute_errors, half_precision_norms
 from .optim import FusedBackward, restore_capturable_mode
 
 if TYPE_CHECKING:
@@ -483,7 +483,8 @@ def train_step(
     if config.mixed_precision == "fp16" and state.scaler is None:
         state.scaler = loss_scaler(params, loss.device.type)  # (fp16 weights: a scaler that unscales fp16 gradients)
     scaled = loss / config.accumulation_steps
-    (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+    with explain_recompute_errors(config.half_precision_norms):
+        (state.scaler.scale(scaled) if state.scaler else scaled).backward()
     state.micro_step += 1
 
     grad_norm: Tensor | None = None
