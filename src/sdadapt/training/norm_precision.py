@@ -73,12 +73,13 @@ def recompute_active() -> bool:
 @contextmanager
 def explain_recompute_errors(enabled: bool) -> Iterator[None]:
     """Around a backward pass: with ``enabled`` (``StepConfig.half_precision_norms``), torch's
-    "recomputed values ... have different metadata" checkpoint error becomes a ``RuntimeError`` that
-    names the cause and the fix."""
+    "recomputed values ... have different metadata" checkpoint error about float32 against half-precision
+    tensors becomes a ``RuntimeError`` that names the cause and the fix (any other error passes as is)."""
     try:
         yield
     except torch.utils.checkpoint.CheckpointError as error:
-        if not enabled:
+        text = str(error)
+        if not (enabled and "torch.float32" in text and ("torch.bfloat16" in text or "torch.float16" in text)):
             raise
         raise RuntimeError(
             "half_precision_norms: a gradient-checkpointed block recomputed its GroupNorm/LayerNorm in float32 "
