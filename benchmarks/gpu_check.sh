@@ -9,7 +9,8 @@
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580).
 # `bash benchmarks/gpu_check.sh --goals`: only issue 16's goal rows and the CUDA tests of their paths
 # (~5 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
-# compiled+captured LoRA row at batch 8 alone, with 420 s for inductor's cold compile.
+# compiled+captured LoRA rows at batch 8 alone (regional first, then the whole UNet), with 420 s for
+# inductor's cold compiles.
 # Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 530):
 # optional rows are skipped, and say so, when too little time is left. Files written (at most 8):
 #   gpu_check.log   every command's output, the pytest results included
@@ -147,9 +148,11 @@ if [[ "$GOALS" == 1 ]]; then
 fi
 if [[ "$COMPILED" == 1 ]]; then
     # --compiled (~6-8 minutes on an H200): the UNet compiled by inductor inside the CUDA graph at batch 8,
-    # the batch-8 goal's path, beside the captured eager step; one compile from a cold cache (the whole
-    # script's 170 s did not cover it on the second H200 run), so this step has most of the budget
-    bench compiled_only 420 --modes lora --batch $LARGE --variants peft-unet sdadapt-captured-nchw sdadapt-compiled-captured --no-flops
+    # the batch-8 goal's path, beside the captured eager step: block by block first (regional: blocks of one
+    # shape share a graph, a shorter cold compile), then whole; each compile from a cold cache (the whole
+    # script's 170 s did not cover the whole UNet's on the second H200 run), so this step has most of the budget
+    bench compiled_only 420 --modes lora --batch $LARGE --variants peft-unet sdadapt-captured-nchw sdadapt-regional-captured \
+        sdadapt-compiled-captured --no-flops
     log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
     cat "$SUMMARY"
     exit 0
@@ -162,7 +165,7 @@ fi
 bench lora 210 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms --profile $LORA_PROFILE
 # torch.compile of the injected UNet, alone and inside the CUDA graph (compiles fwd+bwd: the path to the
 # batch-8 goal the first run had no time for; the second compile mostly hits inductor's cache)
-bench compiled 170 --modes lora --batch $LARGE --variants sdadapt-compiled sdadapt-compiled-captured --no-flops
+bench compiled 170 --modes lora --batch $LARGE --variants sdadapt-regional-captured sdadapt-compiled sdadapt-compiled-captured --no-flops
 # full fine-tune at batch 1: fp32 recipe, lean (int8 foreach), lean-fused (int8 in backward), fast (bf16),
 # lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True), small (lean captured, every
 # block recomputed)

@@ -139,6 +139,7 @@ def test_the_goals_mode_runs_the_goal_rows_and_their_tests():
     compiled = re.search(r"^\s+bench compiled_only (\d+) (.*)$", text, re.MULTILINE)  # (--compiled: one row, a long limit)
     parsed = train_step.parse_args(["--device", "cuda", "--config", "sd15"] + compiled.group(2).replace("$LARGE", "8").split())
     assert "sdadapt-compiled-captured" in parsed.variants and int(compiled.group(1)) >= 400 and parsed.batch == [8]
+    assert "sdadapt-regional-captured" in parsed.variants
     values = _branches()[1][1]
     named = set()
     for _, words in lines:
@@ -310,7 +311,7 @@ def captured_steps(monkeypatch):
                                            ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"),
                                            ("full", "sdadapt-small-captured"), ("lora", "sdadapt-captured-halfnorms"),
                                            ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms"),
-                                           ("lora", "sdadapt-captured-qkv-halfnorms")])
+                                           ("lora", "sdadapt-captured-qkv-halfnorms"), ("lora", "sdadapt-regional-captured")])
 def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, captured_steps, mode, variant):
     """The GPU branch of benchmarks/train_step.py (capturable torch / sdadapt AdamW with a tensor LR,
     channels_last, the strict CapturedStep; the lean row's checkpointed transformer blocks, int8
