@@ -370,3 +370,14 @@ def test_compiled_checkpointed_blocks_train_with_the_option():
         torch._dynamo.reset()
     plain = _float_base_step()
     assert float((compiled - plain).norm()) <= 3e-2 * float(plain.norm())
+
+
+def test_docs_example_runs():
+    """docs/training.md's half-precision norms example: a bf16 LoRA step with the option, and a norm
+    under the mode in bf16."""
+    from docs_pages import code_blocks, run_block
+
+    index = next(i for i, block in enumerate(code_blocks("training.md", "python")) if "half_precision_norms" in block)
+    namespace = run_block("training.md", index)
+    assert namespace["y"].dtype == torch.bfloat16 and namespace["config"].half_precision_norms
+    assert torch.isfinite(namespace["metrics"]["loss"])
