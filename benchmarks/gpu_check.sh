@@ -133,11 +133,11 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
 }
 if [[ "$GOALS" == 1 ]]; then
     # --goals (~5 minutes on an H200, the diffusers install included): the LoRA goal rows against peft's
-    # UNet step, the captured step without channels_last at batch 8, the full fine-tune goal rows, then
+    # UNet step, the captured step without channels_last at batch 1 and 8, the full fine-tune goal rows, then
     # the CUDA tests of the paths they take (last: the measurements first)
     bench goals_lora 190 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms \
         sdadapt-captured-qkv-halfnorms --profile $LORA_PROFILE
-    bench goals_nchw 75 --modes lora --batch $LARGE --variants sdadapt-captured-nchw sdadapt-captured-nchw-halfnorms --no-flops
+    bench goals_nchw 95 --modes lora --batch 1 $LARGE --variants sdadapt-captured-nchw sdadapt-captured-nchw-halfnorms --no-flops
     bench goals_full 120 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured \
         sdadapt-fast-captured-halfnorms --profile $FULL_PROFILE
     step "cuda tests (goal paths)" 80 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda tests/test_weight_casts.py \
