@@ -458,7 +458,58 @@ def profile_steps(step, device, steps: int) -> dict:
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return {"steps": steps, "wall_ms_per_step": wall / steps * 1e3,
             "device_busy_fraction": None if busy_us is None else busy_us / 1e6 / wall,
-            "table": averages.table(sort_by=sort, row_limit=15, max_name_column_width=60)}
+            "table": averages.table(sort_by=sort, row_limit=15, max_name_column_width=60),
+            "kernel_families": kernel_families(averages, steps)}
+
+
+# what a kernel does, from its full name (the profiler's table cuts names at 60 characters, and most
+# of ATen's elementwise kernels then read alike): the first pattern found names the family
+KERNEL_FAMILIES = (
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("matmul/conv", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "conv", "implicit_gemm", "sm90_", "sm80_")),
+    ("norm weight gradients", ("GammaBetaBackward",)),  # (group and layer norm name theirs alike)
+    ("group norm", ("group_norm", "groupnorm", "GroupNorm", "RowwiseMoments", "ComputeFusedParams")),
+    ("layer norm", ("layer_norm", "LayerNorm")),
+    ("optimizer (multi-tensor)", ("multi_tensor_apply", "foreach", "fused_adam")),
+    ("copy/cast", ("copy_kernel",)),  # (direct_copy_kernel_cuda does both; the path tells: unrolled = a cast)
+    ("silu", ("silu",)), ("gelu", ("gelu",)),
+    ("add", ("AddFunctor", "add_kernel", "CUDAFunctor_add")), ("mul", ("MulFunctor", "mul_kernel")),
+    ("div", ("DivFunctor", "div_true", "div_kernel")),
+    ("reduction", ("reduce_kernel", "Reduce")),
+    ("fill", ("FillFunctor", "fill_kernel")),
+)
+
+
+def kernel_family(name: str) -> str:
+    """``"<family> (<path>)"`` of a CUDA kernel's full name: the family from :data:`KERNEL_FAMILIES`
+    (``"other"`` if none), the path for ATen's elementwise kernels — ``contiguous`` (vectorized),
+    ``unrolled`` (contiguous, no vector loads: operands of another dtype, e.g. a cast, or misaligned),
+    ``strided`` (the generic ``elementwise_kernel<...>``: non-contiguous or broadcast operands, e.g. a
+    layout change)."""
+    family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+    if "vectorized_elementwise_kernel" in name:
+        return f"{family} (contiguous)"
+    if "unrolled_elementwise_kernel" in name:
+        return f"{family} (unrolled)"
+    if "elementwise_kernel<" in name:
+        return f"{family} (strided)"
+    return family
+
+
+def kernel_families(averages, steps: int) -> list[dict]:
+    """Device kernels of a profile grouped by :func:`kernel_family`: ``[{"family", "calls", "ms"}]``
+    per step, the largest first (empty without device events)."""
+    from torch.autograd import DeviceType
+
+    groups: dict[str, list[float]] = {}
+    for event in averages:
+        if event.device_type == DeviceType.CPU or not event.self_device_time_total:
+            continue
+        calls_us = groups.setdefault(kernel_family(event.key), [0.0, 0.0])
+        calls_us[0] += event.count
+        calls_us[1] += event.self_device_time_total
+    rows = [{"family": f, "calls": calls / steps, "ms": us / steps / 1e3} for f, (calls, us) in groups.items()]
+    return sorted(rows, key=lambda row: -row["ms"])
 
 
 def kernel_time_us(averages) -> float:
@@ -661,6 +712,9 @@ def markdown_table(result: dict) -> str:
             lines += ["", f"### profile: {r['mode']} batch {r['batch']} {r['variant']} — {prof['wall_ms_per_step']:.1f} ms/step "
                       f"under the profiler" + ("" if busy is None else f", device busy {100 * busy:.0f} % of the wall time"),
                       "", "```", prof["table"].rstrip(), "```"]
+            if prof.get("kernel_families"):
+                lines += ["", "| kernel family (per step) | calls | ms |", "|---|---:|---:|"]
+                lines += [f"| {k['family']} | {k['calls']:.0f} | {k['ms']:.2f} |" for k in prof["kernel_families"]]
     return "\n".join(lines)
 
 

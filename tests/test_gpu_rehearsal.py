@@ -410,3 +410,30 @@ def test_the_benchmarks_cuda_measurement_runs_on_emulated_cuda(emulated_cuda, tm
     assert all(r["reserved_mem_mib"] == 0 == r["left_mem_mib"] for r in rows)
     assert "| steady peak (MiB) | built (MiB) | peak reserved (MiB) |" in table.read_text()
     assert "| lora | 1 | sdadapt-captured |" in table.read_text()
+
+
+def test_profile_kernel_families_name_what_the_truncated_table_hides():
+    """The benchmark's profile groups CUDA kernels by what their full names say (the table cuts them at
+    60 characters, where ATen's elementwise kernels read alike): family and elementwise path, per step."""
+    from types import SimpleNamespace
+
+    import train_step
+    from torch.autograd import DeviceType
+
+    copy = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+            "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::"
+            "{lambda(c10::BFloat16)#1}>")
+    cast = ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+            "::{lambda()#3}::operator()() const::{lambda(float)#1}, std::array<char*, 2ul>, 4>")
+    silu = "void at::native::vectorized_elementwise_kernel<8, at::native::(anonymous namespace)::silu_kernel(...)>"
+    attention = "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0"
+    events = [SimpleNamespace(key=copy, device_type=DeviceType.CUDA, self_device_time_total=20_000.0, count=552),
+              SimpleNamespace(key=cast, device_type=DeviceType.CUDA, self_device_time_total=6_000.0, count=1000),
+              SimpleNamespace(key=silu, device_type=DeviceType.CUDA, self_device_time_total=1_000.0, count=200),
+              SimpleNamespace(key=attention, device_type=DeviceType.CUDA, self_device_time_total=16_000.0, count=20),
+              SimpleNamespace(key="aten::copy_", device_type=DeviceType.CPU, self_device_time_total=26_000.0, count=9)]
+    rows = {row["family"]: row for row in train_step.kernel_families(events, steps=2)}
+    assert list(rows) == ["copy/cast (strided)", "attention", "copy/cast (unrolled)", "silu (contiguous)"]
+    assert rows["copy/cast (strided)"] == {"family": "copy/cast (strided)", "calls": 276, "ms": 10.0}
+    assert rows["attention"]["calls"] == 10 and rows["silu (contiguous)"]["ms"] == 0.5
+    assert train_step.kernel_family("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT") == "matmul/conv"
