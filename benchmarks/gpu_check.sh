@@ -138,8 +138,8 @@ if [[ "$GOALS" == 1 ]]; then
     bench goals_lora 190 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms \
         sdadapt-captured-qkv-halfnorms --profile $LORA_PROFILE
     bench goals_nchw 95 --modes lora --batch 1 $LARGE --variants sdadapt-captured-nchw sdadapt-captured-nchw-halfnorms --no-flops
-    bench goals_full 120 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured \
-        sdadapt-fast-captured-halfnorms --profile $FULL_PROFILE
+    bench goals_full 140 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured \
+        sdadapt-fast-captured-halfnorms sdadapt-lean-captured-halfnorms --profile $FULL_PROFILE
     step "cuda tests (goal paths)" 80 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda tests/test_weight_casts.py \
         tests/test_norm_precision.py tests/test_max_norm.py tests/test_fp8_base.py tests/test_train.py tests/test_lean_finetune.py tests/test_fit_cuda_graph.py
     log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
@@ -170,7 +170,8 @@ bench compiled 170 --modes lora --batch $LARGE --variants sdadapt-regional-captu
 # lean and fast captured whole in a CUDA graph (sdadapt AdamW capturable=True), small (lean captured, every
 # block recomputed)
 bench full 170 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-lean-fused sdadapt-fast \
-    sdadapt-lean-captured sdadapt-fast-captured sdadapt-small-captured sdadapt-fast-captured-halfnorms --profile $FULL_PROFILE
+    sdadapt-lean-captured sdadapt-fast-captured sdadapt-small-captured sdadapt-fast-captured-halfnorms \
+    sdadapt-lean-captured-halfnorms --profile $FULL_PROFILE
 step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
 # the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step); the captured
 # step without channels_last and with the q/k/v down-projections batched (batch_shared_input_adapters)

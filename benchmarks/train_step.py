@@ -19,7 +19,8 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     ``sdadapt.batch_shared_input_adapters`` (the q/k/v LoRAs of each attention input share one
     down-projection matmul) — both captured, where the device time they change is what the step
     takes (an eager step is bound by the host). A ``-halfnorms`` suffix (``sdadapt-halfnorms``,
-    ``sdadapt-captured-halfnorms``, ``-nchw-halfnorms``, ``-qkv-halfnorms``, ``sdadapt-fast-captured-halfnorms``):
+    ``sdadapt-captured-halfnorms``, ``-nchw-halfnorms``, ``-qkv-halfnorms``, ``sdadapt-fast-captured-halfnorms``,
+    ``sdadapt-lean-captured-halfnorms`` — its checkpointed blocks recomputed under the option):
     that row with ``StepConfig(half_precision_norms=True)`` (GroupNorm/LayerNorm in bf16 instead of CUDA
     autocast's float32). ``sdadapt-compiled``:
     ``torch.compile`` of the injected UNet (``--compile-backend``); ``sdadapt-compiled-captured``: both
@@ -239,7 +240,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
     cuda = device.type == "cuda"
     lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
-                       "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms")
+                       "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms", "sdadapt-lean-captured-halfnorms")
     weight_dtype = torch.bfloat16 if lean else (mp_dtype or torch.float32)
     unet, vae, tes = models.copy(device, weight_dtype)
     channels_last = cuda and not variant.startswith("sdadapt-captured-nchw")  # is NHWC worth it on this GPU?
@@ -288,7 +289,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
             optimizer = fuse_optimizer_into_backward(params, lambda ps: AdamW(ps, lr=1e-5, state_dtype="int8", foreach=True),
                                                      groups=parameter_groups_by_module(unet, params=params))
             max_norm = None
-        elif variant in ("sdadapt-lean", "sdadapt-lean-captured"):  # bf16 grads, int8 states in multi-tensor steps, attention recomputed
+        elif variant in ("sdadapt-lean", "sdadapt-lean-captured", "sdadapt-lean-captured-halfnorms"):  # bf16 grads, int8 states in multi-tensor steps, attention recomputed
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock))
             optimizer = AdamW(params, state_dtype="int8", foreach=True, **lr)
         elif variant == "sdadapt-small-captured":  # lean captured, every block recomputed: fewer activations beside the grads
@@ -357,7 +358,7 @@ VARIANTS = {
              "sdadapt-regional-captured", "sdadapt-compiled", "sdadapt-compiled-captured", "sdadapt-halfnorms",
              "sdadapt-captured-halfnorms", "sdadapt-captured-nchw-halfnorms", "sdadapt-captured-qkv-halfnorms"),
     "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
-             "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms"),
+             "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms", "sdadapt-lean-captured-halfnorms"),
     "ti": ("reference", "sdadapt"),
 }
 
