@@ -8,7 +8,7 @@
 #
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580).
 # `bash benchmarks/gpu_check.sh --goals`: only issue 16's goal rows and the CUDA tests of their paths
-# (~5 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
+# (~6 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
 # compiled+captured LoRA rows at batch 8 alone (regional first, then the whole UNet), with 420 s for
 # inductor's cold compiles.
 # Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 530):
@@ -132,7 +132,7 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
     fi
 }
 if [[ "$GOALS" == 1 ]]; then
-    # --goals (~5 minutes on an H200, the diffusers install included): the LoRA goal rows against peft's
+    # --goals (~6 minutes on an H200, the diffusers install included): the LoRA goal rows against peft's
     # UNet step, the captured step without channels_last at batch 1 and 8, the full fine-tune goal rows, then
     # the CUDA tests of the paths they take (last: the measurements first)
     bench goals_lora 190 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms \
