@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 
 import torch.utils.checkpoint
 from torch import nn
@@ -56,8 +56,8 @@ def _checkpointed_class(cls: type) -> type:
             if self.training and torch.is_grad_enabled():
                 # the step's half-precision norms re-entered for the recompute (no torch function mode is active
                 # inside backward); none active, or compiling (the traced graph is what recomputes): torch's default
-                recompute_in_half = not torch.compiler.is_compiling() and norm_precision.recompute_active()
-                context = {"context_fn": _recompute_contexts} if recompute_in_half else {}
+                norms = None if torch.compiler.is_compiling() else norm_precision.recompute_context()
+                context = {} if norms is None else {"context_fn": lambda: (nullcontext(), norms)}
                 return torch.utils.checkpoint.checkpoint(
                     super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not graph_capturing(),
                     **context, **kwargs
@@ -67,10 +67,6 @@ def _checkpointed_class(cls: type) -> type:
         sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "_sdadapt_base_class": cls})
         _SUBCLASSES[cls] = sub
     return sub
-
-
-def _recompute_contexts() -> tuple[AbstractContextManager[object], AbstractContextManager[object]]:
-    return nullcontext(), norm_precision.recompute_context()
 
 
 def _outermost(model: nn.Module, targets: Target | str | Iterable[str]) -> dict[str, nn.Module]:

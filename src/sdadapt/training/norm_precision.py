@@ -5,10 +5,10 @@ weight and bias are cast up, the norm writes a float32 result, whatever follows 
 (SiLU in a ResNet block) and every convolution or linear reading it casts it back down — LoRA's
 down-projections too, once per adapted layer. In backward each of those casts has its own. An SD1.5
 LoRA step (61 GroupNorms, 48 LayerNorms) dispatches 841 casts under that rule and 8 without it
-(``benchmarks/norm_casts.py``), and at batch 8 moves the normalised activations as float32. Inside the norm kernels the mean and variance accumulate in
-float32 whatever the input dtype, so running them on the half-precision tensor directly changes one
-thing: the normalised output is rounded to the half dtype as it is written (autocast rounds it at the
-next matmul's input, after the SiLU).
+(``benchmarks/norm_casts.py``), and at batch 8 moves the normalised activations as float32. Inside
+the norm kernels the mean and variance accumulate in float32 whatever the input dtype, so running
+them on the half-precision tensor directly changes one thing: the normalised output is rounded to
+the half dtype as it is written (autocast rounds it at the next matmul's input, after the SiLU).
 
 :func:`half_precision_norms` is the context the training step enters for
 ``StepConfig(half_precision_norms=True)``: a torch function mode that runs each of these calls with
@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..adapters.base import autocast_dtype
 
-__all__ = ["NORM_FUNCTIONS", "explain_recompute_errors", "half_precision_norms", "recompute_active", "recompute_context"]
+__all__ = ["NORM_FUNCTIONS", "explain_recompute_errors", "half_precision_norms", "recompute_context"]
 
 #: the calls the mode runs in half precision (``nn.GroupNorm``/``nn.LayerNorm`` reach the first two);
 #: for all four the input is argument 0, the weight argument 2 and the bias argument 3
@@ -57,17 +57,12 @@ def half_precision_norms(enabled: bool, device_type: str) -> AbstractContextMana
     return _HalfPrecisionNorms(device_type) if enabled else nullcontext()
 
 
-def recompute_context() -> AbstractContextManager[object]:
+def recompute_context() -> AbstractContextManager[object] | None:
     """The context a checkpointed block started now should recompute under: the half-precision norms
-    of the innermost active :func:`half_precision_norms` (a new mode for the same device type), or a
-    no-op context when none is active."""
+    of the innermost :func:`half_precision_norms` active on this thread (a new mode for the same device
+    type, to enter once), or ``None`` when none is active."""
     active = getattr(_ACTIVE, "device_types", None)
-    return _HalfPrecisionNorms(active[-1]) if active else nullcontext()
-
-
-def recompute_active() -> bool:
-    """Whether a :func:`half_precision_norms` mode is active on this thread."""
-    return bool(getattr(_ACTIVE, "device_types", None))
+    return _HalfPrecisionNorms(active[-1]) if active else None
 
 
 @contextmanager
