@@ -239,8 +239,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     from sdadapt.training.step import StepConfig, TrainState, train_step
 
     cuda = device.type == "cuda"
-    lean = variant in ("sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
-                       "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms", "sdadapt-lean-captured-halfnorms")
+    lean = variant.startswith(("sdadapt-lean", "sdadapt-fast", "sdadapt-small"))  # the bf16-weight full fine-tunes
     weight_dtype = torch.bfloat16 if lean else (mp_dtype or torch.float32)
     unet, vae, tes = models.copy(device, weight_dtype)
     channels_last = cuda and not variant.startswith("sdadapt-captured-nchw")  # is NHWC worth it on this GPU?
@@ -289,13 +288,13 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
             optimizer = fuse_optimizer_into_backward(params, lambda ps: AdamW(ps, lr=1e-5, state_dtype="int8", foreach=True),
                                                      groups=parameter_groups_by_module(unet, params=params))
             max_norm = None
-        elif variant in ("sdadapt-lean", "sdadapt-lean-captured", "sdadapt-lean-captured-halfnorms"):  # bf16 grads, int8 states in multi-tensor steps, attention recomputed
+        elif variant.startswith("sdadapt-lean"):  # bf16 grads, int8 states in multi-tensor steps, attention recomputed
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock))
             optimizer = AdamW(params, state_dtype="int8", foreach=True, **lr)
         elif variant == "sdadapt-small-captured":  # lean captured, every block recomputed: fewer activations beside the grads
             enable_checkpointing(unet, sdadapt.targets.by_type(BasicTransformerBlock, ResnetBlock2D))
             optimizer = AdamW(params, state_dtype="int8", foreach=True, **lr)
-        elif variant in ("sdadapt-fast", "sdadapt-fast-captured", "sdadapt-fast-captured-halfnorms"):  # bf16 weights, float32 moments, multi-tensor AdamW,
+        elif variant.startswith("sdadapt-fast"):  # bf16 weights, float32 moments, multi-tensor AdamW,
             # nothing recomputed (bf16 moments cost two more stochastic roundings of every element: the H200's
             # fast-captured step spent ~80 of its 118 ms in the optimiser with them)
             optimizer = AdamW(params, state_dtype=torch.float32, foreach=True, **lr)
