@@ -565,19 +565,25 @@ def measure(mode, variants, models, device, mp_dtype, batch, args,
         before = torch.cuda.memory_allocated(device)
         step, *keep = _build(k, mode, models, device, mp_dtype, batch, args)
         built = torch.cuda.memory_allocated(device)
-        for _ in range(args.warmup):
-            step()
-        peak = 0
-        for i in range(args.steps):
-            if i == args.steps // 2:  # the second half's peak: the steady state (a captured step is replaying)
-                peak = torch.cuda.max_memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
+        # the peaks of each warm-up call, of the first timed one (a captured row's capture: CapturedStep's 3 eager
+        # warm-up steps end with the benchmark's 3) and of the timed ones up to the second half — where a peak above
+        # the steady one is made
+        peak, calls = torch.cuda.max_memory_allocated(device), []
+        for i in range(args.warmup + args.steps):
+            if i <= args.warmup + 1 or i == args.warmup + args.steps // 2:
+                if i:
+                    calls.append(torch.cuda.max_memory_allocated(device) / 2**20)
+                    peak = max(peak, torch.cuda.max_memory_allocated(device))
+                torch.cuda.reset_peak_memory_stats(device)  # (from the second half on: the steady state)
+            if i < args.warmup:
+                step()
+                continue
             loss, dt = timed(step)
             times[k].append(dt)
         check(loss, k)
         steady = torch.cuda.max_memory_allocated(device)
         out[k] = {"ms": statistics.median(times[k]) * 1e3, "mem": max(peak, steady) / 2**20,
-                  "steady_mem": steady / 2**20, "built_mem": built / 2**20,
+                  "steady_mem": steady / 2**20, "built_mem": built / 2**20, "call_peaks_mem": calls,
                   # what the process holds from the driver (a graph's private pool included, which `allocated`
                   # counts only while a tensor lives in it), peak since _fresh emptied the cache
                   "reserved_mem": torch.cuda.max_memory_reserved(device) / 2**20}
@@ -671,6 +677,7 @@ def run(args, on_rows=lambda result: None) -> dict:
                     mode=mode, batch=b, variant=kind, ms_per_step=m["ms"], images_per_s=b / m["ms"] * 1e3,
                     peak_mem_mib=m["mem"], steady_mem_mib=m.get("steady_mem"), built_mem_mib=m.get("built_mem"),
                     reserved_mem_mib=m.get("reserved_mem"), left_mem_mib=m.get("left_mem"),
+                    call_peaks_mib=m.get("call_peaks_mem"),
                     flops_per_step=flops, tflops=tflops,
                     peak_fraction=tflops / peak if peak else None,
                     **({"profile": m["profile"]} if "profile" in m else {}),

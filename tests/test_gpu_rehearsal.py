@@ -438,3 +438,31 @@ def test_profile_kernel_families_name_what_the_truncated_table_hides():
     assert rows["copy/cast (strided)"] == {"family": "copy/cast (strided)", "calls": 276, "ms": 10.0}
     assert rows["attention"]["calls"] == 10 and rows["silu (contiguous)"]["ms"] == 0.5
     assert train_step.kernel_family("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT") == "matmul/conv"
+
+
+def test_the_benchmarks_cuda_rows_say_which_call_made_their_peak(emulated_cuda, monkeypatch):
+    """A CUDA row's ``call_peaks_mem``: each warm-up call's peak, the first timed call's (a captured
+    row's capture) and the timed calls' up to the second half, whose own peak is the steady one; the
+    row's peak is the largest of all. (Calls with made-up peaks, read through a stand-in allocator.)"""
+    import argparse
+
+    import train_step
+
+    mib = 2**20
+    made = [50, 60, 70, 500, 80, 90, 75, 75, 74, 73, 72, 71, 70]  # MiB: 3 warm-up calls, the capture, 4 + 5 more
+    allocator = {"peak": 0.0, "calls": 0}
+
+    def step():
+        allocator["peak"] = max(allocator["peak"], made[allocator["calls"]] * mib)
+        allocator["calls"] += 1
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: allocator["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: allocator.update(peak=0.0))
+    monkeypatch.setattr(train_step, "_build", lambda *a, **k: (step,))
+    args = argparse.Namespace(warmup=3, steps=10, profile=0)
+    out = train_step.measure("lora", ("sdadapt-captured",), None, torch.device("cuda"), torch.bfloat16, None, args)
+    row = out["sdadapt-captured"]
+    assert allocator["calls"] == 13
+    assert row["call_peaks_mem"] == [50, 60, 70, 500, 90]  # (timed calls 2-5: 80, 90, 75, 75)
+    assert row["steady_mem"] == 74 and row["mem"] == 500  # (the second half: timed calls 6-10)
