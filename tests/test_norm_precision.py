@@ -148,6 +148,13 @@ def test_torch_level_norm_functions_are_covered():
     torch.testing.assert_close(a, F.layer_norm(x, [5], w.bfloat16()), rtol=0, atol=0)
 
 
+def _toy_batch(dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The toy UNet's seeded training batch: latents (2, 12, 8, 8) and text states (2, 7, 64)."""
+    g = torch.Generator().manual_seed(1)
+    return {"latents": torch.randn(2, 12, 8, 8, generator=g).to(device, dtype),
+            "cond": torch.randn(2, 7, 64, generator=g).to(device, dtype)}
+
+
 def _lora_toy_step(norms: str):
     """Loss, LoRA gradients and aten op counts of the second of two LoRA steps on the toy UNet under
     CUDA's norm rule: ``norms`` "float32" (bf16 autocast, CUDA's float32 norms), "half"
@@ -164,9 +171,7 @@ def _lora_toy_step(norms: str):
     grads = []
     opt.register_step_pre_hook(lambda *_: grads.__setitem__(slice(None), [torch.zeros_like(p) if p.grad is None
                                                                           else p.grad.clone() for p in params]))
-    g = torch.Generator().manual_seed(1)
-    batch = {"latents": torch.randn(2, 12, 8, 8, generator=g).bfloat16().to(dtype),
-             "cond": torch.randn(2, 7, 64, generator=g).bfloat16().to(dtype)}
+    batch = {key: value.to(dtype) for key, value in _toy_batch(torch.bfloat16).items()}  # (the reference: same values)
     config = StepConfig(mixed_precision=None if norms == "reference" else "bf16", half_precision_norms=norms == "half")
     ac = torch.linspace(0.999, 0.01, 1000)
     state = TrainState(seed=3)
@@ -220,8 +225,7 @@ def test_cuda_autocast_upcasts_norms_and_the_mode_keeps_them_half():
         handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
         params = list(handle.parameters())
         opt = torch.optim.SGD(params, lr=1e-2)
-        batch = {"latents": torch.randn(2, 12, 8, 8, device="cuda").bfloat16(),
-                 "cond": torch.randn(2, 7, 64, device="cuda").bfloat16()}
+        batch = _toy_batch(torch.bfloat16, "cuda")
         config = StepConfig(mixed_precision="bf16", half_precision_norms=half)
         counter = OpCounter()
         with counter:
@@ -280,9 +284,7 @@ def test_a_compiled_model_traces_the_mode_without_graph_breaks():
         handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
         params = list(handle.parameters())
         opt = torch.optim.SGD(params, lr=1e-2)
-        g = torch.Generator().manual_seed(1)
-        batch = {"latents": torch.randn(2, 12, 8, 8, generator=g).bfloat16(),
-                 "cond": torch.randn(2, 7, 64, generator=g).bfloat16()}
+        batch = _toy_batch(torch.bfloat16)
         model = torch.compile(unet, backend="aot_eager") if compiled else unet
         config = StepConfig(mixed_precision="bf16", half_precision_norms=True)
         state, ac = TrainState(seed=3), torch.linspace(0.999, 0.01, 1000)
@@ -318,8 +320,7 @@ def _float_base_step(*, checkpoint: str = "none", compiled: bool = False, half: 
     grads = []
     opt.register_step_pre_hook(lambda *_: grads.extend(torch.zeros_like(p) if p.grad is None else p.grad.clone()
                                                        for p in params))
-    g = torch.Generator().manual_seed(1)
-    batch = {"latents": torch.randn(2, 12, 8, 8, generator=g), "cond": torch.randn(2, 7, 64, generator=g)}
+    batch = _toy_batch(torch.float32)
     config = StepConfig(mixed_precision="bf16", half_precision_norms=half)
     ac = torch.linspace(0.999, 0.01, 1000)
     model = unet
@@ -408,9 +409,7 @@ def test_cuda_graph_half_precision_norm_steps_match_eager_steps(device, checkpoi
             p.data = p.data.float()
         lr = torch.tensor(1e-3, device=device) if cuda else 1e-3
         opt = torch.optim.AdamW(params, lr=lr, capturable=cuda)
-        g = torch.Generator().manual_seed(1)
-        batch = {"latents": torch.randn(2, 12, 8, 8, generator=g).to(device, torch.bfloat16),
-                 "cond": torch.randn(2, 7, 64, generator=g).to(device, torch.bfloat16)}
+        batch = _toy_batch(torch.bfloat16, device)
         config = StepConfig(mixed_precision="bf16", half_precision_norms=True)
         ac = torch.linspace(0.999, 0.01, 1000, device=device)
         state = TrainState(seed=2, device=device)
