@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGeometry", "AdapterModule", "autocast_casts", "autocast_dtype", "geometry_of", "graph_capturing",
+__all__ = ["LayerGeometry", "AdapterModule", "adapter_input", "autocast_casts", "autocast_dtype", "geometry_of", "graph_capturing",
            "refresh_scale_after_load", "rank_alpha_for", "ConvRankAlpha"]
 
 
@@ -336,9 +336,7 @@ class AdapterModule(nn.Module):
             adapted = shared[0].adapted_output(shared[1], x, output)
             if adapted is not None:
                 return adapted
-        dtype = self.delta_dtype()
-        if x.dtype != dtype and not (self.input_cast_by_autocast and autocast_casts(x)):
-            x = x.to(dtype)
+        x = adapter_input(x, self.delta_dtype(), cast_by_autocast=self.input_cast_by_autocast)
         if self.uses_base_weight:
             # the weight without merged deltas of other adapters (the slot keeps the original)
             slot = module._modules.get("sdadapt")
@@ -351,6 +349,15 @@ class AdapterModule(nn.Module):
     def delta_dtype(self) -> torch.dtype:
         """dtype the adapter computes in (its parameters')."""
         return next(self.parameters()).dtype
+
+
+def adapter_input(x: Tensor, dtype: torch.dtype, *, cast_by_autocast: bool) -> Tensor:
+    """``x`` (..., in) as an adapter computing in ``dtype`` reads it: cast, unless it already has that
+    dtype or (``cast_by_autocast``: the adapter's first op is a linear or convolution) autocast will
+    cast it in that op anyway."""
+    if x.dtype == dtype or (cast_by_autocast and autocast_casts(x)):
+        return x
+    return x.to(dtype)
 
 
 def autocast_casts(x: Tensor) -> bool:

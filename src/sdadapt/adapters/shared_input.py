@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
-from .base import autocast_casts
+from .base import adapter_input
 from .lora import LoRAModule
 from .weight_casts import cast_scaled_weight, cast_weight
 
@@ -195,7 +195,7 @@ class SharedInputGroup:
         dtype, device = downs[0].dtype, downs[0].device
         if any(d.dtype != dtype or d.device != device for d in downs):
             return None
-        x = x if x.dtype == dtype or autocast_casts(x) else x.to(dtype)  # (as the unbatched hook: base.py)
+        x = adapter_input(x, dtype, cast_by_autocast=LoRAModule.input_cast_by_autocast)  # (as the unbatched hook)
         z = F.linear(x, torch.cat([cast_weight(d) for d in downs]))  # (..., Σr) = x downᵢᵀ side by side
         return dict(zip(active, z.split([d.shape[0] for d in downs], dim=-1)))
 
