@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import UNET_CONFIGS
-from optimizer_bench import OpCounter
+from aten_ops import AtenOps
 
 from sdadapt.training.optim import Adafactor
 
@@ -54,7 +54,7 @@ def count(shapes: list[torch.Size], config: dict, *, dtype: torch.dtype, foreach
     if capturable and "lr" in config:  # fit's tensor LR (set after the constructor, which reads its value)
         opt.param_groups[0]["lr"] = torch.tensor(config["lr"], dtype=torch.float64, device="meta")
     opt.step()
-    with OpCounter() as counter:
+    with AtenOps() as counter:
         opt.step()
     return counter.ops, counter.foreach
 

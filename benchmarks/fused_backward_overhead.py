@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench import UNET_CONFIGS, sync
-from optimizer_bench import OpCounter
+from aten_ops import AtenOps
 
 from sdadapt.training.optim import AdamW, fuse_optimizer_into_backward
 from sdadapt.training.param_groups import parameter_groups_by_module
@@ -59,7 +59,7 @@ class _Run:
         params = list(self.unet.parameters())
         self.steps = 0  # optimiser step() calls
         self.opt_seconds = 0.0
-        self.counter: OpCounter | None = None
+        self.counter: AtenOps | None = None
         started = [0.0]
 
         def make(ps: list[torch.Tensor], foreach: bool) -> torch.optim.Optimizer:
@@ -127,7 +127,7 @@ def main() -> None:
             for _ in range(2):
                 run.step(inputs)
             run.steps = 0
-            run.counter = OpCounter()
+            run.counter = AtenOps()
             run.step(inputs)
         counts = {run.mode: (run.steps, run.counter.ops, run.counter.foreach) for run in runs}  # type: ignore[union-attr]
         times: dict[str, list[float]] = {run.mode: [] for run in runs}

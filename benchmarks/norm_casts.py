@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step
+from aten_ops import AtenOps
 
 from sdadapt.training.norm_precision import NORM_FUNCTIONS
 
-__all__ = ["CudaNormPolicy", "OpCounter", "count_step_ops", "main"]
+__all__ = ["CudaNormPolicy", "count_step_ops", "main"]
 
 
 class CudaNormPolicy(TorchFunctionMode):
@@ -51,18 +51,6 @@ class CudaNormPolicy(TorchFunctionMode):
                 return func(*up, **{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                                     for k, v in kwargs.items()})
         return func(*args, **kwargs)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while it is on, by name (``counts["_to_copy"]``: the casts)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _Args:
@@ -84,7 +72,7 @@ def count_step_ops(config: str, *, half_precision_norms: bool) -> tuple[Counter[
 
     with CudaNormPolicy():
         step()
-        counter = OpCounter()
+        counter = AtenOps()
         hook = register_optimizer_step_pre_hook(keep_grads)  # (the optimiser the row made)
         try:
             with counter:

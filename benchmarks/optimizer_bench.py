@@ -1,6 +1,5 @@
 """The harness of the optimiser-step benchmarks (``lion_step.py``, ``prodigy_step.py``, ``dadapt_step.py``,
-``schedule_free_step.py``) and the aten-op counter the optimiser op-count benchmarks share
-(``adafactor_foreach_ops.py``, ``fused_backward_overhead.py``).
+``schedule_free_step.py``).
 
 A step benchmark: a LoRA-shaped parameter set (``--layers`` down/up pairs of ``(rank, width)`` /
 ``(width, rank)`` matrices: SD1.5's 192 LoRA layers at rank 16 by default, widths 320–1280) with
@@ -21,36 +20,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from aten_ops import AtenOps
 
 from sdadapt.training.host_syncs import HostSyncs
 
-__all__ = ["OpCounter", "StepRun", "aten_ops", "host_reads", "lora_parameters", "lora_shapes", "measure_steps",
+__all__ = ["StepRun", "aten_ops", "host_reads", "lora_parameters", "lora_shapes", "measure_steps",
            "parse_step_args", "report", "step_runs", "timed_medians"]
 
 #: an optimiser of the benchmark made for a list of parameters
 Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active that are not views (views launch no kernel):
-    ``ops``, and ``foreach``, the multi-tensor ``_foreach_*`` ones among them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-        self.foreach = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops += 1
-            self.foreach += func.overloadpacket.__name__.startswith("_foreach")
-        return func(*args, **(kwargs or {}))
-
-
 def aten_ops(step: Callable[[], object]) -> int:
     """The non-view aten ops ``step()`` dispatches."""
-    with OpCounter() as counter:
+    with AtenOps() as counter:
         step()
     return counter.ops
 

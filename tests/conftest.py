@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# the benchmarks' modules (train_step, norm_casts, aten_ops: the aten-op counter) import as top-level modules,
+# as they do when a benchmark runs (last on the path: nothing installed is shadowed by their short names)
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # the same for the subprocesses tests start (examples, the CLI, torchrun): on a busy 2-core machine a child
 # with torch's default thread pool ran a tiny example ~10x slower than with one thread (4 min against 22 s)

@@ -16,6 +16,7 @@ import importlib
 
 import pytest
 import torch
+from aten_ops import AtenOps
 from fit_runs import (
     assert_cuda_graph_run_trains_as_eager,
     spy_on_built_optimizers,
@@ -147,24 +148,15 @@ def test_the_multi_tensor_step_splits_into_chunks_as_adamws(monkeypatch):
 def _ops_per_step(params: int, *, foreach: bool, capturable: bool) -> int:
     """Non-view aten ops of one step (after the first) over ``params`` (12, 20) matrices and as many
     (9,) vectors with kohya's relative step and parameter scale, bf16 weights."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += not func.is_view
-            return func(*args, **(kwargs or {}))
-
     shapes = [(12, 20)] * params + [(9,)] * params
     ps = [torch.zeros(s, dtype=torch.bfloat16, requires_grad=True) for s in shapes]
     for p in ps:
         p.grad = torch.ones_like(p)
     opt = Adafactor(ps, relative_step=True, scale_parameter=True, foreach=foreach, capturable=capturable)
     opt.step()
-    with Count():
+    with AtenOps() as ops:
         opt.step()
-    return Count.ops
+    return ops.ops
 
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["eager", "capturable"])

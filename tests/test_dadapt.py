@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from aten_ops import AtenOps
 from fit_runs import assert_cuda_graph_run_trains_as_eager
 from fit_runs import toy_lora_run as _toy_fit
 from hypothesis import given, settings
@@ -523,21 +524,12 @@ def test_a_dadapt_step_reads_nothing_back(case, capturable):
 def test_dadaptation_reads_values_per_tensor_and_step(name, per_tensor):
     """What docs/optim.md says of dadaptation: 2 host reads (``.item()``) per tensor and step, the
     preprint's 3 (counted as the aten op every ``.item()`` is: on a GPU each waits for the queue)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Items(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Items.count += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
-
     params = _params(_weights())
     optimizer = getattr(dadaptation.experimental if name.endswith("Preprint") else dadaptation, name)(params, lr=1.0)
     _run(optimizer, params, _gradients(1))
-    with Items():
+    with AtenOps() as ops:
         _run(optimizer, params, _gradients(1, seed=2))
-    assert Items.count == per_tensor * len(params)
+    assert ops.counts["_local_scalar_dense"] == per_tensor * len(params)
 
 
 # ---------------------------------------------------------------------------- bf16 weights

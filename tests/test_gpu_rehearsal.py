@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 # ------------------------------------------------------------------------------ the script's lists
@@ -350,9 +348,8 @@ def test_the_busy_fraction_counts_each_kernel_once():
     device time: the busy time is the kernels' alone (summing both counted it twice)."""
     from types import SimpleNamespace
 
-    from torch.autograd import DeviceType
-
     import train_step
+    from torch.autograd import DeviceType
 
     events = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=30.0),  # aten::mm, its kernels' time
               SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=20.0),  # the gemm kernel

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aten_ops import AtenOps
 from torch import nn
 
 import sdadapt
@@ -110,21 +111,9 @@ def test_a_second_hook_or_a_merged_adapter_keeps_the_exact_result(kind):
 def _matmuls(model: nn.Module, x: torch.Tensor) -> int:
     """The forward's matmul / convolution calls (a dispatch mode: torch's FlopCounterMode adds global
     module hooks, which would turn the one-hook path off)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    aten = torch.ops.aten
-    matmuls = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default}
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += func in matmuls
-            return func(*args, **(kwargs or {}))
-
-    with Count(), torch.no_grad():
+    with AtenOps() as ops, torch.no_grad():
         model(x)
-    return Count.calls
+    return sum(ops.counts[name] for name in ("mm", "addmm", "bmm", "convolution"))
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

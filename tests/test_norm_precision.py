@@ -7,14 +7,13 @@ test); the numbers are checked against float64 references written here.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from aten_ops import AtenOps
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from norm_casts import CudaNormPolicy
 from torch import nn
 
 import sdadapt
@@ -22,9 +21,6 @@ from sdadapt.targets import by_type
 from sdadapt.toy import ToyUNet
 from sdadapt.training.norm_precision import half_precision_norms
 from sdadapt.training.step import StepConfig, TrainState, train_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from norm_casts import CudaNormPolicy, OpCounter
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -175,7 +171,7 @@ def _lora_toy_step(norms: str):
     config = StepConfig(mixed_precision=None if norms == "reference" else "bf16", half_precision_norms=norms == "half")
     ac = torch.linspace(0.999, 0.01, 1000)
     state = TrainState(seed=3)
-    counter = OpCounter()
+    counter = AtenOps()
     with CudaNormPolicy():
         train_step(unet, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)
         with counter:
@@ -227,7 +223,7 @@ def test_cuda_autocast_upcasts_norms_and_the_mode_keeps_them_half():
         opt = torch.optim.SGD(params, lr=1e-2)
         batch = _toy_batch(torch.bfloat16, "cuda")
         config = StepConfig(mixed_precision="bf16", half_precision_norms=half)
-        counter = OpCounter()
+        counter = AtenOps()
         with counter:
             train_step(unet, batch, params=params, optimizer=opt, state=TrainState(seed=0, device="cuda"),
                        config=config, alphas_cumprod=torch.linspace(0.999, 0.01, 1000, device="cuda"))

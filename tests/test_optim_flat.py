@@ -9,26 +9,13 @@ import io
 
 import pytest
 import torch
+from aten_ops import AtenOps
 from optimizer_states import assert_same_optimizer_state
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdadapt.training import optim
 from sdadapt.training.optim import AdamW
 
 STATE_DTYPES = pytest.mark.parametrize("state_dtype", ["int8", torch.bfloat16, torch.float32], ids=["int8", "bf16", "fp32"])
-
-
-class _OpCounter(TorchDispatchMode):
-    """Aten ops dispatched while active, views left out (on a GPU each other op is about one launch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def _ops_of_one_step(n: int, state_dtype, param_dtype, capturable: bool) -> list[str]:
@@ -44,9 +31,9 @@ def _ops_of_one_step(n: int, state_dtype, param_dtype, capturable: bool) -> list
         opt.step()
     for p in params:
         p.grad = torch.randn(p.shape, generator=g).to(param_dtype)
-    with _OpCounter() as counter:
+    with AtenOps() as counter:
         opt.step()
-    return counter.ops
+    return counter.launched  # (views left out: on a GPU each other op is about one launch)
 
 
 @pytest.mark.parametrize("capturable", [False, True])

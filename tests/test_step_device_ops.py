@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 
 import pytest
 import torch
+from aten_ops import AtenOps
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdadapt.training import diffusion
 from sdadapt.training.step import StepConfig, TrainState, prepare_batch, train_step
 
 _AC = diffusion.alphas_cumprod_of(diffusion.noise_schedule("scaled_linear", num_steps=1000)).float()
-
-
-class OpCounts(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _factors_reference(t: torch.Tensor, config: StepConfig, loss_weight: torch.Tensor | None) -> torch.Tensor:
@@ -74,7 +63,7 @@ def test_loss_weights_are_the_same_product_and_no_ones_are_made_for_nothing(pred
     batch = {"latents": torch.randn(5, 4, 8, 8), "cond": None, "timesteps": torch.tensor([0, 10, 300, 700, 999])}
     if with_weight:
         batch["loss_weight"] = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.25])
-    with OpCounts() as ops:
+    with AtenOps() as ops:
         prepared = prepare_batch(batch, state=TrainState(seed=0), config=config, alphas_cumprod=_AC)
     t = batch["timesteps"]
     want = _factors_reference(t, config, batch.get("loss_weight"))
@@ -100,7 +89,7 @@ def test_grad_norm_is_the_clipped_norm_or_nan_and_made_once(clip, accumulation):
     state = TrainState(seed=0)
     batch = {"latents": torch.randn(2, 4, 8, 8), "cond": None}
     for micro in range(2 * accumulation):
-        with OpCounts() as ops:
+        with AtenOps() as ops:
             metrics = train_step(model, batch, params=params, optimizer=optimizer, state=state, config=config,
                                  alphas_cumprod=_AC)
         stepped = (micro + 1) % accumulation == 0
