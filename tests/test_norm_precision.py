@@ -14,6 +14,7 @@ from aten_ops import AtenOps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from norm_casts import CudaNormPolicy
+from saved_activations import SavedActivations
 from torch import nn
 
 import sdadapt
@@ -152,7 +153,7 @@ def _toy_batch(dtype: torch.dtype, device: str = "cpu") -> dict[str, torch.Tenso
 
 
 def _lora_toy_step(norms: str):
-    """Loss, LoRA gradients and aten op counts of the second of two LoRA steps on the toy UNet under
+    """Loss, LoRA gradients, aten op counts and saved activations of the second of two LoRA steps on the toy UNet under
     CUDA's norm rule: ``norms`` "float32" (bf16 autocast, CUDA's float32 norms), "half"
     (``half_precision_norms``) or "reference" (everything float32, no autocast, from the same bf16
     weights and data). LoRA factors in float32 over the base, as the benchmark's row."""
@@ -171,21 +172,21 @@ def _lora_toy_step(norms: str):
     config = StepConfig(mixed_precision=None if norms == "reference" else "bf16", half_precision_norms=norms == "half")
     ac = torch.linspace(0.999, 0.01, 1000)
     state = TrainState(seed=3)
-    counter = AtenOps()
+    counter, saved = AtenOps(), SavedActivations([*unet.parameters(), *unet.buffers()])
     with CudaNormPolicy():
         train_step(unet, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)
-        with counter:
+        with counter, saved:
             out = train_step(unet, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)
-    return float(out["loss"]), torch.cat([g.flatten() for g in grads]), counter.counts
+    return float(out["loss"]), torch.cat([g.flatten() for g in grads]), counter.counts, saved
 
 
 def test_the_step_drops_the_norm_casts_and_keeps_its_numbers():
     """A bf16 LoRA step on the toy UNet under CUDA's norm rule: the option leaves only the step's own
     casts (every norm's up and down casts, forward and backward, go), and its loss and LoRA gradients
     are no farther from an all-float32 step's than those of the step with float32 norms (both ~1.8 %)."""
-    loss32, grads32, ops32 = _lora_toy_step("float32")
-    loss16, grads16, ops16 = _lora_toy_step("half")
-    loss, grads, _ = _lora_toy_step("reference")
+    loss32, grads32, ops32, _ = _lora_toy_step("float32")
+    loss16, grads16, ops16, _ = _lora_toy_step("half")
+    loss, grads, _, _ = _lora_toy_step("reference")
     norms = sum(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in ToyUNet().modules())
     assert ops32["_to_copy"] - ops16["_to_copy"] >= 3 * norms  # input up, output down, their backward at least
     assert ops16["_to_copy"] <= 12
@@ -193,6 +194,19 @@ def test_the_step_drops_the_norm_casts_and_keeps_its_numbers():
     error32, error16 = (float((g - grads).norm() / grads.norm()) for g in (grads32, grads16))
     assert error16 <= 1.25 * error32 + 1e-3, (error16, error32)
     assert abs(loss16 - loss) <= 1.25 * abs(loss32 - loss) + 1e-4 * loss
+
+
+def test_the_step_saves_its_normalised_activations_in_half_precision():
+    """What the option does to memory: CUDA's float32 norms make the step save float32 activations
+    (each norm's output, read by the SiLU or linear after it, and what their backward needs); with
+    the option those are bf16, so the float32 bytes the step saves nearly vanish and the total falls
+    (SD1.5 at batch 1: 1,048 → 771 MiB, ``benchmarks/saved_activations.py``)."""
+    _, _, _, full = _lora_toy_step("float32")
+    _, _, _, half = _lora_toy_step("half")
+    f32 = "torch.float32"
+    assert full.bytes_by_dtype[f32] > 0.25 * full.total  # the premise: float32 norms save much in float32
+    assert half.bytes_by_dtype[f32] < 0.1 * full.bytes_by_dtype[f32], (half.bytes_by_dtype, full.bytes_by_dtype)
+    assert half.total < full.total - 0.4 * full.bytes_by_dtype[f32]
 
 
 def test_step_config_needs_mixed_precision():
