@@ -1019,6 +1019,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lora = result["lora"]
         print(f"wrote {lora['file']}: rank-{lora['rank']} LoRA of the change, {plural(lora['layers'], 'layer')}, largest relative "
               f"error ‖Δ − LoRA‖/‖Δ‖ = {lora['max_relative_error']:.3g} ({lora['worst_layer']})")
+    if result.get("memory"):  # a CUDA run: the most a step allocated, the most the allocator held
+        memory = result["memory"]
+        print(f"GPU memory: {memory['peak_allocated_mib'] / 1024:.2f} GiB peak allocated, "
+              f"{memory['reserved_mib'] / 1024:.2f} GiB reserved at most (the log: peak_allocated_mib, reserved_mib)")
     print(f"log:  {result['log']}" + (f" (TensorBoard: {result['tensorboard']})" if result["tensorboard"] else ""))
     if result["samples"]:
         print(f"samples: {plural(len(result['samples']), 'image')} in {Path(result['samples'][0]).parent}")

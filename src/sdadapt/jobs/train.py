@@ -1710,10 +1710,11 @@ def run_train(method: str, options: TrainOptions | None = None, *, progress: Pro
 
     Returns:
         ``{"method", "images", "prior_images", "losses", "seconds", "file", "steps", "epochs",
-        "report", "saved", "removed", "samples", "log", "state", "resumed_from", "lora"}`` (``removed``: the
+        "report", "saved", "removed", "samples", "log", "state", "resumed_from", "lora", "memory"}`` (``removed``: the
         periodic saves ``save_last_n_steps`` / ``save_last_n_epochs`` removed; ``lora``: with
         ``extract_lora``, ``{"file", "rank", "layers", "max_relative_error", "worst_layer"}``, the
-        error measured on the file written; else ``None``).
+        error measured on the file written; else ``None``; ``memory``: on a CUDA device the run's largest
+        ``{"peak_allocated_mib", "reserved_mib"}`` readings (:mod:`~sdadapt.training.memory_watch`), else ``None``).
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is false.
@@ -1753,6 +1754,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     from ..sampling import parse_sample_prompts
     from ..training.data import Dataset, encode_buckets, find_images, plan_dataset
     from ..training.pixel_augment import LARGE_PREFIXES, SMALL_PREFIXES, PixelAugment
+    from ..training.memory_watch import MEMORY_COLUMNS, memory_watch
     from ..training.monitor import MAX_NORM_COLUMNS, LossAverage, RunLog, tensorboard_available
     from ..training.validation import VALIDATION_COLUMNS, validation_columns
     from .caption_lines import recorded_caption_assembly, recorded_caption_empties, recorded_caption_lines
@@ -2319,9 +2321,12 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     data_parallel.wait_for_all_ranks("the wait for every process's checks before the first write")
     if main:  # (data parallel: rank 0 writes every file)
         make_output_folder(outputs.final)  # (every check passed: the first write is next; kohya's os.makedirs(output_dir))
+    watch = memory_watch(device) if main else None  # CUDA: each step's peak and the reserved memory, near-full warnings
     run_log = _NoRunLog() if not main else RunLog(outputs.log, tensorboard=outputs.tensorboard if tensorboard else None, append=options.resume is not None,
                      after_step=start, extra={**(MAX_NORM_COLUMNS if options.scale_weight_norms is not None else {}),
-                                              **(VALIDATION_COLUMNS if validation_data is not None else {})} or None)
+                                              **(VALIDATION_COLUMNS if validation_data is not None else {}),
+                                              **(MEMORY_COLUMNS if watch is not None else {})} or None)
+    peak_memory = {"peak_allocated_mib": 0.0, "reserved_mib": 0.0}  # the run's largest readings (CUDA)
     validation_losses: list[tuple[int, float]] = []
     # kohya's loss/average (avr_loss: TensorBoard and the bar); a resumed run's starts empty (LossAverage: kohya's
     # recorder reads low there, by a padded zero)
@@ -2347,7 +2352,15 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         average = average_loss.add(info.batch_losses)
         if progress is not None:  # kohya's bar shows avr_loss, the moving average (train_network.py:1513-1516)
             progress(info.step, info.total, average)
-        run_log.step(info.step, info.epoch, info.loss, info.lr, {**(info.max_norm or {}), **validation,
+        memory: dict[str, float] = {}
+        if watch is not None:
+            reading = watch.read()
+            memory = reading.columns()
+            for key, value in memory.items():
+                peak_memory[key] = max(peak_memory[key], value)
+            for message in watch.warnings(reading):
+                say(f"step {info.step}: {message}")
+        run_log.step(info.step, info.epoch, info.loss, info.lr, {**(info.max_norm or {}), **validation, **memory,
                                                                 "loss/average": average})
         if info.step in planned:
             save_now(info, planned[info.step])
@@ -2416,7 +2429,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             "state": str(outputs.state) if (saved and options.save_state) or options.save_state_on_train_end else None,
             "removed": removed,
             "resumed_from": start if options.resume is not None else None, "lora": lora,
-            "validation_images": len(held_out), "validation_losses": validation_losses}
+            "validation_images": len(held_out), "validation_losses": validation_losses,
+            "memory": peak_memory if watch is not None else None}
 
 
 def _save_after_peer_failure(exc: PeerProcessError, info: FitProgress | None, total: int, outputs: _Outputs,

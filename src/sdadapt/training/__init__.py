@@ -35,6 +35,7 @@
 | :mod:`.data_parallel` | data-parallel training under torchrun / ``accelerate launch``: each rank's slice, averaged gradients |
 | :mod:`.loss_masks` | kohya's masked loss: a per-pixel weight in [0, 1] for each image's loss |
 | :mod:`.monitor` | a CSV log of every step, TensorBoard scalars, kohya's ``loss/average`` |
+| :mod:`.memory_watch` | a CUDA device's memory each step (peak allocated, reserved) and the near-full / sysmem-fallback warning |
 | :mod:`.reg_data` | kohya's regularisation images (``--reg-data-dir``): your own class images as the prior data |
 | :mod:`.class_folder` | diffusers' ``--class_data_dir``: generated class images kept in a folder, topped up, reused |
 """
