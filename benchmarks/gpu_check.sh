@@ -107,7 +107,7 @@ CORE_TESTS=(tests/test_train.py tests/test_fit_cuda_graph.py tests/test_captured
 MORE_TESTS=(tests/test_train_options.py tests/test_optim.py tests/test_host_syncs.py tests/test_optim_split.py
     tests/test_compile_graphs.py tests/test_max_norm.py tests/test_capture_new_inputs.py tests/test_lion.py tests/test_prodigy.py
     tests/test_adafactor_capturable.py tests/test_schedule_free.py tests/test_dadapt.py tests/test_fp8_base.py tests/test_compile_inductor.py
-    tests/test_a1111_noise.py tests/test_optim_flat.py)
+    tests/test_a1111_noise.py tests/test_optim_flat.py tests/test_memory_watch.py)
 [[ "$GOALS" == 1 || "$COMPILED" == 1 ]] || step "cuda tests (capture, step)" 100 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${CORE_TESTS[@]}"
 
 # ------------------------------------------------------------------------------------ benchmarks

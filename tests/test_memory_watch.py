@@ -137,7 +137,7 @@ def test_a_cpu_run_has_no_memory_columns(red_circles, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_the_reading_is_the_allocators():
+def test_on_cuda_the_reading_is_the_allocators():
     watch = MemoryWatch("cuda")
     watch.read()
     x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # 64 MiB
