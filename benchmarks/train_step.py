@@ -712,6 +712,16 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {r['mode']} | {r['batch']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['images_per_s']:.1f} | "
                      f"{_ratio(ref, r)} | {_ratio(peft, r)} | {r['peak_mem_mib']:.0f} | {steady} | {built} | {reserved} | "
                      f"{tflops} | {fraction} |")
+    warmup = result.get("warmup", 0)
+    peaks = [r for r in result["rows"] if r.get("call_peaks_mib")]
+    if peaks:  # which call made a row's peak (a captured row: the capture is the first timed call)
+        header = "| mode | batch | variant | peak of each warm-up call (MiB) | first timed call | later timed calls | steady |"
+        lines += ["", header, "|---|---:|---|---|---:|---|---:|"]
+        for r in peaks:
+            calls = [f"{c:.0f}" for c in r["call_peaks_mib"]]
+            first = calls[warmup] if len(calls) > warmup else ""
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['variant']} | {', '.join(calls[:warmup])} | {first} "
+                         f"| {', '.join(calls[warmup + 1:])} | {r['steady_mem_mib']:.0f} |")
     for r in result["rows"]:
         prof = r.get("profile")
         if prof:

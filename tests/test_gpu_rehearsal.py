@@ -463,3 +463,9 @@ def test_the_benchmarks_cuda_rows_say_which_call_made_their_peak(emulated_cuda, 
     assert allocator["calls"] == 13
     assert row["call_peaks_mem"] == [50, 60, 70, 500, 90]  # (timed calls 2-5: 80, 90, 75, 75)
     assert row["steady_mem"] == 74 and row["mem"] == 500  # (the second half: timed calls 6-10)
+    table_row = {"mode": "lora", "batch": 1, "variant": "sdadapt-captured", "ms_per_step": 1.0, "images_per_s": 1.0,
+                 "peak_mem_mib": 500, "steady_mem_mib": 74, "call_peaks_mib": row["call_peaks_mem"],
+                 "tflops": float("nan")}
+    table = train_step.markdown_table({"config": "sd15", "device_name": "stand-in", "torch": "x", "warmup": 3,
+                                       "mixed_precision": "bf16", "rows": [table_row]})
+    assert "| lora | 1 | sdadapt-captured | 50, 60, 70 | 500 | 90 | 74 |" in table  # (the capture's peak stands out)
