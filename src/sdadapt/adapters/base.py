@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGeometry", "AdapterModule", "adapter_input", "autocast_casts", "autocast_dtype", "geometry_of", "graph_capturing",
-           "refresh_scale_after_load", "rank_alpha_for", "ConvRankAlpha"]
+__all__ = ["LayerGeometry", "AdapterModule", "adapter_input", "autocast_casts", "autocast_dtype", "geometry_of",
+           "graph_capturing", "refresh_scale_after_load", "rank_alpha_for", "ConvRankAlpha"]
 
 
 @dataclass(frozen=True)
