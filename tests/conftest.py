@@ -66,8 +66,8 @@ def fake_cuda_graphs(monkeypatch):
     stream = type("FakeStream", (), {"wait_stream": lambda self, other: None})
     monkeypatch.setattr(step_capture, "capture_problems", lambda *a: [])
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream())
 
@@ -95,7 +95,7 @@ def replaying_cuda_graphs(fake_cuda_graphs, monkeypatch):
     recorded in-place add replays as an add."""
     from sdadapt.training import step_capture
 
-    def record(graph, body):
+    def record(graph, body, stream=None):
         graph.body, graph.outputs = body, body()
         return graph.outputs
 

@@ -95,7 +95,7 @@ def graph_reads(fake_cuda_graphs, monkeypatch) -> _Reads:
     graph = type("RecordingGraph", (_RecordingGraph,), {"reads": reads})
 
     @contextlib.contextmanager
-    def capture(g):
+    def capture(g, stream=None):
         reads.capturing = g
         try:
             yield

@@ -90,3 +90,46 @@ def test_a_dropped_captured_step_frees_the_model_its_gradients_and_the_optimiser
     del model, handle, params, optimizer, step
     gc.collect()
     assert [ref() is None for ref in refs] == [True] * 5
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_every_warm_up_and_capture_runs_on_one_side_stream(fake_cuda_graphs, monkeypatch, accumulation):
+    """One side stream per step, made once: each warm-up runs on it and each graph (every batch layout's,
+    and the update's with accumulation) is captured on it. (A stream per warm-up took torch's pooled
+    streams in turn, and cuBLAS keeps a workspace for each stream it ran on: 32 MiB each on Hopper.)"""
+    import contextlib
+
+    made, entered, captured_on = [], [], []
+
+    class Stream:
+        def __init__(self, device=None) -> None:
+            made.append(self)
+
+        def wait_stream(self, other) -> None:
+            pass
+
+    def stream(s):
+        entered.append(s)
+        return contextlib.nullcontext()
+
+    def graph(g, stream=None):
+        captured_on.append(stream)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    w = nn.Parameter(torch.randn(4, 1, 1, dtype=torch.float64))
+    optimizer = torch.optim.SGD([w], lr=1e-3)
+    step = step_capture.CapturedStep(lambda x, t, cond: x * w, params=[w], optimizer=optimizer,
+                                     config=StepConfig(max_grad_norm=None, accumulation_steps=accumulation),
+                                     alphas_cumprod=torch.linspace(0.99, 0.01, 1000, dtype=torch.float64).cumprod(0),
+                                     warmup_steps=2)
+    state = TrainState(seed=0)
+    latents = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    for size in (2, 2, 2, 3, 3, 3, 2, 3) * accumulation:  # two layouts: 2 warm-ups and a capture each, then replays
+        step({"latents": latents[:size], "cond": 0}, state=state)
+    assert step.graph_count == 2
+    warm_ups = 4 + (2 if accumulation > 1 else 0)  # (the update's own warm-ups with accumulation)
+    assert len(made) == 1 and len(entered) >= warm_ups and all(s is made[0] for s in entered)
+    assert len(captured_on) == 2 + (accumulation > 1) and all(s is made[0] for s in captured_on)

@@ -252,7 +252,7 @@ def emulated_cuda(monkeypatch):
     monkeypatch.setattr(step_capture, "capture_problems",
                         lambda *a: [p for p in real_problems(*a) if "CUDA device" not in p])
 
-    def record(graph, body):
+    def record(graph, body, stream=None):
         """The capture: ``body`` run once, refusing what CUDA refuses while capturing (a generator made,
         a host sync: a read or a blocking copy)."""
         _CAPTURING[0] = True

@@ -148,9 +148,11 @@ def _off_device(prepared: Mapping[str, object], device: torch.device) -> list[st
     return [pytree.keystr(path) for path, leaf in pairs if isinstance(leaf, Tensor) and leaf.device != device]
 
 
-def _record(graph: torch.cuda.CUDAGraph, body: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Capture ``body()`` into ``graph``; returns its outputs (the tensors each replay rewrites)."""
-    with torch.cuda.graph(graph):
+def _record(graph: torch.cuda.CUDAGraph, body: Callable[[], dict[str, Tensor]], *,
+            stream: torch.cuda.Stream | None = None) -> dict[str, Tensor]:
+    """Capture ``body()`` into ``graph`` on ``stream`` (``None``: torch's capture stream); returns its
+    outputs (the tensors each replay rewrites)."""
+    with torch.cuda.graph(graph, stream=stream):
         return body()
 
 
@@ -240,6 +242,7 @@ class CapturedStep:
         self._update = _Graph()  # accumulation_steps > 1: the update's own graph
         self._grads: list[tuple[nn.Parameter, Tensor]] | None = None  # owned from the first capture on
         self._dropped: list[tuple[nn.Parameter, Tensor]] = []  # unreached ones, alive until their capture ends
+        self._stream: torch.cuda.Stream | None = None  # the side stream of every warm-up and capture
         self.calls = 0
 
     @property
@@ -357,9 +360,18 @@ class CapturedStep:
                                "Leave .grad to CapturedStep, or call its reset() after changing them")
 
     # ------------------------------------------------------------------ eager, capture, replay
+    def _side_stream(self) -> torch.cuda.Stream:
+        """This step's one side stream, made at its first warm-up: every warm-up and capture runs on it.
+        (``torch.cuda.Stream()`` hands out torch's 32 pooled streams in turn, and cuBLAS keeps a
+        workspace — 32 MiB on Hopper — for every stream it has run on until the process ends: a new
+        stream per warm-up left ~4 of them per batch layout, up to 32.)"""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.params[0].device)
+        return self._stream
+
     def _on_side_stream(self, run: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-        """An eager warm-up on a side stream (as PyTorch asks before a capture)."""
-        side = torch.cuda.Stream()
+        """An eager warm-up on the side stream (as PyTorch asks before a capture)."""
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = run()
@@ -384,7 +396,7 @@ class CapturedStep:
             return {**out, **self._update_body(state)} if update else out
 
         graph = self._new_graph()
-        entry.outputs = _record(graph, body)
+        entry.outputs = _record(graph, body, stream=self._side_stream())
         entry.graph, self._dropped = graph, []
 
     def _new_graph(self) -> torch.cuda.CUDAGraph:
@@ -422,7 +434,7 @@ class CapturedStep:
             return self._on_side_stream(lambda: self._update_body(state))
         if entry.graph is None:
             graph = self._new_graph()
-            entry.outputs = _record(graph, lambda: self._update_body(state))
+            entry.outputs = _record(graph, lambda: self._update_body(state), stream=self._side_stream())
             entry.graph = graph
         return self._replay(entry)
 
