@@ -149,9 +149,9 @@ def _off_device(prepared: Mapping[str, object], device: torch.device) -> list[st
 
 
 def _record(graph: torch.cuda.CUDAGraph, body: Callable[[], dict[str, Tensor]], *,
-            stream: torch.cuda.Stream | None = None) -> dict[str, Tensor]:
-    """Capture ``body()`` into ``graph`` on ``stream`` (``None``: torch's capture stream); returns its
-    outputs (the tensors each replay rewrites)."""
+            stream: torch.cuda.Stream) -> dict[str, Tensor]:
+    """Capture ``body()`` into ``graph`` on ``stream``; returns its outputs (the tensors each replay
+    rewrites)."""
     with torch.cuda.graph(graph, stream=stream):
         return body()
 
