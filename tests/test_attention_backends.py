@@ -131,6 +131,45 @@ def test_step_under_a_backend_list_trains_like_torchs_choice_and_actually_uses_i
         _toy_step(("efficient",))
 
 
+def _checkpointed_toy_grads(sdpa, *, checkpoint: bool, half: bool = False):
+    """LoRA gradients of one step on the toy UNet under ``StepConfig(sdpa_backends=sdpa)``, its UNet
+    blocks recomputed in backward (``enable_checkpointing``) or not."""
+    import sdadapt
+    from sdadapt.targets import by_type
+    from sdadapt.toy import ToyUNet
+    from sdadapt.training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
+
+    torch.manual_seed(0)
+    unet = ToyUNet()
+    params = list(sdadapt.inject(unet, by_type(torch.nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian")).parameters())
+    if checkpoint:
+        enable_checkpointing(unet, UNET_BLOCKS)
+    unet.train()
+    g = torch.Generator().manual_seed(3)
+    batch = {"latents": torch.randn(2, unet.config["in_channels"], 8, 8, generator=g),
+             "cond": torch.randn(2, 6, unet.config["context_dim"], generator=g)}
+    opt = torch.optim.SGD(params, lr=0.0)
+    grads = []
+    opt.register_step_pre_hook(lambda *_: grads.extend(torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                                       for p in params))
+    config = StepConfig(sdpa_backends=sdpa, mixed_precision="bf16" if half else None, half_precision_norms=half)
+    train_step(unet, batch, params=params, optimizer=opt, state=TrainState(seed=1), config=config,
+               alphas_cumprod=torch.linspace(0.99, 0.01, 100))
+    return torch.cat([grad.flatten() for grad in grads])
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "half-norms"])
+def test_checkpointed_blocks_recompute_under_the_steps_backend_order(half):
+    """A checkpointed block recomputes inside backward, after the step's ``sdpa_backends`` context has
+    ended: ``enable_checkpointing`` re-enters the order (with the half-precision norms when both are on),
+    so a block whose forward ran the math kernel does not recompute with torch's default (flash on a
+    CPU), whose saved tensors have other shapes — torch refused the step before. The gradients are bit
+    for bit the step's without checkpointing."""
+    plain = _checkpointed_toy_grads(("math",), checkpoint=False, half=half)
+    torch.testing.assert_close(_checkpointed_toy_grads(("math",), checkpoint=True, half=half), plain, rtol=0, atol=0)
+    assert not torch.equal(_checkpointed_toy_grads(None, checkpoint=False, half=half), plain)  # (math is not the default)
+
+
 def test_step_config_validates_and_normalises_backends():
     assert StepConfig(sdpa_backends=["flash", "math"]).sdpa_backends == ("flash", "math")
     with pytest.raises(ValueError, match="sdpa_backends"):

@@ -18,6 +18,7 @@ step enters (a priority list: a call the first backend cannot run falls to the n
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +36,7 @@ __all__ = [
     "record_attention_calls",
     "time_sdpa_backends",
     "fastest_sdpa_backends",
+    "recompute_context",
     "sdpa_backends",
 ]
 
@@ -209,9 +211,27 @@ def sdpa_backends(names: Sequence[str] | None) -> AbstractContextManager[None]:
     return _priority(names)
 
 
+def recompute_context() -> AbstractContextManager[None] | None:
+    """The context a checkpointed block started now should recompute under: the innermost
+    :func:`sdpa_backends` order active on this thread (its recompute runs inside backward, after the
+    step's context has ended: under torch's default order a block whose forward ran another kernel
+    recomputes tensors of other shapes, and torch refuses them), or ``None`` when none is active."""
+    active = getattr(_ACTIVE, "orders", None)
+    return _priority(active[-1]) if active else None
+
+
+_ACTIVE = threading.local()  # .orders: the orders of the sdpa_backends contexts entered on this thread, innermost last
+
+
 @contextmanager
 def _priority(names: tuple[str, ...]) -> Iterator[None]:
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel([_backend(name) for name in names], set_priority=True):  # type: ignore[list-item]
-        yield
+    if not hasattr(_ACTIVE, "orders"):
+        _ACTIVE.orders = []
+    _ACTIVE.orders.append(names)
+    try:
+        with sdpa_kernel([_backend(name) for name in names], set_priority=True):  # type: ignore[list-item]
+            yield
+    finally:
+        _ACTIVE.orders.pop()

@@ -20,15 +20,15 @@ SD/SDXL default); a block with active dropout then recomputes with fresh dropout
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
 import torch.utils.checkpoint
 from torch import nn
 
 from ..adapters.base import graph_capturing
 from ..targets import Target, by_regex, select_outermost
-from . import norm_precision
+from . import attention, norm_precision
 
 __all__ = ["UNET_BLOCKS", "CheckpointHandle", "blocks_by_activation_memory", "enable_checkpointing"]
 
@@ -48,16 +48,27 @@ UNET_BLOCKS.description = "UNET_BLOCKS"
 _SUBCLASSES: dict[type, type] = {}
 
 
+@contextmanager
+def _entered(contexts: list[AbstractContextManager[object]]) -> Iterator[None]:
+    """Every one of ``contexts`` entered, in order (a checkpoint's recompute takes one context)."""
+    with ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
+
+
 def _checkpointed_class(cls: type) -> type:
     sub = _SUBCLASSES.get(cls)
     if sub is None:
 
         def __call__(self, *args, **kwargs):  # noqa: N807
             if self.training and torch.is_grad_enabled():
-                # the step's half-precision norms re-entered for the recompute (no torch function mode is active
-                # inside backward); none active, or compiling (the traced graph is what recomputes): torch's default
-                norms = None if torch.compiler.is_compiling() else norm_precision.recompute_context()
-                context = {} if norms is None else {"context_fn": lambda: (nullcontext(), norms)}
+                # the step's half-precision norms and attention-kernel order re-entered for the recompute (it runs
+                # inside backward, after the step's contexts ended); none active, or compiling (the traced graph is
+                # what recomputes): torch's defaults
+                recompute = [] if torch.compiler.is_compiling() else [
+                    c for c in (norm_precision.recompute_context(), attention.recompute_context()) if c is not None]
+                context = {"context_fn": lambda: (nullcontext(), _entered(recompute))} if recompute else {}
                 return torch.utils.checkpoint.checkpoint(
                     super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not graph_capturing(),
                     **context, **kwargs
