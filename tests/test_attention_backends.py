@@ -141,7 +141,8 @@ def _checkpointed_toy_grads(sdpa, *, checkpoint: bool, half: bool = False):
 
     torch.manual_seed(0)
     unet = ToyUNet()
-    params = list(sdadapt.inject(unet, by_type(torch.nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian")).parameters())
+    handle = sdadapt.inject(unet, by_type(torch.nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
+    params = list(handle.parameters())
     if checkpoint:
         enable_checkpointing(unet, UNET_BLOCKS)
     unet.train()
@@ -167,7 +168,8 @@ def test_checkpointed_blocks_recompute_under_the_steps_backend_order(half):
     for bit the step's without checkpointing."""
     plain = _checkpointed_toy_grads(("math",), checkpoint=False, half=half)
     torch.testing.assert_close(_checkpointed_toy_grads(("math",), checkpoint=True, half=half), plain, rtol=0, atol=0)
-    assert not torch.equal(_checkpointed_toy_grads(None, checkpoint=False, half=half), plain)  # (math is not the default)
+    default = _checkpointed_toy_grads(None, checkpoint=False, half=half)
+    assert not torch.equal(default, plain)  # (math is not torch's default here)
 
 
 def test_step_config_validates_and_normalises_backends():
