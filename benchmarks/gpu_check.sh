@@ -137,7 +137,8 @@ if [[ "$GOALS" == 1 ]]; then
     # the CUDA tests of the paths they take (last: the measurements first)
     bench goals_lora 190 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured sdadapt-captured-halfnorms \
         sdadapt-captured-qkv-halfnorms --profile $LORA_PROFILE
-    bench goals_nchw 95 --modes lora --batch 1 $LARGE --variants sdadapt-captured-nchw sdadapt-captured-nchw-halfnorms --no-flops
+    bench goals_nchw 140 --modes lora --batch 1 $LARGE --variants sdadapt-captured-nchw sdadapt-captured-nchw-halfnorms \
+        sdadapt-captured-nchw-percall-halfnorms --no-flops
     bench goals_full 140 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured \
         sdadapt-fast-captured-halfnorms sdadapt-lean-captured-halfnorms --profile $FULL_PROFILE
     step "cuda tests (goal paths)" 80 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda tests/test_weight_casts.py \
@@ -176,7 +177,8 @@ step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addo
 # the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step); the captured
 # step without channels_last and with the q/k/v down-projections batched (batch_shared_input_adapters)
 bench lora_more 150 --modes lora --batch 1 $LARGE --variants reference sdadapt sdadapt-halfnorms sdadapt-captured-nchw \
-    sdadapt-captured-nchw-halfnorms sdadapt-captured-qkv sdadapt-captured-qkv-halfnorms --no-flops
+    sdadapt-captured-nchw-halfnorms sdadapt-captured-qkv sdadapt-captured-qkv-halfnorms \
+    sdadapt-captured-nchw-percall-halfnorms --no-flops
 # which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~40 s
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"

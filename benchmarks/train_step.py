@@ -22,7 +22,9 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     ``sdadapt-captured-halfnorms``, ``-nchw-halfnorms``, ``-qkv-halfnorms``, ``sdadapt-fast-captured-halfnorms``,
     ``sdadapt-lean-captured-halfnorms`` — its checkpointed blocks recomputed under the option):
     that row with ``StepConfig(half_precision_norms=True)`` (GroupNorm/LayerNorm in bf16 instead of CUDA
-    autocast's float32). ``sdadapt-compiled``:
+    autocast's float32). ``sdadapt-captured-nchw-percall-halfnorms``: that row with each kind of attention
+    call on the SDPA kernel measured fastest for it (``StepConfig.sdpa_backends_per_call``; the others
+    run torch's choice). ``sdadapt-compiled``:
     ``torch.compile`` of the injected UNet (``--compile-backend``); ``sdadapt-compiled-captured``: both
     (the compiled kernels replayed inside the step's CUDA graph); ``sdadapt-regional-captured``: each
     transformer and ResNet block compiled on its own (``module.compile()``, blocks of one shape share a
@@ -316,9 +318,13 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
 
         data = {"latents": latents, "cond": None}
     mixed = "bf16" if (mp_dtype == torch.bfloat16 or lean) else None
+    # -percall: each kind of attention call on the kernel measured fastest for it (training.attention)
+    per_call = (attention_per_call(model, data, params, device, torch.bfloat16 if mixed else None)
+                if "-percall" in variant else None)
     # -halfnorms: GroupNorm/LayerNorm in bf16 instead of CUDA autocast's float32 (training.norm_precision)
     config = StepConfig(mixed_precision=mixed, max_grad_norm=max_norm, channels_last=channels_last,
-                        half_precision_norms=variant.endswith("-halfnorms") and mixed is not None)
+                        half_precision_norms=variant.endswith("-halfnorms") and mixed is not None,
+                        sdpa_backends_per_call=per_call)
     if capture:
         from sdadapt.training.step_capture import CapturedStep
 
@@ -333,6 +339,32 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
             return train_step(model, data, params=params, optimizer=optimizer, state=state, config=config, alphas_cumprod=ac)["loss"]
 
     return step, unet, tes
+
+
+def attention_per_call(model, data: dict, params: list, device: torch.device, dtype: torch.dtype | None) -> dict:
+    """The fastest SDPA kernel order for each kind of attention call one forward and backward of
+    ``model`` on ``data`` makes (under autocast to ``dtype``), measured on ``device``
+    (``training.attention.fastest_sdpa_backends_per_call``); the gradients it leaves are dropped."""
+    from contextlib import nullcontext
+
+    from sdadapt.training.attention import (
+        fastest_sdpa_backends_per_call,
+        record_attention_calls,
+    )
+
+    x = data["latents"]
+    t = torch.full((x.shape[0],), 500, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def run():
+        with autocast:
+            out = model(x, t, data["cond"])
+        out.float().mean().backward()
+
+    calls = record_attention_calls(run)
+    for p in params:
+        p.grad = None
+    return fastest_sdpa_backends_per_call(calls)
 
 
 def compile_blocks(unet, backend: str) -> int:
@@ -355,7 +387,8 @@ def compile_blocks(unet, backend: str) -> int:
 VARIANTS = {
     "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-captured", "sdadapt-captured-nchw", "sdadapt-captured-qkv",
              "sdadapt-regional-captured", "sdadapt-compiled", "sdadapt-compiled-captured", "sdadapt-halfnorms",
-             "sdadapt-captured-halfnorms", "sdadapt-captured-nchw-halfnorms", "sdadapt-captured-qkv-halfnorms"),
+             "sdadapt-captured-halfnorms", "sdadapt-captured-nchw-halfnorms", "sdadapt-captured-qkv-halfnorms",
+             "sdadapt-captured-nchw-percall-halfnorms"),
     "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
              "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms", "sdadapt-lean-captured-halfnorms"),
     "ti": ("reference", "sdadapt"),

@@ -7,17 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import run_unet, tiny_unet_sd1, unet_inputs
 
 from sdadapt.training.attention import (
     SDPA_BACKENDS,
     AttentionCall,
     fastest_sdpa_backends,
+    fastest_sdpa_backends_per_call,
     record_attention_calls,
     sdpa_backends,
     time_sdpa_backends,
 )
 from sdadapt.training.step import StepConfig, TrainState, train_step
-from tiny_models import run_unet, tiny_unet_sd1, unet_inputs
 
 
 def _attention_float64(q, k, v, mask=None, causal=False):
@@ -131,7 +132,7 @@ def test_step_under_a_backend_list_trains_like_torchs_choice_and_actually_uses_i
         _toy_step(("efficient",))
 
 
-def _checkpointed_toy_grads(sdpa, *, checkpoint: bool, half: bool = False):
+def _checkpointed_toy_grads(sdpa, *, checkpoint: bool, half: bool = False, per_call=None):
     """LoRA gradients of one step on the toy UNet under ``StepConfig(sdpa_backends=sdpa)``, its UNet
     blocks recomputed in backward (``enable_checkpointing``) or not."""
     import sdadapt
@@ -153,7 +154,8 @@ def _checkpointed_toy_grads(sdpa, *, checkpoint: bool, half: bool = False):
     grads = []
     opt.register_step_pre_hook(lambda *_: grads.extend(torch.zeros_like(p) if p.grad is None else p.grad.clone()
                                                        for p in params))
-    config = StepConfig(sdpa_backends=sdpa, mixed_precision="bf16" if half else None, half_precision_norms=half)
+    config = StepConfig(sdpa_backends=sdpa, sdpa_backends_per_call=per_call, mixed_precision="bf16" if half else None,
+                        half_precision_norms=half)
     train_step(unet, batch, params=params, optimizer=opt, state=TrainState(seed=1), config=config,
                alphas_cumprod=torch.linspace(0.99, 0.01, 100))
     return torch.cat([grad.flatten() for grad in grads])
@@ -170,6 +172,67 @@ def test_checkpointed_blocks_recompute_under_the_steps_backend_order(half):
     torch.testing.assert_close(_checkpointed_toy_grads(("math",), checkpoint=True, half=half), plain, rtol=0, atol=0)
     default = _checkpointed_toy_grads(None, checkpoint=False, half=half)
     assert not torch.equal(default, plain)  # (math is not torch's default here)
+
+
+def _toy_calls():
+    from sdadapt.toy import ToyUNet
+
+    torch.manual_seed(0)
+    unet = ToyUNet()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, unet.config["in_channels"], 8, 8, generator=g)
+    cond = torch.randn(2, 6, unet.config["context_dim"], generator=g)
+    return record_attention_calls(lambda: unet(x, torch.tensor([10, 500]), cond).sum().backward())
+
+
+def test_each_kind_of_call_runs_its_own_order():
+    """``sdpa_backends(order, per_call)``: a call of a listed kind runs under its own order (here the
+    first kind on the math kernel, the others on CPU flash), the rest under ``order``; counted as the
+    aten ops each backend dispatches, forward and backward."""
+    from aten_ops import AtenOps
+
+    from sdadapt.toy import ToyUNet
+
+    calls = _toy_calls()
+    assert len(calls) >= 2
+    math_kind, *others = calls
+    per_call = {math_kind.signature: ("math",), **{c.signature: ("flash", "math") for c in others}}
+    torch.manual_seed(0)
+    unet = ToyUNet()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, unet.config["in_channels"], 8, 8, generator=g)
+    cond = torch.randn(2, 6, unet.config["context_dim"], generator=g)
+    flash = "_scaled_dot_product_flash_attention_for_cpu"
+    with AtenOps() as ops, sdpa_backends(("math",), per_call):
+        unet(x, torch.tensor([10, 500]), cond).sum().backward()
+    assert ops.counts[flash] == sum(c.count for c in others) and ops.counts[flash + "_backward"] == ops.counts[flash]
+    with AtenOps() as ops, sdpa_backends(("math",)):  # (without per_call: every call on math)
+        unet(x, torch.tensor([10, 500]), cond)
+    assert ops.counts[flash] == 0
+    with AtenOps() as ops, sdpa_backends(None, {math_kind.signature: ("math",)}):  # the rest: torch's choice (flash)
+        unet(x, torch.tensor([10, 500]), cond)
+    assert ops.counts[flash] == sum(c.count for c in others)
+
+
+def test_per_call_orders_are_measured_per_call_and_kept_by_the_step_config():
+    calls = _toy_calls()
+    orders = fastest_sdpa_backends_per_call(calls, repeats=1)
+    assert set(orders) == {c.signature for c in calls}
+    assert all(order[-1] == "math" and set(order) <= {"flash", "math"} for order in orders.values())  # (CPU kernels)
+    config = StepConfig(sdpa_backends_per_call=orders)
+    assert config.sdpa_backends_per_call == tuple(sorted(orders.items()))  # (pairs of tuples: JSON lists work too)
+    assert StepConfig(sdpa_backends_per_call=[list(pair) for pair in config.sdpa_backends_per_call]) == config
+    with pytest.raises(ValueError, match="each call's order"):
+        StepConfig(sdpa_backends_per_call={calls[0].signature: ("sage",)})
+
+
+def test_checkpointed_blocks_recompute_each_call_under_its_order():
+    """The per-call orders are re-entered for a checkpointed block's recompute too: every call on the
+    math kernel (not torch's CPU default), with and without checkpointing, bit for bit."""
+    every = {c.signature: ("math",) for c in _toy_calls()}
+    plain = _checkpointed_toy_grads(None, checkpoint=False, per_call=every)
+    torch.testing.assert_close(_checkpointed_toy_grads(None, checkpoint=True, per_call=every), plain, rtol=0, atol=0)
+    assert not torch.equal(_checkpointed_toy_grads(None, checkpoint=False), plain)
 
 
 def test_step_config_validates_and_normalises_backends():
@@ -212,6 +275,16 @@ def test_docs_example_runs_and_orders_the_cpu_backends():
     assert namespace["config"].sdpa_backends == namespace["order"]
 
 
+def test_docs_per_call_example_runs(capsys):
+    from docs_pages import run_block_with
+
+    namespace = run_block_with("training.md", "fastest_sdpa_backends_per_call(calls")
+    per_call = namespace["per_call"]
+    assert set(per_call) == {c.signature for c in namespace["calls"]} and len(per_call) >= 2
+    assert dict(namespace["config"].sdpa_backends_per_call) == per_call
+    assert capsys.readouterr().out.count(" for q(") == len(per_call)
+
+
 def _fit_lora(**options):
     from sdadapt.methods import METHODS, FitConfig, fit
     from sdadapt.toy import load_toy
@@ -230,7 +303,7 @@ def _fit_lora(**options):
 
 
 def test_fit_measures_attention_without_changing_the_run(monkeypatch):
-    import sdadapt.training.attention as attention
+    from sdadapt.training import attention
 
     plain_losses, plain_params, plain_seen = _fit_lora()
     measured = []
@@ -250,9 +323,9 @@ def test_fit_measures_attention_without_changing_the_run(monkeypatch):
 def test_fit_measures_the_batch_the_step_trains_on_with_few_images_and_a_prior(monkeypatch):
     """Tensor mode draws batch_size rows with replacement (one image still gives 2 rows) and adds as
     many prior rows: the measured calls must have the step's batch of 4, not the first image alone."""
-    import sdadapt.training.attention as attention
     from sdadapt.methods import METHODS, FitConfig, fit
     from sdadapt.toy import load_toy
+    from sdadapt.training import attention
 
     measured = []
     monkeypatch.setattr(attention, "fastest_sdpa_backends", lambda calls, **kw: measured.append(calls) or ("math",))

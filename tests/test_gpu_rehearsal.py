@@ -147,7 +147,8 @@ def test_the_goals_mode_runs_the_goal_rows_and_their_tests():
     assert {("lora", "peft-unet"), ("lora", "sdadapt-captured"), ("lora", "sdadapt-captured-nchw"), ("full", "reference"),
             ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"), ("lora", "sdadapt-captured-halfnorms"),
             ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms"),
-            ("lora", "sdadapt-captured-qkv-halfnorms"), ("full", "sdadapt-lean-captured-halfnorms")} == named
+            ("lora", "sdadapt-captured-qkv-halfnorms"), ("full", "sdadapt-lean-captured-halfnorms"),
+            ("lora", "sdadapt-captured-nchw-percall-halfnorms")} == named
     tests = re.search(r'step "cuda tests \(goal paths\)" \d+ (.*)', text).group(1).split()
     files = [t for t in tests if t.startswith("tests/")]
     assert len(files) >= 5 and all((ROOT / f).is_file() for f in files)
@@ -310,7 +311,8 @@ def captured_steps(monkeypatch):
                                            ("full", "sdadapt-small-captured"), ("lora", "sdadapt-captured-halfnorms"),
                                            ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms"),
                                            ("lora", "sdadapt-captured-qkv-halfnorms"), ("lora", "sdadapt-regional-captured"),
-                                           ("full", "sdadapt-lean-captured-halfnorms")])
+                                           ("full", "sdadapt-lean-captured-halfnorms"),
+                                           ("lora", "sdadapt-captured-nchw-percall-halfnorms")])
 def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, captured_steps, mode, variant):
     """The GPU branch of benchmarks/train_step.py (capturable torch / sdadapt AdamW with a tensor LR,
     channels_last, the strict CapturedStep; the lean row's checkpointed transformer blocks, int8

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +33,13 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "SDPA_BACKENDS",
     "AttentionCall",
-    "record_attention_calls",
-    "time_sdpa_backends",
+    "call_signature",
     "fastest_sdpa_backends",
+    "fastest_sdpa_backends_per_call",
     "recompute_context",
+    "record_attention_calls",
     "sdpa_backends",
+    "time_sdpa_backends",
 ]
 
 #: the backend names this module takes, in torch's own default priority order
@@ -52,6 +54,23 @@ def _backend(name: str) -> object:
     if name not in members:
         raise ValueError(f"unknown SDPA backend {name!r}; choose from {', '.join(SDPA_BACKENDS)}")
     return members[name]
+
+
+def call_signature(query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...], dtype: torch.dtype, *,
+                   is_causal: bool = False, mask: tuple[int, ...] | None = None) -> str:
+    """The text that names an attention call's kind for a per-call backend choice
+    (``StepConfig.sdpa_backends_per_call``): its shapes, dtype, mask shape and causality, e.g.
+    ``"q(8, 8, 4096, 40) k(8, 8, 77, 40) v(8, 8, 77, 40) torch.bfloat16 mask=None causal=False"``."""
+    return f"q{tuple(query)} k{tuple(key)} v{tuple(value)} {dtype} mask={None if mask is None else tuple(mask)} " \
+           f"causal={bool(is_causal)}"
+
+
+def _arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any, bool]:
+    """``(query, key, value, attn_mask, is_causal)`` of an ``F.scaled_dot_product_attention`` call."""
+    q, k, v = args[:3]
+    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+    return q, k, v, mask, bool(causal)
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,11 @@ class AttentionCall:
     requires_grad: bool = False
     count: int = 1
 
+    @property
+    def signature(self) -> str:
+        """:func:`call_signature` of this call."""
+        return call_signature(self.query, self.key, self.value, self.dtype, is_causal=self.is_causal, mask=self.mask)
+
 
 class _Recorder(TorchFunctionMode):
     """Counts each distinct ``F.scaled_dot_product_attention`` call (shapes, dtype, device, causal,
@@ -85,10 +109,8 @@ class _Recorder(TorchFunctionMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
-            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
-            self.seen[(tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, bool(causal),
+            q, k, v, mask, causal = _arguments(args, kwargs)
+            self.seen[(tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, causal,
                        None if mask is None else tuple(mask.shape),
                        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))] += 1
         return func(*args, **kwargs)
@@ -194,44 +216,104 @@ def fastest_sdpa_backends(
     return (*usable, "math")
 
 
-def sdpa_backends(names: Sequence[str] | None) -> AbstractContextManager[None]:
+def fastest_sdpa_backends_per_call(
+    calls: Sequence[AttentionCall],
+    *,
+    backends: Sequence[str] = SDPA_BACKENDS,
+    repeats: int = 5,
+) -> dict[str, tuple[str, ...]]:
+    """For each of ``calls`` its own order, fastest backend first (see :func:`time_sdpa_backends`;
+    backends that cannot run it left out, ``"math"`` last as the fallback), keyed by
+    :attr:`AttentionCall.signature`. One order for every call (:func:`fastest_sdpa_backends`) gives
+    each call the kernel fastest over the whole run; on the H200, SD1.5 at batch 8, cuDNN was fastest
+    for the 4096-token self-attention and flash for most of the rest. Pass the result to
+    ``StepConfig(sdpa_backends_per_call=...)`` or :func:`sdpa_backends`."""
+    table = time_sdpa_backends(calls, backends=backends, repeats=repeats)
+    out = {}
+    for index, call in enumerate(calls):
+        times = {name: table[name][f"call{index}"] for name in backends if name != "math"}
+        usable = [name for name, t in sorted(times.items(), key=lambda item: item[1] or 0.0) if t is not None]
+        out[call.signature] = (*usable, "math")
+    return out
+
+
+def sdpa_backends(names: Sequence[str] | None,
+                  per_call: Mapping[str, Sequence[str]] | None = None) -> AbstractContextManager[None]:
     """Context in which ``F.scaled_dot_product_attention`` tries ``names`` in this order (``None``:
     torch's default choice). A call none of them can run raises torch's "no viable backend" error.
+    ``per_call``: ``{call signature: order}`` (:func:`call_signature`,
+    :func:`fastest_sdpa_backends_per_call`) — a call of a listed kind tries its own order instead (a
+    torch function mode sees the calls; nothing is patched).
 
     Raises:
         ValueError: an unknown backend name, or an empty list.
     """
-    if names is None:
+    if names is None and not per_call:
         return nullcontext()
-    names = tuple(names)
-    if not names:
-        raise ValueError(f"sdpa_backends needs at least one backend name ({', '.join(SDPA_BACKENDS)}), or None for torch's choice")
-    for name in names:
-        _backend(name)
-    return _priority(names)
+    orders = {signature: _checked(order) for signature, order in (per_call or {}).items()}
+    return _backends(None if names is None else _checked(names), orders)
 
 
 def recompute_context() -> AbstractContextManager[None] | None:
     """The context a checkpointed block started now should recompute under: the innermost
-    :func:`sdpa_backends` order active on this thread (its recompute runs inside backward, after the
+    :func:`sdpa_backends` context active on this thread (its recompute runs inside backward, after the
     step's context has ended: under torch's default order a block whose forward ran another kernel
     recomputes tensors of other shapes, and torch refuses them), or ``None`` when none is active."""
-    active = getattr(_ACTIVE, "orders", None)
-    return _priority(active[-1]) if active else None
+    active = getattr(_ACTIVE, "contexts", None)
+    return _backends(*active[-1]) if active else None
 
 
-_ACTIVE = threading.local()  # .orders: the orders of the sdpa_backends contexts entered on this thread, innermost last
+# .contexts: (order, per-call orders) of each sdpa_backends context entered on this thread, innermost last
+_ACTIVE = threading.local()
+
+
+def _checked(names: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(names)
+    if not names:
+        raise ValueError(f"sdpa_backends needs at least one backend name ({', '.join(SDPA_BACKENDS)}), "
+                         "or None for torch's choice")
+    for name in names:
+        _backend(name)
+    return names
+
+
+@contextmanager
+def _backends(names: tuple[str, ...] | None, per_call: dict[str, tuple[str, ...]]) -> Iterator[None]:
+    if not hasattr(_ACTIVE, "contexts"):
+        _ACTIVE.contexts = []
+    _ACTIVE.contexts.append((names, per_call))
+    try:
+        with (_priority(names) if names is not None else nullcontext()), \
+                (_PerCallBackends(per_call) if per_call else nullcontext()):
+            yield
+    finally:
+        _ACTIVE.contexts.pop()
 
 
 @contextmanager
 def _priority(names: tuple[str, ...]) -> Iterator[None]:
     from torch.nn.attention import sdpa_kernel
 
-    if not hasattr(_ACTIVE, "orders"):
-        _ACTIVE.orders = []
-    _ACTIVE.orders.append(names)
-    try:
-        with sdpa_kernel([_backend(name) for name in names], set_priority=True):  # type: ignore[list-item]
-            yield
-    finally:
-        _ACTIVE.orders.pop()
+    with sdpa_kernel([_backend(name) for name in names], set_priority=True):  # type: ignore[list-item]
+        yield
+
+
+class _PerCallBackends(TorchFunctionMode):
+    """Runs each ``F.scaled_dot_product_attention`` call whose :func:`call_signature` is listed under
+    its own backend order; every other call as it would run."""
+
+    def __init__(self, orders: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        self.orders = orders
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v, mask, causal = _arguments(args, kwargs)
+            order = self.orders.get(call_signature(q.shape, k.shape, v.shape, q.dtype, is_causal=causal,
+                                                   mask=None if mask is None else mask.shape))
+            if order is not None:
+                with _priority(order):
+                    return func(*args, **kwargs)
+        return func(*args, **kwargs)

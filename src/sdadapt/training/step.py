@@ -84,6 +84,9 @@ class StepConfig:
     # autocast's float32 copies: ~5 fewer kernels per norm and half the norms' traffic (training.norm_precision)
     half_precision_norms: bool = False
     sdpa_backends: tuple[str, ...] | None = None  # attention kernels to try in order (training.attention); None: torch's choice
+    # ((call signature, order), ...): a listed kind of attention call tries its own order instead (a dict works too;
+    # training.attention.fastest_sdpa_backends_per_call measures one)
+    sdpa_backends_per_call: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     # an EDM-formulation model's schedule (the system's ``edm``, Playground v2.5): σ-grid noising, c_in / c_noise /
     # c_skip / c_out preconditioning and the x0 target, as diffusers' EDM training (training.edm); None: DDPM
     edm: EDMSchedule | None = None
@@ -119,6 +122,14 @@ class StepConfig:
             if unknown or not self.sdpa_backends:
                 raise ValueError(f"sdpa_backends must be a non-empty sequence of {', '.join(SDPA_BACKENDS)} (or None), "
                                  f"got {self.sdpa_backends!r}")
+        if self.sdpa_backends_per_call is not None:  # a dict, or pairs from JSON/TOML: sorted pairs of tuples
+            pairs = (self.sdpa_backends_per_call.items() if isinstance(self.sdpa_backends_per_call, Mapping)
+                     else self.sdpa_backends_per_call)
+            object.__setattr__(self, "sdpa_backends_per_call", tuple(sorted((str(k), tuple(v)) for k, v in pairs)))
+            bad = [k for k, order in self.sdpa_backends_per_call if not order or set(order) - set(SDPA_BACKENDS)]
+            if bad:
+                raise ValueError(f"sdpa_backends_per_call: each call's order must be a non-empty sequence of "
+                                 f"{', '.join(SDPA_BACKENDS)}; not so for {bad[:3]}")
         if self.edm is not None:
             clashes = edm.edm_step_clashes(self)
             if clashes:
@@ -360,7 +371,8 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
     autocast = (torch.autocast(x_t.device.type, dtype=dtype, cache_enabled=autocast_cache)
                 if dtype is not None else nullcontext())
-    with (autocast, sdpa_backends(config.sdpa_backends), batched_weight_casts(batch_casts, x_t.device.type),
+    with (autocast, sdpa_backends(config.sdpa_backends, dict(config.sdpa_backends_per_call or ())),
+          batched_weight_casts(batch_casts, x_t.device.type),
           half_precision_norms(config.half_precision_norms, x_t.device.type)):
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
     if "edm_out" in prepared:  # (EDM: the denoised latent c_skip·x_σ + c_out·F is what the loss sees, training.edm)
