@@ -308,8 +308,12 @@ def test_fit_measures_attention_without_changing_the_run(monkeypatch):
     plain_losses, plain_params, plain_seen = _fit_lora()
     measured = []
     original = attention.fastest_sdpa_backends
-    monkeypatch.setattr(attention, "fastest_sdpa_backends",
-                        lambda calls, **kw: measured.append(calls) or original(calls, repeats=1))
+
+    def orders(calls, **kw):  # (each kind of call: torch's CPU default too — a timed per-call table could pick
+        measured.append(calls)  # math for a tiny call by noise, and the run would no longer be the plain one)
+        return original(calls, repeats=1), {c.signature: ("flash", "math") for c in calls}
+
+    monkeypatch.setattr(attention, "fastest_sdpa_orders", orders)
     losses, params, seen = _fit_lora(measure_attention=True)
     (calls,) = measured  # once, before the first step, on the toy UNet's own calls (batch of 2, grads needed)
     assert calls and all(c.query[0] == 2 and c.requires_grad for c in calls)
@@ -326,9 +330,14 @@ def test_fit_measures_the_batch_the_step_trains_on_with_few_images_and_a_prior(m
     from sdadapt.methods import METHODS, FitConfig, fit
     from sdadapt.toy import load_toy
     from sdadapt.training import attention
+    from sdadapt.training import step as step_module
 
-    measured = []
-    monkeypatch.setattr(attention, "fastest_sdpa_backends", lambda calls, **kw: measured.append(calls) or ("math",))
+    measured, entered = [], []
+    monkeypatch.setattr(attention, "fastest_sdpa_orders", lambda calls, **kw: measured.append(calls) or (
+        ("math",), {c.signature: ("flash", "math") for c in calls}))
+    real = step_module.sdpa_backends
+    monkeypatch.setattr(step_module, "sdpa_backends", lambda names, per_call=None: entered.append((names, per_call))
+                        or real(names, per_call))
     system = load_toy()
     g = torch.Generator().manual_seed(0)
     image, prior_images = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1, torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
@@ -342,6 +351,8 @@ def test_fit_measures_the_batch_the_step_trains_on_with_few_images_and_a_prior(m
     (calls,) = measured
     assert calls and {c.query[0] for c in calls} == {4}
     assert {c.query[0] for c in seen} == {4}
+    # the training step ran under both measured results: the order and each kind of call's own
+    assert entered and entered[-1] == (("math",), {c.signature: ("flash", "math") for c in calls})
 
 
 def test_train_sdpa_backends_flag_and_toml_key(tmp_path, capsys):

@@ -233,8 +233,9 @@ class FitConfig:
             ``step.max_grad_norm=None``, ``step.accumulation_steps=1`` and no fp16 (bf16 works).
         measure_attention: before the first step, time each SDPA kernel (flash, memory-efficient,
             cuDNN, math) on the attention calls of one training forward of the first batch and
-            train under the fastest order (:mod:`sdadapt.training.attention`; replaces
-            ``step.sdpa_backends``; :attr:`FitProgress.sdpa_backends` tells which). Seconds on a GPU;
+            train under the fastest order, each kind of call under its own fastest
+            (:mod:`sdadapt.training.attention`; replaces ``step.sdpa_backends`` and
+            ``step.sdpa_backends_per_call``; :attr:`FitProgress.sdpa_backends` tells the order). Seconds on a GPU;
             the run's random draws are the same as without it.
         cuda_graph: run each optimiser step — forward, loss, backward, clipping, optimiser — as a
             CUDA-graph replay (:class:`~sdadapt.training.step_capture.CapturedStep`): each batch
@@ -1258,8 +1259,8 @@ def fit(
     for p in frozen:
         p.requires_grad_(False)
     if config.measure_attention:
-        step_config = dataclasses.replace(step_config, sdpa_backends=_fastest_attention(
-            model, first_batch(), step_config, alphas_cumprod, device))
+        order, per_call = _fastest_attention(model, first_batch(), step_config, alphas_cumprod, device)
+        step_config = dataclasses.replace(step_config, sdpa_backends=order, sdpa_backends_per_call=per_call)
     if config.compile_backend is not None:  # (draw()'s prior loss and the captured step call this one)
         model = compiled_model(model, backend=config.compile_backend,
                                device_type=(trained[0].device if trained else device).type)
@@ -1464,17 +1465,21 @@ def _max_norm_pass(system: System, trained: list[nn.Parameter], max_norm: float 
 
 
 def _fastest_attention(model: Callable[[Tensor, Tensor, Any], Tensor], batch: dict[str, Any], config: StepConfig,
-                       alphas_cumprod: Tensor, device: torch.device) -> tuple[str, ...] | None:
-    """The SDPA kernel order :func:`~sdadapt.training.attention.fastest_sdpa_backends` measures on the
-    attention calls of one training forward of ``batch`` (own noise generator, the global RNG
-    forked: the run's draws stay as they were)."""
-    from ..training.attention import fastest_sdpa_backends, record_attention_calls
+                       alphas_cumprod: Tensor, device: torch.device
+                       ) -> tuple[tuple[str, ...] | None, dict[str, tuple[str, ...]] | None]:
+    """The SDPA kernel order and the order of each kind of call
+    (:func:`~sdadapt.training.attention.fastest_sdpa_orders`) measured on the attention calls of one
+    training forward of ``batch`` (own noise generator, the global RNG forked: the run's draws stay as
+    they were). Calls of other shapes (another bucket) run under the order."""
+    from ..training.attention import fastest_sdpa_orders, record_attention_calls
     from ..training.step import prepare_batch, step_loss
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         prepared = prepare_batch(batch, state=TrainState(seed=0, device=device), config=config, alphas_cumprod=alphas_cumprod)
         calls = record_attention_calls(lambda: step_loss(model, prepared, config))
-        return fastest_sdpa_backends(calls) if calls else config.sdpa_backends  # no attention: nothing to choose
+        if not calls:  # no attention: nothing to choose
+            return config.sdpa_backends, dict(config.sdpa_backends_per_call or ()) or None
+        return fastest_sdpa_orders(calls)
 
 
 def _refuse_compiled_dylora(system: System, adaptation: Any, backend: str) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "call_signature",
     "fastest_sdpa_backends",
     "fastest_sdpa_backends_per_call",
+    "fastest_sdpa_orders",
     "recompute_context",
     "record_attention_calls",
     "sdpa_backends",
@@ -210,10 +211,7 @@ def fastest_sdpa_backends(
     :func:`time_sdpa_backends`), with ``"math"`` kept last as the fallback for any call the
     others cannot run. Pass the result to ``StepConfig(sdpa_backends=...)`` or :func:`sdpa_backends`.
     """
-    table = time_sdpa_backends(calls, backends=backends, repeats=repeats)
-    usable = [name for name in backends if table[name]["total"] is not None and name != "math"]
-    usable.sort(key=lambda name: table[name]["total"])  # type: ignore[arg-type, return-value]
-    return (*usable, "math")
+    return _fastest_order(time_sdpa_backends(calls, backends=backends, repeats=repeats), backends)
 
 
 def fastest_sdpa_backends_per_call(
@@ -228,7 +226,29 @@ def fastest_sdpa_backends_per_call(
     each call the kernel fastest over the whole run; on the H200, SD1.5 at batch 8, cuDNN was fastest
     for the 4096-token self-attention and flash for most of the rest. Pass the result to
     ``StepConfig(sdpa_backends_per_call=...)`` or :func:`sdpa_backends`."""
+    return _fastest_per_call(time_sdpa_backends(calls, backends=backends, repeats=repeats), calls, backends)
+
+
+def fastest_sdpa_orders(
+    calls: Sequence[AttentionCall],
+    *,
+    backends: Sequence[str] = SDPA_BACKENDS,
+    repeats: int = 5,
+) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """:func:`fastest_sdpa_backends` and :func:`fastest_sdpa_backends_per_call` from one timing of
+    ``calls``: ``(order, per_call)`` for ``StepConfig(sdpa_backends=order, sdpa_backends_per_call=per_call)``."""
     table = time_sdpa_backends(calls, backends=backends, repeats=repeats)
+    return _fastest_order(table, backends), _fastest_per_call(table, calls, backends)
+
+
+def _fastest_order(table: dict[str, dict[str, float | None]], backends: Sequence[str]) -> tuple[str, ...]:
+    usable = [name for name in backends if table[name]["total"] is not None and name != "math"]
+    usable.sort(key=lambda name: table[name]["total"])  # type: ignore[arg-type, return-value]
+    return (*usable, "math")
+
+
+def _fastest_per_call(table: dict[str, dict[str, float | None]], calls: Sequence[AttentionCall],
+                      backends: Sequence[str]) -> dict[str, tuple[str, ...]]:
     out = {}
     for index, call in enumerate(calls):
         times = {name: table[name][f"call{index}"] for name in backends if name != "math"}
