@@ -7,8 +7,9 @@ call needs its backward) with :func:`sdadapt.training.attention.record_attention
 1. times each distinct call, forward + backward, with each backend (flash, efficient, cudnn, math):
    :func:`~sdadapt.training.attention.time_sdpa_backends` (attention only, per UNet step);
 2. times the whole UNet forward + backward under torch's default choice, under the measured order
-   (:func:`~sdadapt.training.attention.fastest_sdpa_backends`) and under each backend first (math
-   as the fallback): what the choice changes end to end.
+   (:func:`~sdadapt.training.attention.fastest_sdpa_backends`), with each kind of call on its own
+   measured order (:func:`~sdadapt.training.attention.fastest_sdpa_backends_per_call`) and under each
+   backend first (math as the fallback): what the choice changes end to end.
 
 Usage::
 
@@ -33,7 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import UNET_CONFIGS, sync  # noqa: E402
 
-from sdadapt.training.attention import SDPA_BACKENDS, fastest_sdpa_backends, record_attention_calls, sdpa_backends, time_sdpa_backends  # noqa: E402
+from sdadapt.training.attention import (  # noqa: E402
+    SDPA_BACKENDS,
+    fastest_sdpa_orders,
+    record_attention_calls,
+    sdpa_backends,
+    time_sdpa_backends,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENT = {"tiny": 16, "sd15": 64, "sdxl": 128}
@@ -100,7 +107,7 @@ def main() -> None:
         run = step_fn(unet, inputs, device)
         calls = record_attention_calls(run)
         table = time_sdpa_backends(calls, repeats=args.repeats)
-        order = fastest_sdpa_backends(calls, repeats=args.repeats)
+        order, per_call = fastest_sdpa_orders(calls, repeats=args.repeats)
         lines += [f"### {args.config}, batch {batch}, {device.type}: {sum(c.count for c in calls)} attention calls per step, "
                   f"{len(calls)} distinct; measured order {', '.join(order)}", "",
                   "| call (B, H, Lq, Lk, E) | count | " + " | ".join(f"{b} ms" for b in SDPA_BACKENDS) + " |",
@@ -111,19 +118,24 @@ def main() -> None:
             lines.append(f"| {shape} {str(call.dtype).replace('torch.', '')} | {call.count} | " + " | ".join(cells) + " |")
         lines.append("| **attention per step** | | " + " | ".join(
             "—" if table[b]["total"] is None else f"**{table[b]['total'] * 1e3:.2f}**" for b in SDPA_BACKENDS) + " |")
-        lines.append("")
-        variants = {"torch default": None, f"measured ({', '.join(order)})": order}
-        variants.update({f"{b} first": (b, "math") if b != "math" else ("math",)
+        # each call on its own fastest kernel (fastest_sdpa_backends_per_call): the attention a step would take
+        fastest = sum(c.count * min(t for b in SDPA_BACKENDS if (t := table[b][f"call{i}"]) is not None)
+                      for i, c in enumerate(calls))
+        lines += [f"| **each call on its fastest** | | **{fastest * 1e3:.2f}** ms |", ""]
+        variants = {"torch default": (None, None), f"measured ({', '.join(order)})": (order, None),
+                    "measured, each call its own order": (order, per_call)}
+        variants.update({f"{b} first": ((b, "math") if b != "math" else ("math",), None)
                          for b in SDPA_BACKENDS if table[b]["total"] is not None})
         whole = {}
-        for name, backends in variants.items():
-            with sdpa_backends(backends):
+        for name, (backends, orders) in variants.items():
+            with sdpa_backends(backends, orders):
                 whole[name] = median_ms(run, device, args.repeats, args.warmup)
         base = whole["torch default"]
         lines += ["| UNet forward + backward | ms | vs torch default |", "|---|---:|---:|"]
         lines += [f"| {name} | {ms:.1f} | {base / ms:.2f}x |" for name, ms in whole.items()]
         lines.append("")
-        results.append({"batch": batch, "order": list(order), "whole_step_ms": whole,
+        results.append({"batch": batch, "order": list(order), "per_call": {k: list(v) for k, v in per_call.items()},
+                        "attention_each_call_fastest_ms": fastest * 1e3, "whole_step_ms": whole,
                         "calls": [{"query": c.query, "key": c.key, "value": c.value, "dtype": str(c.dtype), "count": c.count}
                                   for c in calls],
                         "attention_ms": {b: {k: (None if v is None else (v if k == "unsupported" else v * 1e3))

@@ -226,6 +226,28 @@ def test_per_call_orders_are_measured_per_call_and_kept_by_the_step_config():
         StepConfig(sdpa_backends_per_call={calls[0].signature: ("sage",)})
 
 
+def test_the_measured_per_call_orders_keep_only_the_calls_the_order_runs_on_another_kernel(monkeypatch):
+    """``fastest_sdpa_orders``: one timing gives the order (fastest total) and the per-call orders, of
+    which only the kinds whose fastest kernel the order would not pick stay (a stand-in timing table:
+    cuDNN fastest in total and for the second kind, flash for the first)."""
+    from sdadapt.training import attention
+
+    calls = [AttentionCall((2, 8, 64, 40), (2, 8, 77, 40), (2, 8, 77, 40), torch.bfloat16, torch.device("cuda"),
+                           count=5),
+             AttentionCall((2, 8, 4096, 40), (2, 8, 4096, 40), (2, 8, 4096, 40), torch.bfloat16, torch.device("cuda"),
+                           count=5)]
+    table = {"flash": {"call0": 1.0, "call1": 3.0, "total": 20.0},
+             "efficient": {"call0": None, "call1": None, "total": None},
+             "cudnn": {"call0": 2.0, "call1": 1.0, "total": 15.0},
+             "math": {"call0": 4.0, "call1": 9.0, "total": 65.0}}
+    monkeypatch.setattr(attention, "time_sdpa_backends", lambda calls, **kw: table)
+    order, per_call = attention.fastest_sdpa_orders(calls)
+    assert order == ("cudnn", "flash", "math")
+    assert per_call == {calls[0].signature: ("flash", "cudnn", "math")}  # (the second kind: cuDNN either way)
+    assert attention.fastest_sdpa_backends_per_call(calls) == {calls[0].signature: ("flash", "cudnn", "math"),
+                                                               calls[1].signature: ("cudnn", "flash", "math")}
+
+
 def test_checkpointed_blocks_recompute_each_call_under_its_order():
     """The per-call orders are re-entered for a checkpointed block's recompute too: every call on the
     math kernel (not torch's CPU default), with and without checkpointing, bit for bit."""

@@ -236,9 +236,14 @@ def fastest_sdpa_orders(
     repeats: int = 5,
 ) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
     """:func:`fastest_sdpa_backends` and :func:`fastest_sdpa_backends_per_call` from one timing of
-    ``calls``: ``(order, per_call)`` for ``StepConfig(sdpa_backends=order, sdpa_backends_per_call=per_call)``."""
+    ``calls``: ``(order, per_call)`` for ``StepConfig(sdpa_backends=order, sdpa_backends_per_call=per_call)``,
+    ``per_call`` keeping only the kinds of call whose fastest kernel is not the one ``order`` gives them
+    (often none: then no per-call mode runs, and an eager step pays no host cost for it)."""
     table = time_sdpa_backends(calls, backends=backends, repeats=repeats)
-    return _fastest_order(table, backends), _fastest_per_call(table, calls, backends)
+    order = _fastest_order(table, backends)
+    per_call = {signature: own for signature, own in _fastest_per_call(table, calls, backends).items()
+                if own[0] != next(name for name in order if name in own)}  # (own: the backends that run the call)
+    return order, per_call
 
 
 def _fastest_order(table: dict[str, dict[str, float | None]], backends: Sequence[str]) -> tuple[str, ...]:
