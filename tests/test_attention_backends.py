@@ -377,6 +377,25 @@ def test_fit_measures_the_batch_the_step_trains_on_with_few_images_and_a_prior(m
     assert entered and entered[-1] == (("math",), {c.signature: ("flash", "math") for c in calls})
 
 
+def test_train_says_which_kinds_of_call_run_their_own_kernel(tmp_path, capsys, monkeypatch):
+    """``--sdpa-backends measure``: the report names the order and how many kinds of call run on
+    another kernel (a stand-in measurement: the first kind faster on math) — the progress carries them."""
+    from sdadapt.cli import main
+    from sdadapt.images import write_png
+    from sdadapt.training import attention
+
+    monkeypatch.setattr(attention, "fastest_sdpa_orders",
+                        lambda calls, **kw: (("flash", "math"), {calls[0].signature: ("math",)}))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    write_png(images / "a.png", torch.zeros(3, 32, 32))
+    (images / "a.txt").write_text("a red circle")
+    assert main(["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "--batch-size", "1",
+                 "--sdpa-backends", "measure", "--no-prior", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert ("attention kernels measured on the first batch: flash, math (fastest first); 1 kind of call faster on "
+            "math, run there") in capsys.readouterr().err
+
+
 def test_train_sdpa_backends_flag_and_toml_key(tmp_path, capsys):
     from train_inputs import read_train_toml
 

@@ -2339,8 +2339,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             last["info"] = info
             return
         if "info" not in last and config.measure_attention:
+            own = sorted({order[0] for _, order in info.sdpa_backends_per_call})
             say(f"attention kernels measured on the first batch: {', '.join(info.sdpa_backends or ('torch default',))} "
-                "(fastest first)")
+                "(fastest first)" + (f"; {plural(len(info.sdpa_backends_per_call), 'kind')} of call faster on "
+                                     f"{' or '.join(own)}, run there" if own else ""))
         last["info"] = info
         if info.step == total and options.ema_save == "beside":
             last["ema"] = ema_beside(info)

@@ -640,6 +640,9 @@ class FitProgress:
         ema_updates: the updates the EMA has averaged (``FitConfig.ema_decay``; 0 without): optimiser
             steps since it started, a resumed run's included, not counting ``initial_step`` (what
             :class:`~sdadapt.methods.finetune.EMAWeights` ``updates`` records).
+        sdpa_backends_per_call: ``((call signature, order), ...)``: the kinds of attention call that run
+            their own order (``StepConfig.sdpa_backends_per_call``, or those ``FitConfig.measure_attention``
+            found faster on another kernel than the order's); ``()``: none.
     """
 
     step: int
@@ -658,6 +661,7 @@ class FitProgress:
     validated: tuple[str, ...] = ()
     ema_updates: int = 0
     batch_losses: tuple[float, ...] = ()
+    sdpa_backends_per_call: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def save_state(self, folder: str | os.PathLike) -> None:
         """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``
@@ -1382,7 +1386,8 @@ def fit(
                                     step_config.sdpa_backends,
                                     {**read, "keys_scaled": int(read["keys_scaled"])} if read else None,
                                     use_weights, validation_value, validated, ema.updates if ema is not None else 0,
-                                    batch_losses=batch_losses))
+                                    batch_losses=batch_losses,
+                                    sdpa_backends_per_call=step_config.sdpa_backends_per_call or ()))
             if parallel is not None and config.schedule_free:  # rank 0 alone may have used its averaged weights
                 # (saves, samples): back in train mode its y is rounded once more, so every rank takes rank 0's y
                 switch_mode(optimizer, train=True)
