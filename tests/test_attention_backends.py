@@ -174,7 +174,8 @@ def test_checkpointed_blocks_recompute_under_the_steps_backend_order(half):
     assert not torch.equal(default, plain)  # (math is not torch's default here)
 
 
-def _toy_calls():
+def _toy_forward():
+    """A seeded toy UNet's forward on a seeded batch, as a function of no arguments."""
     from sdadapt.toy import ToyUNet
 
     torch.manual_seed(0)
@@ -182,7 +183,12 @@ def _toy_calls():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, unet.config["in_channels"], 8, 8, generator=g)
     cond = torch.randn(2, 6, unet.config["context_dim"], generator=g)
-    return record_attention_calls(lambda: unet(x, torch.tensor([10, 500]), cond).sum().backward())
+    return lambda: unet(x, torch.tensor([10, 500]), cond)
+
+
+def _toy_calls():
+    forward = _toy_forward()
+    return record_attention_calls(lambda: forward().sum().backward())
 
 
 def test_each_kind_of_call_runs_its_own_order():
@@ -191,26 +197,20 @@ def test_each_kind_of_call_runs_its_own_order():
     aten ops each backend dispatches, forward and backward."""
     from aten_ops import AtenOps
 
-    from sdadapt.toy import ToyUNet
-
     calls = _toy_calls()
     assert len(calls) >= 2
     math_kind, *others = calls
     per_call = {math_kind.signature: ("math",), **{c.signature: ("flash", "math") for c in others}}
-    torch.manual_seed(0)
-    unet = ToyUNet()
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, unet.config["in_channels"], 8, 8, generator=g)
-    cond = torch.randn(2, 6, unet.config["context_dim"], generator=g)
+    forward = _toy_forward()
     flash = "_scaled_dot_product_flash_attention_for_cpu"
     with AtenOps() as ops, sdpa_backends(("math",), per_call):
-        unet(x, torch.tensor([10, 500]), cond).sum().backward()
+        forward().sum().backward()
     assert ops.counts[flash] == sum(c.count for c in others) and ops.counts[flash + "_backward"] == ops.counts[flash]
     with AtenOps() as ops, sdpa_backends(("math",)):  # (without per_call: every call on math)
-        unet(x, torch.tensor([10, 500]), cond)
+        forward()
     assert ops.counts[flash] == 0
     with AtenOps() as ops, sdpa_backends(None, {math_kind.signature: ("math",)}):  # the rest: torch's choice (flash)
-        unet(x, torch.tensor([10, 500]), cond)
+        forward()
     assert ops.counts[flash] == sum(c.count for c in others)
 
 
@@ -377,21 +377,29 @@ def test_fit_measures_the_batch_the_step_trains_on_with_few_images_and_a_prior(m
     assert entered and entered[-1] == (("math",), {c.signature: ("flash", "math") for c in calls})
 
 
+def _train_toy(tmp_path, sdpa: str, name: str) -> int:
+    """``sdadapt train lora`` on the toy model, one step on one image, under ``--sdpa-backends sdpa``."""
+    from sdadapt.cli import main
+    from sdadapt.images import write_png
+
+    images = tmp_path / "imgs"
+    if not images.exists():
+        images.mkdir()
+        write_png(images / "a.png", torch.zeros(3, 32, 32))
+        (images / "a.txt").write_text("a red circle")
+    # (--no-prior: the class images these runs sampled first were most of this test's time, and no assertion reads them)
+    return main(["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "--batch-size", "1",
+                 "--sdpa-backends", sdpa, "--no-prior", "-o", str(tmp_path / name)])
+
+
 def test_train_says_which_kinds_of_call_run_their_own_kernel(tmp_path, capsys, monkeypatch):
     """``--sdpa-backends measure``: the report names the order and how many kinds of call run on
     another kernel (a stand-in measurement: the first kind faster on math) — the progress carries them."""
-    from sdadapt.cli import main
-    from sdadapt.images import write_png
     from sdadapt.training import attention
 
     monkeypatch.setattr(attention, "fastest_sdpa_orders",
                         lambda calls, **kw: (("flash", "math"), {calls[0].signature: ("math",)}))
-    images = tmp_path / "imgs"
-    images.mkdir()
-    write_png(images / "a.png", torch.zeros(3, 32, 32))
-    (images / "a.txt").write_text("a red circle")
-    assert main(["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "--batch-size", "1",
-                 "--sdpa-backends", "measure", "--no-prior", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert _train_toy(tmp_path, "measure", "m.safetensors") == 0
     assert ("attention kernels measured on the first batch: flash, math (fastest first); 1 kind of call faster on "
             "math, run there") in capsys.readouterr().err
 
@@ -399,23 +407,14 @@ def test_train_says_which_kinds_of_call_run_their_own_kernel(tmp_path, capsys, m
 def test_train_sdpa_backends_flag_and_toml_key(tmp_path, capsys):
     from train_inputs import read_train_toml
 
-    from sdadapt.cli import main
-    from sdadapt.images import write_png
     from sdadapt.jobs import TrainOptions
 
     options, _, notes = read_train_toml(tmp_path / "train.toml", 'sdpa_backends = "flash,math"\n')
     assert options == {"sdpa_backends": "flash,math"} and not notes
     with pytest.raises(ValueError, match="--sdpa-backends must be 'measure' or a comma list"):
         TrainOptions(images=str(tmp_path), sdpa_backends="xformers")
-    images = tmp_path / "imgs"
-    images.mkdir()
-    write_png(images / "a.png", torch.zeros(3, 32, 32))
-    (images / "a.txt").write_text("a red circle")
-    # (--no-prior: the class images these runs sampled first were most of this test's time, and no assertion reads them)
-    assert main(["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "--batch-size", "1",
-                 "--sdpa-backends", "measure", "--no-prior", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert _train_toy(tmp_path, "measure", "m.safetensors") == 0
     assert "attention kernels measured on the first batch: flash, math (fastest first)" in capsys.readouterr().err
     # no such kernel on a CPU:
-    assert main(["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "--batch-size", "1",
-                 "--sdpa-backends", "efficient", "--no-prior", "-o", str(tmp_path / "e.safetensors")]) != 0
+    assert _train_toy(tmp_path, "efficient", "e.safetensors") != 0
     assert "No viable backend" in capsys.readouterr().err
