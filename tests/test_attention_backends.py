@@ -132,9 +132,11 @@ def test_step_under_a_backend_list_trains_like_torchs_choice_and_actually_uses_i
         _toy_step(("efficient",))
 
 
-def _checkpointed_toy_grads(sdpa, *, checkpoint: bool, half: bool = False, per_call=None):
+def _checkpointed_toy_grads(sdpa, *, checkpoint: bool | str, half: bool = False, per_call=None):
     """LoRA gradients of one step on the toy UNet under ``StepConfig(sdpa_backends=sdpa)``, its UNet
-    blocks recomputed in backward (``enable_checkpointing``) or not."""
+    blocks recomputed in backward (``enable_checkpointing``) or not; ``checkpoint="own"``: the whole
+    model checkpointed by the caller's own ``torch.utils.checkpoint`` call, as diffusers'
+    ``enable_gradient_checkpointing()`` does inside the model."""
     import sdadapt
     from sdadapt.targets import by_type
     from sdadapt.toy import ToyUNet
@@ -144,9 +146,13 @@ def _checkpointed_toy_grads(sdpa, *, checkpoint: bool, half: bool = False, per_c
     unet = ToyUNet()
     handle = sdadapt.inject(unet, by_type(torch.nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
     params = list(handle.parameters())
-    if checkpoint:
+    if checkpoint is True:
         enable_checkpointing(unet, UNET_BLOCKS)
     unet.train()
+    model = unet
+    if checkpoint == "own":
+        def model(x, t, c):
+            return torch.utils.checkpoint.checkpoint(unet, x, t, c, use_reentrant=False)
     g = torch.Generator().manual_seed(3)
     batch = {"latents": torch.randn(2, unet.config["in_channels"], 8, 8, generator=g),
              "cond": torch.randn(2, 6, unet.config["context_dim"], generator=g)}
@@ -156,7 +162,7 @@ def _checkpointed_toy_grads(sdpa, *, checkpoint: bool, half: bool = False, per_c
                                                        for p in params))
     config = StepConfig(sdpa_backends=sdpa, sdpa_backends_per_call=per_call, mixed_precision="bf16" if half else None,
                         half_precision_norms=half)
-    train_step(unet, batch, params=params, optimizer=opt, state=TrainState(seed=1), config=config,
+    train_step(model, batch, params=params, optimizer=opt, state=TrainState(seed=1), config=config,
                alphas_cumprod=torch.linspace(0.99, 0.01, 100))
     return torch.cat([grad.flatten() for grad in grads])
 
@@ -246,6 +252,21 @@ def test_the_measured_per_call_orders_keep_only_the_calls_the_order_runs_on_anot
     assert per_call == {calls[0].signature: ("flash", "cudnn", "math")}  # (the second kind: cuDNN either way)
     assert attention.fastest_sdpa_backends_per_call(calls) == {calls[0].signature: ("flash", "cudnn", "math"),
                                                                calls[1].signature: ("cudnn", "flash", "math")}
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "half-norms"])
+def test_a_models_own_checkpointing_recomputes_under_the_steps_backend_order(half):
+    """A model that checkpoints through its own code recomputes inside ``backward()``, which the step
+    runs under its attention order (``step_kernel_choices``; autograd keeps the torch function modes of
+    the ``backward()`` call): every call, forward and recompute, on the math kernel — bit for bit the
+    step without checkpointing. Before, the recompute ran torch's default (flash on a CPU) and torch
+    refused the step ("different metadata")."""
+    every = {c.signature: ("math",) for c in _toy_calls()}  # (float32 calls: the per-call case without autocast)
+    for sdpa, per_call in ((("math",), None), *(() if half else ((None, every),))):
+        plain = _checkpointed_toy_grads(sdpa, checkpoint=False, half=half, per_call=per_call)
+        own = _checkpointed_toy_grads(sdpa, checkpoint="own", half=half, per_call=per_call)
+        torch.testing.assert_close(own, plain, rtol=0, atol=0)
+    assert not torch.equal(_checkpointed_toy_grads(None, checkpoint=False, half=half), plain)
 
 
 def test_checkpointed_blocks_recompute_each_call_under_its_order():

@@ -357,11 +357,14 @@ def test_checkpointed_blocks_recompute_under_the_half_precision_norms(captured):
     assert not torch.equal(_float_base_step(half=False), plain)  # (the mode changes something here)
 
 
-def test_a_models_own_checkpointing_gets_an_error_that_says_what_to_do():
-    """A model checkpointing through its own code recomputes outside the mode: torch's metadata
-    error becomes one naming the cause and the fix; without the option the same model trains."""
-    with pytest.raises(RuntimeError, match="half_precision_norms.*enable_checkpointing"):
-        _float_base_step(checkpoint="own")
+@pytest.mark.parametrize("captured", [False, True])
+def test_a_models_own_checkpointing_recomputes_under_the_half_precision_norms(captured):
+    """A model checkpointing through its own code (as diffusers' ``enable_gradient_checkpointing()``)
+    recomputes inside ``backward()``, which the step runs under its mode (``step_kernel_choices``):
+    the gradients are bit for bit the step's without checkpointing (before, torch refused the recompute:
+    float32 norms against the forward's bf16), and without the option the same model trains as before."""
+    plain = _float_base_step()
+    torch.testing.assert_close(_float_base_step(checkpoint="own", captured=captured), plain, rtol=0, atol=0)
     torch.testing.assert_close(_float_base_step(checkpoint="own", half=False), _float_base_step(half=False),
                                rtol=0, atol=0)
 
@@ -396,12 +399,14 @@ def test_docs_example_runs():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-@pytest.mark.parametrize("checkpointed", [False, True])
-def test_cuda_graph_half_precision_norm_steps_match_eager_steps(device, checkpointed):
+@pytest.mark.parametrize("checkpoint", ["none", "sdadapt", "own"])
+def test_cuda_graph_half_precision_norm_steps_match_eager_steps(device, checkpoint):
     """Five bf16 LoRA steps of the toy UNet with half-precision norms, as CUDA-graph replays and as eager
-    steps, with and without checkpointed blocks (on the GPU the recompute runs on autograd's device
-    thread, under the mode ``enable_checkpointing`` re-enters there): the same losses and weights (on a
-    CPU ``CapturedStep`` runs eagerly: the two paths' code, not the graph)."""
+    steps, without checkpointing, with checkpointed blocks (on the GPU the recompute runs on autograd's
+    device thread, under the mode ``enable_checkpointing`` re-enters there) and with the model checkpointed
+    by its caller's own ``torch.utils.checkpoint`` call (the step's backward carries the mode to that
+    thread; CUDA autocast's float32 norms would make torch refuse the recompute): the same losses and
+    weights (on a CPU ``CapturedStep`` runs eagerly: the two paths' code, not the graph)."""
     from sdadapt.training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
     from sdadapt.training.step_capture import CapturedStep
 
@@ -411,9 +416,13 @@ def test_cuda_graph_half_precision_norm_steps_match_eager_steps(device, checkpoi
         torch.manual_seed(0)
         unet = ToyUNet().to(device, torch.bfloat16)
         handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
-        if checkpointed:
+        if checkpoint == "sdadapt":
             enable_checkpointing(unet, UNET_BLOCKS)
         unet.train()
+        model = unet
+        if checkpoint == "own":
+            def model(x, t, c):
+                return torch.utils.checkpoint.checkpoint(unet, x, t, c, use_reentrant=False)
         params = list(handle.parameters())
         for p in params:
             p.data = p.data.float()
@@ -423,9 +432,9 @@ def test_cuda_graph_half_precision_norm_steps_match_eager_steps(device, checkpoi
         config = StepConfig(mixed_precision="bf16", half_precision_norms=True)
         ac = torch.linspace(0.999, 0.01, 1000, device=device)
         state = TrainState(seed=2, device=device)
-        step = CapturedStep(unet, params=params, optimizer=opt, config=config, alphas_cumprod=ac, warmup_steps=2)
+        step = CapturedStep(model, params=params, optimizer=opt, config=config, alphas_cumprod=ac, warmup_steps=2)
         def eager():
-            return train_step(unet, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)
+            return train_step(model, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac)
 
         losses = [(step(batch, state=state) if captured else eager())["loss"] for _ in range(5)]
         if captured and cuda:

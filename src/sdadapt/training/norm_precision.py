@@ -17,19 +17,20 @@ Nothing is patched and nothing of the model changes; outside the context autocas
 mode sees every torch call on the host, so an eager step pays a little Python time for it; a
 :class:`~sdadapt.training.step_capture.CapturedStep` pays it once, at capture.
 
-Gradient checkpointing recomputes a block inside backward, where no torch function mode is active:
-:func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` re-enters the mode for its
-recomputes (:func:`recompute_context`, its ``context_fn``), so they match the forward. A model that
-checkpoints through its own code (diffusers' ``enable_gradient_checkpointing()``) recomputes its norms
-in float32 and torch refuses the mismatch; :func:`explain_recompute_errors` turns that error into one
-that says what to do.
+Gradient checkpointing recomputes a block inside backward, which must run its norms as the forward
+did (torch refuses a recompute whose saved tensors differ). The training step enters the mode around
+``backward()`` too (:func:`~sdadapt.training.step.step_kernel_choices`): autograd runs backward under the
+thread-local state of that call, torch function modes included, so a model that checkpoints through its
+own code (diffusers' ``enable_gradient_checkpointing()``) recomputes under it.
+:func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` also re-enters the mode for its
+recomputes (:func:`recompute_context`, its ``context_fn``), for a loop that calls ``backward()`` outside it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..adapters.base import autocast_dtype
 
-__all__ = ["NORM_FUNCTIONS", "explain_recompute_errors", "half_precision_norms", "recompute_context"]
+__all__ = ["NORM_FUNCTIONS", "half_precision_norms", "recompute_context"]
 
 #: the calls the mode runs in half precision (``nn.GroupNorm``/``nn.LayerNorm`` reach the first two);
 #: for all four the input is argument 0, the weight argument 2 and the bias argument 3
@@ -63,26 +64,6 @@ def recompute_context() -> AbstractContextManager[object] | None:
     type, to enter once), or ``None`` when none is active."""
     active = getattr(_ACTIVE, "device_types", None)
     return _HalfPrecisionNorms(active[-1]) if active else None
-
-
-@contextmanager
-def explain_recompute_errors(enabled: bool) -> Iterator[None]:
-    """Around a backward pass: with ``enabled`` (``StepConfig.half_precision_norms``), torch's
-    "recomputed values ... have different metadata" checkpoint error about float32 against half-precision
-    tensors becomes a ``RuntimeError`` that names the cause and the fix (any other error passes as is)."""
-    try:
-        yield
-    except torch.utils.checkpoint.CheckpointError as error:
-        text = str(error)
-        if not (enabled and "torch.float32" in text and ("torch.bfloat16" in text or "torch.float16" in text)):
-            raise
-        raise RuntimeError(
-            "half_precision_norms: a gradient-checkpointed block recomputed its GroupNorm/LayerNorm in float32 "
-            "(its recompute ran outside the step's half-precision norms: the model checkpoints through its own code, "
-            "e.g. diffusers' enable_gradient_checkpointing()). Checkpoint with "
-            "sdadapt.training.grad_checkpointing.enable_checkpointing instead (FitConfig.gradient_checkpointing, "
-            "train --gradient-checkpointing), which recomputes under them, or turn half_precision_norms off"
-        ) from error
 
 
 _ACTIVE = threading.local()  # .device_types: the device types of the modes entered on this thread, innermost last

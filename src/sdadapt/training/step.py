@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from ..formats.files import atomic_write, read_safetensors, staged_outputs, writ
 from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .half_weights import found_inf, loss_scaler
-from .norm_precision import explain_recompute_errors, half_precision_norms
+from .norm_precision import half_precision_norms
 from .optim import FusedBackward, restore_capturable_mode
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "train_step",
     "prepare_batch",
     "step_loss",
+    "step_backward",
     "timestep_bounds",
     "clip_and_step",
     "fused_backward_clashes",
@@ -354,6 +355,41 @@ def prepare_batch(
 ExtraLoss = Callable[[Mapping[str, object], Tensor], Tensor]
 
 
+@contextmanager
+def _kernel_choices(config: StepConfig, device_type: str) -> Iterator[None]:
+    """The step's kernel choices on ``device_type``: the attention-kernel order (``config.sdpa_backends``,
+    ``sdpa_backends_per_call``; :func:`~sdadapt.training.attention.sdpa_backends`) and the half-precision
+    norms (``config.half_precision_norms``; :func:`~sdadapt.training.norm_precision.half_precision_norms`)."""
+    with (sdpa_backends(config.sdpa_backends, dict(config.sdpa_backends_per_call or ())),
+          half_precision_norms(config.half_precision_norms, device_type)):
+        yield
+
+
+def step_backward(loss: Tensor, config: StepConfig) -> None:
+    """``loss.backward()`` (``loss`` 0-dim) under the step's kernel choices, those :func:`step_loss` runs
+    the forward under (``StepConfig.sdpa_backends``, ``sdpa_backends_per_call``, ``half_precision_norms``).
+
+    A block the model checkpoints through its own code (diffusers' ``enable_gradient_checkpointing()``)
+    recomputes inside backward and must choose there what its forward chose, or torch refuses the
+    recompute ("different metadata"). Autograd runs backward under the thread-local state of the call
+    that started it, torch function modes included (on its CUDA device threads too), but
+    ``Tensor.backward`` is itself dispatched through the active modes, which leave the stack while they
+    handle a call: wrapping ``loss.backward()`` in the modes does not reach the recompute. So with
+    kernel choices configured the backward starts from autograd's engine directly, inside them; without,
+    it is ``loss.backward()``. Call this instead of ``loss.backward()`` when you run :func:`step_loss`
+    yourself."""
+    if not (config.half_precision_norms or config.sdpa_backends is not None or config.sdpa_backends_per_call):
+        loss.backward()
+        return
+    grad = (torch.ones_like(loss, memory_format=torch.preserve_format),)
+    # (what torch.autograd.backward calls; torch >= 2.3 wraps the engine to show compiled autograd's config
+    # to the device threads)
+    engine = (getattr(torch.autograd.graph, "_engine_run_backward", None)
+              or torch.autograd.Variable._execution_engine.run_backward)  # type: ignore[attr-defined]
+    with _kernel_choices(config, loss.device.type):
+        engine((loss,), grad, False, False, (), allow_unreachable=True, accumulate_grad=True)
+
+
 def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig,
               extra_loss: ExtraLoss | None = None, *, autocast_cache: bool = True,
               batch_casts: Sequence[Tensor] = ()) -> Tensor:
@@ -371,9 +407,8 @@ def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mappi
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
     autocast = (torch.autocast(x_t.device.type, dtype=dtype, cache_enabled=autocast_cache)
                 if dtype is not None else nullcontext())
-    with (autocast, sdpa_backends(config.sdpa_backends, dict(config.sdpa_backends_per_call or ())),
-          batched_weight_casts(batch_casts, x_t.device.type),
-          half_precision_norms(config.half_precision_norms, x_t.device.type)):
+    with (autocast, batched_weight_casts(batch_casts, x_t.device.type),
+          _kernel_choices(config, x_t.device.type)):
         prediction = model(x_t, prepared["t"], prepared["cond"])  # type: ignore[arg-type]
     if "edm_out" in prepared:  # (EDM: the denoised latent c_skip·x_σ + c_out·F is what the loss sees, training.edm)
         prediction = edm.edm_denoised(prepared, prediction)
@@ -495,8 +530,7 @@ def train_step(
     if config.mixed_precision == "fp16" and state.scaler is None:
         state.scaler = loss_scaler(params, loss.device.type)  # (fp16 weights: a scaler that unscales fp16 gradients)
     scaled = loss / config.accumulation_steps
-    with explain_recompute_errors(config.half_precision_norms):
-        (state.scaler.scale(scaled) if state.scaler else scaled).backward()
+    step_backward(state.scaler.scale(scaled) if state.scaler else scaled, config)
     state.micro_step += 1
 
     grad_norm: Tensor | None = None

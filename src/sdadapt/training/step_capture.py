@@ -80,9 +80,8 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ..adapters.weight_casts import is_batched_cast
-from .norm_precision import explain_recompute_errors
 from .optim import set_lr
-from .step import ExtraLoss, StepConfig, TrainState, clip_and_step, prepare_batch, step_loss
+from .step import ExtraLoss, StepConfig, TrainState, clip_and_step, prepare_batch, step_backward, step_loss
 
 __all__ = ["CapturedStep", "CaptureError", "capture_problems", "graph_generators"]
 
@@ -283,8 +282,7 @@ class CapturedStep:
         loss = step_loss(self.model, prepared, self.config, self.extra_loss, autocast_cache=False, batch_casts=self.params)
         if capturing:
             self._settle_grads(loss)
-        with explain_recompute_errors(self.config.half_precision_norms):
-            (loss / self.config.accumulation_steps).backward()
+        step_backward(loss / self.config.accumulation_steps, self.config)
         if capturing:
             self._refuse_unowned_grads()
         return {"loss": loss.detach()}
