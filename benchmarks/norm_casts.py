@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step
@@ -57,9 +58,10 @@ class _Args:
     compile_backend = "inductor"
 
 
-def count_step_ops(config: str, *, half_precision_norms: bool) -> tuple[Counter[str], list[torch.Tensor]]:
-    """The aten ops of the second step of the benchmark's LoRA row (under :class:`CudaNormPolicy`)
-    and the LoRA gradients of that step."""
+def count_step_ops(config: str, *, half_precision_norms: bool) -> tuple[Counter[str], int, list[torch.Tensor]]:
+    """The aten ops of the second step of the benchmark's LoRA row (under :class:`CudaNormPolicy`; by
+    name, views included), how many of them launch a kernel (no views), and the LoRA gradients of that
+    step (copied outside the count)."""
     spec = train_step.CONFIGS[config]
     models = train_step.Models(spec, 0)
     batch = train_step.make_batch(spec, 1, torch.device("cpu"), 0)
@@ -68,7 +70,8 @@ def count_step_ops(config: str, *, half_precision_norms: bool) -> tuple[Counter[
     grads: list[torch.Tensor] = []
 
     def keep_grads(optimizer, *_):
-        grads[:] = [p.grad.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+        with _disable_current_modes():  # (the copies are the benchmark's, not the step's)
+            grads[:] = [p.grad.detach().clone() for group in optimizer.param_groups for p in group["params"]]
 
     with CudaNormPolicy():
         step()
@@ -79,7 +82,7 @@ def count_step_ops(config: str, *, half_precision_norms: bool) -> tuple[Counter[
                 step()
         finally:
             hook.remove()
-    return counter.counts, grads
+    return counter.counts, counter.ops, grads
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    off, grads_off = count_step_ops(args.config, half_precision_norms=False)
-    on, grads_on = count_step_ops(args.config, half_precision_norms=True)
+    off, launched_off, grads_off = count_step_ops(args.config, half_precision_norms=False)
+    on, launched_on, grads_on = count_step_ops(args.config, half_precision_norms=True)
     diff = max(float((a - b).abs().max()) for a, b in zip(grads_off, grads_on))
     scale = max(float(a.abs().max()) for a in grads_off)
     names = sorted(set(off) | set(on), key=lambda n: off[n] - on[n], reverse=True)
@@ -97,13 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [f"LoRA step, {args.config} config, bf16 autocast with CUDA's float32 norms (emulated on CPU)", "",
              "| aten op | float32 norms | half_precision_norms |", "|---|---:|---:|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
-    lines += [f"| **all ops** | **{sum(off.values())}** | **{sum(on.values())}** |", "",
+    lines += [f"| **all ops** | **{sum(off.values())}** | **{sum(on.values())}** |",
+              f"| **ops that launch a kernel (no views)** | **{launched_off}** | **{launched_on}** |", "",
               f"LoRA gradients: largest |difference| {diff:.3g} (largest |gradient| {scale:.3g})"]
     print("\n".join(lines))
     out = args.out or train_step.RESULTS / f"norm_casts-{args.config}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": args.config, "ops_float32_norms": dict(off),
                                "ops_half_precision_norms": dict(on),
+                               "launching_ops_float32_norms": launched_off, "launching_ops_half_precision_norms": launched_on,
                                "grad_max_abs_diff": diff, "grad_max_abs": scale}, indent=2))
     print(f"wrote {out}")
     return 0
