@@ -222,6 +222,13 @@ class _Generator(_CpuGenerator):
         pass
 
 
+def _rng_state(*args, **kwargs) -> torch.Tensor:
+    """``torch.cuda.get_rng_state()``: refused inside a capture, as CUDA refuses reading the seed."""
+    if _CAPTURING[0]:
+        raise RuntimeError("Cannot call CUDAGeneratorImpl::current_seed during CUDA graph capture (emulated)")
+    return torch.zeros(16, dtype=torch.uint8)
+
+
 @pytest.fixture()
 def emulated_cuda(monkeypatch):
     """torch's CUDA API on a CPU (see the module docstring)."""
@@ -242,7 +249,7 @@ def emulated_cuda(monkeypatch):
                         "reset_peak_memory_stats": returning(None), "max_memory_allocated": returning(0),
                         "memory_allocated": returning(0), "max_memory_reserved": returning(0),
                         "empty_cache": returning(None), "is_bf16_supported": returning(True), "CUDAGraph": _Graph,
-                        "get_rng_state": returning(torch.zeros(16, dtype=torch.uint8)), "set_rng_state": returning(None),
+                        "get_rng_state": _rng_state, "set_rng_state": returning(None),
                         "is_current_stream_capturing": lambda: _CAPTURING[0],
                         "graph": lambda *a, **k: contextlib.nullcontext(), "Stream": _Stream,
                         "stream": lambda s: contextlib.nullcontext(), "current_stream": lambda *a: _Stream()}.items():
@@ -287,6 +294,37 @@ def test_the_host_sync_test_runs_on_emulated_cuda(emulated_cuda):
     from test_train import test_cuda_step_has_no_host_sync
 
     test_cuda_step_has_no_host_sync()
+
+
+def test_a_capture_that_reads_the_rng_state_says_what_to_do(emulated_cuda):
+    """A forward that reads the CUDA RNG state (what ``torch.utils.checkpoint(..., preserve_rng_state=True)``
+    does with CUDA tensors: a model's own gradient checkpointing) trains in the eager warm-up and is refused
+    at the capture with a ``CaptureError`` naming sdadapt's checkpointing and ``preserve_rng_state=False``
+    (CUDA's own error is kept as its cause)."""
+    import sdadapt
+    from sdadapt.targets import by_type
+    from sdadapt.toy import ToyUNet
+    from sdadapt.training.step import StepConfig, TrainState
+    from sdadapt.training.step_capture import CaptureError, CapturedStep
+
+    torch.manual_seed(0)
+    unet = ToyUNet()
+    params = list(sdadapt.inject(unet, by_type(torch.nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian")).parameters())
+
+    def model(x, t, c):
+        torch.cuda.get_rng_state()  # (torch.utils.checkpoint's get_device_states)
+        return unet(x, t, c)
+
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-3), capturable=True)
+    step = CapturedStep(model, params=params, optimizer=opt, config=StepConfig(), warmup_steps=1,
+                        alphas_cumprod=torch.linspace(0.99, 0.01, 100))
+    batch = {"latents": torch.randn(2, unet.config["in_channels"], 8, 8),
+             "cond": torch.randn(2, 6, unet.config["context_dim"])}
+    state = TrainState(seed=0)
+    assert torch.isfinite(step(batch, state=state)["loss"])  # (the warm-up: eager)
+    with pytest.raises(CaptureError, match="enable_checkpointing.*preserve_rng_state=False") as caught:
+        step(batch, state=state)
+    assert "current_seed" in str(caught.value.__cause__)
 
 
 @pytest.fixture()

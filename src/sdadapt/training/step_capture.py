@@ -155,6 +155,32 @@ def _record(graph: torch.cuda.CUDAGraph, body: Callable[[], dict[str, Tensor]], 
         return body()
 
 
+_RNG_STATE_IN_CAPTURE = (
+    "the step read the CUDA generator's state while it was captured, which CUDA graphs refuse. Most likely a "
+    "gradient checkpoint that preserves the RNG state: the model's own (diffusers' enable_gradient_checkpointing(), "
+    "transformers' gradient_checkpointing_enable(), a torch.utils.checkpoint call in your model). Checkpoint with "
+    "sdadapt.training.grad_checkpointing.enable_checkpointing instead (FitConfig.gradient_checkpointing, "
+    "train --gradient-checkpointing; it does not preserve the RNG state while capturing: exact without dropout in "
+    "the checkpointed blocks), or give the model a checkpoint function with preserve_rng_state=False (diffusers: "
+    "enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(torch.utils.checkpoint.checkpoint, "
+    "use_reentrant=False, preserve_rng_state=False))). Else torch.compile compiled inside the capture "
+    "(a recompile): give CapturedStep more warmup_steps"
+)
+
+
+def _read_rng_state(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from or during, is CUDA's refusal to read a
+    generator's seed inside a capture (``torch.cuda.get_rng_state()``; a failed capture's own error
+    at the graph's end may stand in front of it)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if "CUDAGeneratorImpl::current_seed" in str(error):
+            return True
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return False
+
+
 def _reached(loss: Tensor) -> set[int]:
     """``id`` of every leaf tensor ``loss.backward()`` accumulates a gradient into (its autograd graph's
     ``AccumulateGrad`` nodes); a Python walk, no device work. Of the weights cast together
@@ -394,7 +420,12 @@ class CapturedStep:
             return {**out, **self._update_body(state)} if update else out
 
         graph = self._new_graph()
-        entry.outputs = _record(graph, body, stream=self._side_stream())
+        try:
+            entry.outputs = _record(graph, body, stream=self._side_stream())
+        except RuntimeError as error:
+            if not _read_rng_state(error):
+                raise
+            raise CaptureError(_RNG_STATE_IN_CAPTURE) from error
         entry.graph, self._dropped = graph, []
 
     def _new_graph(self) -> torch.cuda.CUDAGraph:
