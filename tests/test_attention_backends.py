@@ -257,7 +257,7 @@ def test_the_measured_per_call_orders_keep_only_the_calls_the_order_runs_on_anot
 @pytest.mark.parametrize("half", [False, True], ids=["float32", "half-norms"])
 def test_a_models_own_checkpointing_recomputes_under_the_steps_backend_order(half):
     """A model that checkpoints through its own code recomputes inside ``backward()``, which the step
-    runs under its attention order (``step_kernel_choices``; autograd keeps the torch function modes of
+    starts inside its attention order (``step_backward``; autograd keeps the torch function modes of
     the ``backward()`` call): every call, forward and recompute, on the math kernel — bit for bit the
     step without checkpointing. Before, the recompute ran torch's default (flash on a CPU) and torch
     refused the step ("different metadata")."""

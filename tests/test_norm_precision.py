@@ -360,7 +360,7 @@ def test_checkpointed_blocks_recompute_under_the_half_precision_norms(captured):
 @pytest.mark.parametrize("captured", [False, True])
 def test_a_models_own_checkpointing_recomputes_under_the_half_precision_norms(captured):
     """A model checkpointing through its own code (as diffusers' ``enable_gradient_checkpointing()``)
-    recomputes inside ``backward()``, which the step runs under its mode (``step_kernel_choices``):
+    recomputes inside ``backward()``, which the step starts inside its mode (``step_backward``):
     the gradients are bit for bit the step's without checkpointing (before, torch refused the recompute:
     float32 norms against the forward's bf16), and without the option the same model trains as before."""
     plain = _float_base_step()

@@ -18,10 +18,10 @@ mode sees every torch call on the host, so an eager step pays a little Python ti
 :class:`~sdadapt.training.step_capture.CapturedStep` pays it once, at capture.
 
 Gradient checkpointing recomputes a block inside backward, which must run its norms as the forward
-did (torch refuses a recompute whose saved tensors differ). The training step enters the mode around
-``backward()`` too (:func:`~sdadapt.training.step.step_kernel_choices`): autograd runs backward under the
-thread-local state of that call, torch function modes included, so a model that checkpoints through its
-own code (diffusers' ``enable_gradient_checkpointing()``) recomputes under it.
+did (torch refuses a recompute whose saved tensors differ). The training step starts its backward inside
+the mode too (:func:`~sdadapt.training.step.step_backward`): autograd runs backward under the thread-local
+state of that call, torch function modes included, so a model that checkpoints through its own code
+(diffusers' ``enable_gradient_checkpointing()``) recomputes under it.
 :func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` also re-enters the mode for its
 recomputes (:func:`recompute_context`, its ``context_fn``), for a loop that calls ``backward()`` outside it.
 """
