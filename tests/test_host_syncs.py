@@ -9,6 +9,7 @@ per optimiser step (for ``callback``, ``on_step``, the NaN check and its returne
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -100,6 +101,39 @@ def test_reads_and_copies_are_told_apart():
         syncs.__enter__()
 
 
+@pytest.mark.parametrize("call", ["Tensor.backward", "torch.autograd.backward"])
+def test_a_copy_in_python_code_backward_runs_is_caught(call):
+    """A hook autograd calls in backward copies a host-made tensor in: recorded, whichever way the backward
+    was started (each is dispatched through the recorder's function mode, which leaves the stack while it
+    handles a call: before, the whole backward ran without it and the copy went unseen). The gradients
+    are those of the same backward unrecorded."""
+    def run(record: bool) -> tuple[list[str], torch.Tensor]:
+        w = torch.linspace(-1.0, 1.0, 6, requires_grad=True)
+
+        def hook(p: torch.Tensor) -> None:
+            p.grad.mul_(torch.full((), 3.0).to(p.device))
+
+        w.register_post_accumulate_grad_hook(hook)
+        loss, seed = (w * w).sum(), torch.ones(())  # (made before the recording: device tensors)
+        with HostSyncs() if record else contextlib.nullcontext() as syncs:
+            loss.backward() if call == "Tensor.backward" else torch.autograd.backward([loss], [seed])
+        return ([] if syncs is None else [e.op for e in syncs.events]), w.grad
+
+    events, grad = run(True)
+    assert events == ["to"]
+    torch.testing.assert_close(grad, run(False)[1], rtol=0, atol=0)
+
+
+def test_a_backward_the_recorder_cannot_restart_runs_as_called():
+    """``inputs=`` (and gradients torch refuses) are left to torch: the same gradients, torch's own error."""
+    w, v = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    with HostSyncs():
+        (w * v).sum().backward(inputs=[w])
+        with pytest.raises(RuntimeError, match="grad can be implicitly created only for scalar outputs"):
+            (w * 2).backward()
+    assert torch.equal(w.grad, torch.ones(3)) and v.grad is None
+
+
 def test_copy_to_device_on_the_same_device_is_the_tensor_itself():
     x = torch.arange(6).reshape(2, 3)
     assert copy_to_device(x, "cpu") is x
@@ -189,6 +223,28 @@ def test_fp16_loss_scaling_reads_one_value_per_optimiser_step():
 
     for events in _events_per_step(step, steps=1):
         assert len(events) == 1 and events[0].startswith("read _local_scalar_dense") and "clip_and_step" in events[0]
+
+
+def test_a_copy_added_to_an_optimiser_fused_into_backward_is_caught():
+    """The fused-backward optimiser steps inside backward (hooks autograd calls): a host-made tensor it
+    copies in at each step is caught in every step."""
+    model, params, latents, ids, ac = _toy_lora()
+
+    class Copying(AdamW):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                group["params"][0].grad.mul_(torch.ones(()).to(latents.device))
+            return super().step(closure)
+
+    opt = fuse_optimizer_into_backward(params, lambda group: Copying(group, lr=1e-3))
+    state = TrainState(seed=0)
+
+    def step():
+        train_step(model, {"latents": latents, "cond": ids}, params=params, optimizer=opt, state=state,
+                   config=StepConfig(max_grad_norm=None), alphas_cumprod=ac)
+
+    for events in _events_per_step(step):
+        assert events and all(e.startswith("copy to") and "in step" in e for e in events), events
 
 
 @pytest.mark.parametrize("sync", ["read", "copy"])

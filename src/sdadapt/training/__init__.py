@@ -30,6 +30,7 @@
 | :mod:`.dataset_config` | kohya's dataset TOML and fine-tuning metadata (``--in_json``) resolved into subsets |
 | :mod:`.grad_checkpointing` | gradient checkpointing for any model chosen by a target predicate |
 | :mod:`.param_groups` | parameter groups, one per block, for an optimiser fused into backward |
+| :mod:`.engine_backward` | a backward pass that keeps the caller's torch function modes for the Python code backward runs |
 | :mod:`.host_syncs` | host syncs found on any device (:class:`~.host_syncs.HostSyncs`), copies that do not wait |
 | :mod:`.data` | training data as kohya and OneTrainer lay it out: folders, captions, aspect-ratio buckets |
 | :mod:`.data_parallel` | data-parallel training under torchrun / ``accelerate launch``: each rank's slice, averaged gradients |

@@ -30,6 +30,7 @@ from ..adapters.weight_casts import batched_weight_casts
 from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
 from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
+from .engine_backward import backward_keeping_modes
 from .half_weights import found_inf, loss_scaler
 from .norm_precision import half_precision_norms
 from .optim import FusedBackward, restore_capturable_mode
@@ -371,23 +372,17 @@ def step_backward(loss: Tensor, config: StepConfig) -> None:
 
     A block the model checkpoints through its own code (diffusers' ``enable_gradient_checkpointing()``)
     recomputes inside backward and must choose there what its forward chose, or torch refuses the
-    recompute ("different metadata"). Autograd runs backward under the thread-local state of the call
-    that started it, torch function modes included (on its CUDA device threads too), but
-    ``Tensor.backward`` is itself dispatched through the active modes, which leave the stack while they
-    handle a call: wrapping ``loss.backward()`` in the modes does not reach the recompute. So with
-    kernel choices configured the backward starts from autograd's engine directly, inside them; without,
-    it is ``loss.backward()``. Call this instead of ``loss.backward()`` when you run :func:`step_loss`
-    yourself."""
+    recompute ("different metadata"). ``Tensor.backward`` is itself dispatched through the active torch
+    function modes, which leave the stack while they handle a call, so wrapping ``loss.backward()`` in
+    them does not reach the recompute: with kernel choices configured the backward starts from
+    autograd's engine, inside them (:func:`~sdadapt.training.engine_backward.backward_keeping_modes`);
+    without, it is ``loss.backward()``. Call this instead of ``loss.backward()`` when you run
+    :func:`step_loss` yourself."""
     if not (config.half_precision_norms or config.sdpa_backends is not None or config.sdpa_backends_per_call):
         loss.backward()
         return
-    grad = (torch.ones_like(loss, memory_format=torch.preserve_format),)
-    # (what torch.autograd.backward calls; torch >= 2.3 wraps the engine to show compiled autograd's config
-    # to the device threads)
-    engine = (getattr(torch.autograd.graph, "_engine_run_backward", None)
-              or torch.autograd.Variable._execution_engine.run_backward)  # type: ignore[attr-defined]
     with _kernel_choices(config, loss.device.type):
-        engine((loss,), grad, False, False, (), allow_unreachable=True, accumulate_grad=True)
+        backward_keeping_modes((loss,))
 
 
 def step_loss(model: Callable[[Tensor, Tensor, object], Tensor], prepared: Mapping[str, object], config: StepConfig,

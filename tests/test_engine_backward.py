@@ -1,0 +1,87 @@
+"""``backward_keeping_modes``: torch.autograd.backward's gradients, with the caller's torch function
+modes active for the Python code backward runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
+
+from sdadapt.training.engine_backward import backward_keeping_modes
+
+
+class _Seen(TorchFunctionMode):
+    """Records the names of the torch functions called while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def _net(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x).mul(3.0)
+
+
+def test_the_recompute_of_a_checkpoint_runs_under_the_callers_modes():
+    """The recompute of a non-reentrant checkpoint runs inside backward: started from the engine it
+    sees the mode active at the call; ``Tensor.backward()`` inside the same mode runs without it (the
+    mode leaves the stack while it handles that call: why this function exists)."""
+    for start, sees in ((lambda loss: backward_keeping_modes([loss]), True), (lambda loss: loss.backward(), False)):
+        x = torch.linspace(-1.0, 1.0, 5, requires_grad=True)
+        loss = torch.utils.checkpoint.checkpoint(_net, x, use_reentrant=False).sum()
+        mode = _Seen()
+        with mode:
+            start(loss)
+        assert ("sin" in mode.names) is sees, mode.names  # (the recompute's first call)
+        torch.testing.assert_close(x.grad, 3.0 * torch.cos(x.detach()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=3),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_gradients_equal_torch_autograd_backward(shapes, dtype, seed):
+    """Several outputs of any shapes, each with its given gradient (a one-element one: implied ones),
+    accumulated into ``.grad`` bit for bit as ``torch.autograd.backward``."""
+    def run(backward) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(7, dtype=dtype, generator=g, requires_grad=True)
+        outs, grads = [], []
+        for shape in shapes:
+            a = torch.randn(*shape, 7, dtype=dtype, generator=g)
+            out = (a * w).sum(-1).exp()
+            outs.append(out)
+            grads.append(None if out.numel() == 1 else torch.randn(out.shape, dtype=dtype, generator=g))
+        backward(outs, grads)
+        return w.grad
+
+    torch.testing.assert_close(run(backward_keeping_modes), run(torch.autograd.backward), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_retain_graph_and_create_graph_as_torch():
+    x = torch.tensor([0.5, -1.5], requires_grad=True)
+    y = (x ** 3).sum()
+    backward_keeping_modes([y], retain_graph=True)
+    backward_keeping_modes([y])  # (the graph was kept for this one)
+    torch.testing.assert_close(x.grad, 2 * 3 * x.detach() ** 2)
+    with pytest.raises(RuntimeError, match="second time"):
+        backward_keeping_modes([y])
+    x.grad = None
+    backward_keeping_modes([(x ** 3).sum()], create_graph=True)  # d/dx (3x²) summed: 6x
+    (first,) = torch.autograd.grad(x.grad.sum(), x)
+    torch.testing.assert_close(first, 6 * x.detach())
+    x.grad = None  # (breaks the cycle create_graph makes)
+
+
+def test_a_gradient_that_cannot_be_implied_is_asked_for():
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"shape \(3,\) needs its gradient"):
+        backward_keeping_modes([x * 2])
+    with pytest.raises(ValueError, match="1 tensor.*2 gradient"):
+        backward_keeping_modes([x.sum()], [None, None])
