@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": args.config, "ops_float32_norms": dict(off),
                                "ops_half_precision_norms": dict(on),
-                               "launching_ops_float32_norms": launched_off, "launching_ops_half_precision_norms": launched_on,
+                               "launching_ops_float32_norms": launched_off,
+                               "launching_ops_half_precision_norms": launched_on,
                                "grad_max_abs_diff": diff, "grad_max_abs": scale}, indent=2))
     print(f"wrote {out}")
     return 0
