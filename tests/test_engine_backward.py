@@ -9,18 +9,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
-from sdadapt.training.engine_backward import backward_keeping_modes
+from sdadapt.training.engine_backward import backward_call, backward_keeping_modes
 
 
 class _Seen(TorchFunctionMode):
-    """Records the names of the torch functions called while it is active."""
+    """Records the names of the torch functions called while it is active; ``restart``: with the
+    backward calls it handles restarted by :func:`backward_call`."""
 
-    def __init__(self) -> None:
+    def __init__(self, restart: bool = False) -> None:
         super().__init__()
         self.names: list[str] = []
+        self.restart = restart
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.names.append(getattr(func, "__name__", str(func)))
+        restart = backward_call(func, args, kwargs or {}) if self.restart else None
+        if restart is not None:
+            with self:
+                return restart()
         return func(*args, **(kwargs or {}))
 
 
@@ -85,3 +91,31 @@ def test_a_gradient_that_cannot_be_implied_is_asked_for():
         backward_keeping_modes([x * 2])
     with pytest.raises(ValueError, match="1 tensor.*2 gradient"):
         backward_keeping_modes([x.sum()], [None, None])
+
+
+@pytest.mark.parametrize("call", ["Tensor.backward", "torch.autograd.backward"])
+def test_a_mode_restarting_the_backward_calls_it_handles_sees_the_recompute(call):
+    """``backward_call`` in a mode's handler: ``loss.backward()`` / ``torch.autograd.backward([loss])``
+    called inside the mode reach the checkpoint's recompute with the mode on; the same gradients."""
+    x = torch.linspace(-1.0, 1.0, 5, requires_grad=True)
+    loss = torch.utils.checkpoint.checkpoint(_net, x, use_reentrant=False).sum()
+    mode = _Seen(restart=True)
+    with mode:
+        loss.backward() if call == "Tensor.backward" else torch.autograd.backward([loss])
+    assert "sin" in mode.names, mode.names
+    torch.testing.assert_close(x.grad, 3.0 * torch.cos(x.detach()))
+
+
+def test_backward_call_leaves_other_calls_alone():
+    """Other functions, ``inputs=``, a non-scalar output without its gradient, a count mismatch: ``None``
+    (run as called: torch's own behaviour and errors)."""
+    x = torch.ones(3, requires_grad=True)
+    y = (x * 2).sum()
+    assert backward_call(torch.add, (x, x), {}) is None
+    assert backward_call(torch.Tensor.backward, (y,), {"inputs": [x]}) is None
+    assert backward_call(torch.Tensor.backward, (x * 2,), {}) is None
+    assert backward_call(torch.autograd.backward, ([y, y], [None]), {}) is None
+    assert backward_call(torch.autograd.backward, (), {"nonsense": 1}) is None
+    backward_call(torch.Tensor.backward, (y,), {"retain_graph": True})()
+    backward_call(torch.autograd.backward, ([y],), {})()  # (the graph kept by the first)
+    torch.testing.assert_close(x.grad, torch.full((3,), 4.0))

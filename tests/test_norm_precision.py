@@ -369,6 +369,18 @@ def test_a_models_own_checkpointing_recomputes_under_the_half_precision_norms(ca
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("checkpoint", ["sdadapt", "own"])
+def test_the_emulated_cuda_norm_rule_reaches_the_recompute(checkpoint):
+    """``CudaNormPolicy`` (CUDA's float32 norms on a CPU) restarts the backward it handles with itself on
+    the stack: a checkpointed block recomputes its norms in float32 as its forward did — the gradients of
+    the float32-norm step without checkpointing, bit for bit (before, torch refused the recompute, its
+    norms in bf16 against the forward's float32)."""
+    with CudaNormPolicy():
+        plain = _float_base_step(half=False)
+        torch.testing.assert_close(_float_base_step(half=False, checkpoint=checkpoint), plain, rtol=0, atol=0)
+    assert not torch.equal(_float_base_step(half=False), plain)  # (the policy changes something here)
+
+
 def test_compiled_checkpointed_blocks_train_with_the_option():
     """Under ``torch.compile`` the checkpointed blocks are recomputed from the traced graph (no context
     function: torch.compile refuses one that is not a dispatch mode); the step runs without a graph

@@ -37,7 +37,6 @@ index into a device tensor (made into a tensor and copied in C++) is not seen. O
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .engine_backward import backward_keeping_modes
+from .engine_backward import backward_call
 
 __all__ = ["HostSync", "HostSyncs", "READ_OPS", "copy_to_device"]
 
@@ -106,11 +105,10 @@ class _Functions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if func in _BACKWARDS:
-            backward = _plain_backward(func, args, kwargs)
-            if backward is not None:  # (this mode is off the stack while it handles the call: back on for backward)
-                with self:
-                    return backward_keeping_modes(*backward[:2], **backward[2])
+        restart = backward_call(func, args, kwargs)
+        if restart is not None:  # (this mode is off the stack while it handles the call: back on for backward)
+            with self:
+                return restart()
         name = getattr(func, "__name__", "")
         owner = self.owner
         if name in _HOST_DATA_READS and args and isinstance(args[0], Tensor) and not owner.is_host(args[0]):
@@ -155,37 +153,6 @@ class _Functions(TorchFunctionMode):
                 owner.unmark(out)  # now on the device
             if not non_blocking:
                 owner.record("copy", "to")
-
-
-_BACKWARDS = {Tensor.backward: inspect.signature(Tensor.backward),
-              torch.autograd.backward: inspect.signature(torch.autograd.backward)}
-
-
-def _plain_backward(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, Any, dict] | None:
-    """``(tensors, grads, options)`` for :func:`backward_keeping_modes` from a ``Tensor.backward`` or
-    ``torch.autograd.backward`` call, or ``None`` for one it does not take (``inputs=``, the old
-    ``grad_variables=``, gradients torch would refuse): that one runs as called (torch's own errors), its
-    Python code unseen by the function mode."""
-    try:
-        bound = _BACKWARDS[func].bind(*args, **kwargs)
-    except TypeError:
-        return None
-    arguments = bound.arguments
-    if arguments.get("inputs") is not None or arguments.get("grad_variables") is not None:
-        return None
-    if func is Tensor.backward:
-        tensors, grads = (arguments["self"],), arguments.get("gradient")
-        grads = None if grads is None else (grads,)
-    else:
-        tensors, grads = arguments["tensors"], arguments.get("grad_tensors")
-        tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
-        grads = (grads,) if isinstance(grads, Tensor) else grads
-    listed = (None,) * len(tensors) if grads is None else tuple(grads)
-    if len(listed) != len(tensors) or not all(isinstance(t, Tensor) and (g is not None or t.numel() == 1)
-                                             for t, g in zip(tensors, listed)):
-        return None
-    return tensors, grads, {"retain_graph": arguments.get("retain_graph"),
-                            "create_graph": arguments.get("create_graph", False)}
 
 
 def _names_cpu(device: Any) -> bool:
