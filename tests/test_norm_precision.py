@@ -369,6 +369,46 @@ def test_a_models_own_checkpointing_recomputes_under_the_half_precision_norms(ca
                                rtol=0, atol=0)
 
 
+def _own_loop_grads(*, checkpoint: bool, backend: str | None = None) -> torch.Tensor:
+    """Your own loop's LoRA gradients on the float32 toy UNet: forward and ``loss.backward()`` both inside
+    ``half_precision_norms`` (and ``sdpa_backends(None, {every call: (backend,)})`` when ``backend``), the
+    whole model checkpointed by its caller's ``torch.utils.checkpoint`` call or not."""
+    from contextlib import nullcontext
+
+    from sdadapt.training.attention import record_attention_calls, sdpa_backends
+
+    torch.manual_seed(0)
+    unet = ToyUNet()
+    params = list(sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian")).parameters())
+    batch = _toy_batch(torch.float32)
+    t = torch.tensor([10, 700])
+
+    def forward():
+        if checkpoint:
+            return torch.utils.checkpoint.checkpoint(unet, batch["latents"], t, batch["cond"], use_reentrant=False)
+        return unet(batch["latents"], t, batch["cond"])
+
+    per_call = None
+    if backend is not None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            per_call = {c.signature: (backend,) for c in record_attention_calls(lambda: forward())}
+    with torch.autocast("cpu", dtype=torch.bfloat16), half_precision_norms(True, "cpu"), \
+            (sdpa_backends(None, per_call) if per_call else nullcontext()):
+        loss = forward().float().pow(2).mean()
+        loss.backward()
+    return torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten() for p in params])
+
+
+@pytest.mark.parametrize("backend", [None, "math"], ids=["norms", "norms-and-per-call-order"])
+def test_your_own_loops_backward_inside_the_contexts_reaches_the_recompute(backend):
+    """``loss.backward()`` called inside ``half_precision_norms`` (and a per-call ``sdpa_backends``): the
+    modes restart it with themselves on the stack, so a model's own checkpoint recomputes under them — the
+    gradients without checkpointing, bit for bit (before, torch refused the recompute)."""
+    plain = _own_loop_grads(checkpoint=False, backend=backend)
+    torch.testing.assert_close(_own_loop_grads(checkpoint=True, backend=backend), plain, rtol=0, atol=0)
+    assert float(plain.abs().max()) > 0
+
+
 @pytest.mark.parametrize("checkpoint", ["sdadapt", "own"])
 def test_the_emulated_cuda_norm_rule_reaches_the_recompute(checkpoint):
     """``CudaNormPolicy`` (CUDA's float32 norms on a CPU) restarts the backward it handles with itself on

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .engine_backward import backward_call
+
 __all__ = [
     "SDPA_BACKENDS",
     "AttentionCall",
@@ -334,6 +336,10 @@ class _PerCallBackends(TorchFunctionMode):
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        restart = backward_call(func, args, kwargs)
+        if restart is not None:  # (off the stack while it handles this call: back on for a checkpoint's recompute)
+            with self:
+                return restart()
         if func is F.scaled_dot_product_attention:
             q, k, v, mask, causal = _arguments(args, kwargs)
             order = self.orders.get(call_signature(q.shape, k.shape, v.shape, q.dtype, is_causal=causal,

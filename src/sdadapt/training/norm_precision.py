@@ -21,7 +21,8 @@ Gradient checkpointing recomputes a block inside backward, which must run its no
 did (torch refuses a recompute whose saved tensors differ). The training step starts its backward inside
 the mode too (:func:`~sdadapt.training.step.step_backward`): autograd runs backward under the thread-local
 state of that call, torch function modes included, so a model that checkpoints through its own code
-(diffusers' ``enable_gradient_checkpointing()``) recomputes under it.
+(diffusers' ``enable_gradient_checkpointing()``) recomputes under it; ``loss.backward()`` called inside
+the context does too (the mode restarts it: :func:`~sdadapt.training.engine_backward.backward_call`).
 :func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` also re-enters the mode for its
 recomputes (:func:`recompute_context`, its ``context_fn``), for a loop that calls ``backward()`` outside it.
 """
@@ -39,6 +40,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..adapters.base import autocast_dtype
+from .engine_backward import backward_call
 
 __all__ = ["NORM_FUNCTIONS", "half_precision_norms", "recompute_context"]
 
@@ -88,6 +90,10 @@ class _HalfPrecisionNorms(TorchFunctionMode):
     def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        restart = backward_call(func, args, kwargs)
+        if restart is not None:  # (off the stack while it handles this call: back on for a checkpoint's recompute)
+            with self:
+                return restart()
         if func in NORM_FUNCTIONS:
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, Tensor) and x.device.type == self.device_type:
