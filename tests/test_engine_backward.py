@@ -119,3 +119,16 @@ def test_backward_call_leaves_other_calls_alone():
     backward_call(torch.Tensor.backward, (y,), {"retain_graph": True})()
     backward_call(torch.autograd.backward, ([y],), {})()  # (the graph kept by the first)
     torch.testing.assert_close(x.grad, torch.full((3,), 4.0))
+
+
+def test_without_torchs_engine_wrapper_the_engine_itself_runs(monkeypatch):
+    """torch < 2.3 has no ``torch.autograd.graph._engine_run_backward``: the engine's own
+    ``run_backward`` is called, with the same gradients and the same modes kept."""
+    monkeypatch.delattr(torch.autograd.graph, "_engine_run_backward")
+    x = torch.linspace(-1.0, 1.0, 5, requires_grad=True)
+    loss = torch.utils.checkpoint.checkpoint(_net, x, use_reentrant=False).sum()
+    mode = _Seen()
+    with mode:
+        backward_keeping_modes([loss])
+    assert "sin" in mode.names
+    torch.testing.assert_close(x.grad, 3.0 * torch.cos(x.detach()))
