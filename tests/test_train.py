@@ -450,39 +450,6 @@ def test_cuda_graph_step_matches_eager_steps(mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_capture_of_a_models_own_checkpointing():
-    """A model that checkpoints through its own code with torch's default ``preserve_rng_state=True`` (as
-    diffusers' ``enable_gradient_checkpointing()`` does) reads the CUDA generator's seed at every forward,
-    which a capture refuses: ``CapturedStep`` raises a ``CaptureError`` naming sdadapt's checkpointing and
-    ``preserve_rng_state=False``. With ``preserve_rng_state=False`` the same model is captured and its
-    losses are the eager steps'."""
-    from sdadapt.training.step_capture import CaptureError, CapturedStep
-
-    def run(*, preserve: bool, captured: bool) -> list[float]:
-        torch.manual_seed(0)
-        net = ToyDenoiser().cuda()
-        net.drop.p = 0.0
-        params = list(sdadapt.inject(net, by_type(nn.Conv2d, nn.Linear),
-                                     sdadapt.LoRAConfig(rank=4, init="gaussian")).parameters())
-
-        def model(x, t, c):
-            return torch.utils.checkpoint.checkpoint(net, x, t, c, use_reentrant=False, preserve_rng_state=preserve)
-
-        opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2, device="cuda"), capturable=True)
-        latents, cond = (x.cuda() for x in _data(4))
-        state, config, ac = TrainState(seed=2, device="cuda"), StepConfig(mixed_precision="bf16"), _alphas().cuda()
-        step = CapturedStep(model, params=params, optimizer=opt, config=config, alphas_cumprod=ac, warmup_steps=1)
-        batch = {"latents": latents, "cond": cond}
-        return [float((step(batch, state=state) if captured else train_step(
-            model, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac))["loss"])
-            for _ in range(4)]
-
-    with pytest.raises(CaptureError, match="enable_checkpointing.*preserve_rng_state=False"):
-        run(preserve=True, captured=True)
-    assert run(preserve=False, captured=True) == pytest.approx(run(preserve=False, captured=False), rel=1e-3)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_step_has_no_host_sync():
     """After warm-up neither train_step nor a graph replay makes the host wait for the GPU. (Two
     copies of the LoRA: train_step's ``zero_grad(set_to_none=True)`` would drop the gradients the
@@ -577,3 +544,37 @@ def test_a_generator_on_another_device_than_the_latents_is_refused_with_the_fix(
     batch = {"latents": torch.zeros(2, 4, 8, 8, device="meta"), "cond": torch.zeros(2, 5, 16, device="meta")}
     with pytest.raises(ValueError, match=r"generator is on cpu but the latents are on meta.*device='meta'"):
         prepare_batch(batch, state=TrainState(seed=0), config=StepConfig(), alphas_cumprod=_alphas())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_capture_of_a_models_own_checkpointing():
+    """A model that checkpoints through its own code with torch's default ``preserve_rng_state=True`` (as
+    diffusers' ``enable_gradient_checkpointing()`` does) reads the CUDA generator's seed at every forward,
+    which a capture refuses: ``CapturedStep`` raises a ``CaptureError`` naming sdadapt's checkpointing and
+    ``preserve_rng_state=False``. With ``preserve_rng_state=False`` the same model is captured and its
+    losses are the eager steps'. (Last in this file: a failed capture is recoverable — a host-side check, no
+    CUDA error — but the other CUDA tests run first anyway.)"""
+    from sdadapt.training.step_capture import CaptureError, CapturedStep
+
+    def run(*, preserve: bool, captured: bool) -> list[float]:
+        torch.manual_seed(0)
+        net = ToyDenoiser().cuda()
+        net.drop.p = 0.0
+        params = list(sdadapt.inject(net, by_type(nn.Conv2d, nn.Linear),
+                                     sdadapt.LoRAConfig(rank=4, init="gaussian")).parameters())
+
+        def model(x, t, c):
+            return torch.utils.checkpoint.checkpoint(net, x, t, c, use_reentrant=False, preserve_rng_state=preserve)
+
+        opt = torch.optim.AdamW(params, lr=torch.tensor(1e-2, device="cuda"), capturable=True)
+        latents, cond = (x.cuda() for x in _data(4))
+        state, config, ac = TrainState(seed=2, device="cuda"), StepConfig(mixed_precision="bf16"), _alphas().cuda()
+        step = CapturedStep(model, params=params, optimizer=opt, config=config, alphas_cumprod=ac, warmup_steps=1)
+        batch = {"latents": latents, "cond": cond}
+        return [float((step(batch, state=state) if captured else train_step(
+            model, batch, params=params, optimizer=opt, state=state, config=config, alphas_cumprod=ac))["loss"])
+            for _ in range(4)]
+
+    with pytest.raises(CaptureError, match="enable_checkpointing.*preserve_rng_state=False"):
+        run(preserve=True, captured=True)
+    assert run(preserve=False, captured=True) == pytest.approx(run(preserve=False, captured=False), rel=1e-3)
