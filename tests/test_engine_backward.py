@@ -1,5 +1,6 @@
-"""``backward_keeping_modes``: torch.autograd.backward's gradients, with the caller's torch function
-modes active for the Python code backward runs."""
+"""``backward_keeping_modes`` / ``grad_keeping_modes``: torch.autograd.backward's and grad's gradients,
+with the caller's torch function modes active for the Python code backward runs; ``backward_call``, the
+restart a mode makes of the backward calls it handles."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
-from sdadapt.training.engine_backward import backward_call, backward_keeping_modes
+from sdadapt.training.engine_backward import (
+    backward_call,
+    backward_keeping_modes,
+    grad_keeping_modes,
+)
 
 
 class _Seen(TorchFunctionMode):
@@ -93,7 +98,7 @@ def test_a_gradient_that_cannot_be_implied_is_asked_for():
         backward_keeping_modes([x.sum()], [None, None])
 
 
-@pytest.mark.parametrize("call", ["Tensor.backward", "torch.autograd.backward"])
+@pytest.mark.parametrize("call", ["Tensor.backward", "torch.autograd.backward", "torch.autograd.grad"])
 def test_a_mode_restarting_the_backward_calls_it_handles_sees_the_recompute(call):
     """``backward_call`` in a mode's handler: ``loss.backward()`` / ``torch.autograd.backward([loss])``
     called inside the mode reach the checkpoint's recompute with the mode on; the same gradients."""
@@ -101,7 +106,10 @@ def test_a_mode_restarting_the_backward_calls_it_handles_sees_the_recompute(call
     loss = torch.utils.checkpoint.checkpoint(_net, x, use_reentrant=False).sum()
     mode = _Seen(restart=True)
     with mode:
-        loss.backward() if call == "Tensor.backward" else torch.autograd.backward([loss])
+        if call == "torch.autograd.grad":
+            (x.grad,) = torch.autograd.grad(loss, {"x": x}.values())
+        else:
+            loss.backward() if call == "Tensor.backward" else torch.autograd.backward([loss])
     assert "sin" in mode.names, mode.names
     torch.testing.assert_close(x.grad, 3.0 * torch.cos(x.detach()))
 
@@ -132,3 +140,48 @@ def test_without_torchs_engine_wrapper_the_engine_itself_runs(monkeypatch):
         backward_keeping_modes([loss])
     assert "sin" in mode.names
     torch.testing.assert_close(x.grad, 3.0 * torch.cos(x.detach()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=3),
+       unused=st.sampled_from([None, "allow", "materialize"]), seed=st.integers(0, 2**16))
+def test_grad_equals_torch_autograd_grad(shapes, unused, seed):
+    """Several outputs, two inputs (one unused when ``unused`` says so): the same gradients as
+    ``torch.autograd.grad`` with the same options, ``None`` or zeros for the unused one, ``.grad`` untouched."""
+    def run(grad_fn):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+        v = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+        outs, grads = [], []
+        for shape in shapes:
+            a = torch.randn(*shape, 7, dtype=torch.float64, generator=g)
+            out = (a * w).sum(-1).exp() + (0.0 if unused else v.sum())
+            outs.append(out)
+            grads.append(None if out.numel() == 1 else torch.randn(out.shape, dtype=torch.float64, generator=g))
+        options = {"allow": {"allow_unused": True}, "materialize": {"materialize_grads": True}}.get(unused, {})
+        result = grad_fn(outs, (w, v), grads, **options)
+        assert w.grad is None and v.grad is None
+        return result
+
+    ours, theirs = run(grad_keeping_modes), run(torch.autograd.grad)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if unused is None:
+        assert ours[1] is not None
+
+
+def test_grad_calls_backward_call_leaves_alone():
+    x = torch.ones(3, requires_grad=True)
+    y = (x * 2).sum()
+    assert backward_call(torch.autograd.grad, ((y,), (x,)), {"is_grads_batched": True}) is None
+    assert backward_call(torch.autograd.grad, ((y,), (x,)), {"materialize_grads": True, "allow_unused": False}) is None
+    assert backward_call(torch.autograd.grad, ((y,), (x,)), {"grad_outputs": (torch.ones(2),)}) is None
+    (g,) = backward_call(torch.autograd.grad, ((y,), (x,)), {})()
+    torch.testing.assert_close(g, torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match="shape"):
+        grad_keeping_modes([y], [x], [torch.ones(2)])
+    with pytest.raises(ValueError, match="allow_unused"):
+        grad_keeping_modes([y], [x], materialize_grads=True, allow_unused=False)

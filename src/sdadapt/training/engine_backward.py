@@ -1,10 +1,10 @@
 """A backward pass that keeps the torch function modes of its caller.
 
-``Tensor.backward`` and ``torch.autograd.backward`` are themselves dispatched through the active torch
-function modes, and a mode leaves the stack while it handles a call: the whole backward then runs
-without it. Autograd's engine runs backward under the thread-local state of the call that starts it,
-modes included, on its CUDA device threads too — so started from the engine directly, the Python code
-backward runs (a checkpointed block's recompute, hooks, an optimiser fused into backward, a custom
+``Tensor.backward``, ``torch.autograd.backward`` and ``torch.autograd.grad`` are themselves dispatched
+through the active torch function modes, and a mode leaves the stack while it handles a call: the whole
+backward then runs without it. Autograd's engine runs backward under the thread-local state of the call
+that starts it, modes included, on its CUDA device threads too — so started from the engine directly, the
+Python code backward runs (a checkpointed block's recompute, hooks, an optimiser fused into backward, a custom
 ``autograd.Function``'s ``backward``) sees the modes active at the call. The training step uses it for
 its kernel choices (:func:`~sdadapt.training.step.step_backward`); a mode that must see that code
 itself (:class:`~sdadapt.training.host_syncs.HostSyncs`) restarts the backward calls it handles with
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["backward_call", "backward_keeping_modes"]
+__all__ = ["backward_call", "backward_keeping_modes", "grad_keeping_modes"]
 
 
 def backward_keeping_modes(tensors: Sequence[Tensor], grads: Sequence[Tensor | None] | None = None, *,
@@ -43,10 +43,55 @@ def backward_keeping_modes(tensors: Sequence[Tensor], grads: Sequence[Tensor | N
         create_graph: record the backward itself (higher-order gradients).
 
     Raises:
-        ValueError: a ``None`` gradient for an output of more than one element, or as many gradients as outputs
-            not given.
+        ValueError: a ``None`` gradient for an output of more than one element, a gradient of another shape
+            than its output's, or not one gradient per output.
     """
     tensors = tuple(tensors)
+    _engine()(tensors, _seeds(tensors, grads), create_graph if retain_graph is None else retain_graph, create_graph,
+              (), allow_unreachable=True, accumulate_grad=True)
+
+
+def grad_keeping_modes(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
+                       grads: Sequence[Tensor | None] | None = None, *, retain_graph: bool | None = None,
+                       create_graph: bool = False, allow_unused: bool | None = None,
+                       materialize_grads: bool = False) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grads)`` (the gradients returned, ``.grad`` untouched) started
+    from autograd's engine, inside the torch function modes active here.
+
+    Args:
+        outputs, grads, retain_graph, create_graph: as :func:`backward_keeping_modes`.
+        inputs: the tensors to differentiate with respect to.
+        allow_unused: an input the outputs do not depend on gets ``None`` instead of an error (default:
+            ``materialize_grads``).
+        materialize_grads: such an input gets zeros of its shape instead of ``None``.
+
+    Returns:
+        one gradient per input, each of its input's shape (or ``None``, see ``allow_unused``).
+
+    Raises:
+        ValueError: as :func:`backward_keeping_modes`, or ``materialize_grads`` with ``allow_unused=False``.
+    """
+    if materialize_grads and allow_unused is False:
+        raise ValueError("materialize_grads gives zeros for unused inputs, so it needs allow_unused True or None")
+    outputs, inputs = tuple(outputs), tuple(inputs)
+    result = _engine()(outputs, _seeds(outputs, grads), create_graph if retain_graph is None else retain_graph,
+                       create_graph, inputs, materialize_grads if allow_unused is None else allow_unused,
+                       accumulate_grad=False)
+    if materialize_grads:
+        result = tuple(torch.zeros_like(i, requires_grad=create_graph) if g is None else g
+                       for g, i in zip(result, inputs))
+    return tuple(result)
+
+
+def _engine() -> Callable[..., Any]:
+    """What ``torch.autograd.backward`` and ``grad`` call (torch >= 2.3 wraps the engine to show compiled
+    autograd's config to the device threads; before, the engine's own ``run_backward``)."""
+    return (getattr(torch.autograd.graph, "_engine_run_backward", None)
+            or torch.autograd.Variable._execution_engine.run_backward)  # type: ignore[attr-defined]
+
+
+def _seeds(tensors: tuple[Tensor, ...], grads: Sequence[Tensor | None] | None) -> tuple[Tensor, ...]:
+    """The gradient each output's backward starts from: the given one, or ones for a one-element output."""
     given = (None,) * len(tensors) if grads is None else tuple(grads)
     if len(given) != len(tensors):
         raise ValueError(f"backward of {len(tensors)} tensor(s) got {len(given)} gradient(s); give one per tensor")
@@ -57,24 +102,25 @@ def backward_keeping_modes(tensors: Sequence[Tensor], grads: Sequence[Tensor | N
                 raise ValueError(f"backward of a tensor of shape {tuple(tensor.shape)} needs its gradient: only a "
                                  "one-element output's is implied (ones)")
             grad = torch.ones_like(tensor, memory_format=torch.preserve_format)
+        elif grad.shape != tensor.shape:
+            raise ValueError(f"a gradient of shape {tuple(grad.shape)} for an output of shape {tuple(tensor.shape)}: "
+                             "give each output's gradient its shape")
         made.append(grad)
-    # what torch.autograd.backward calls (torch >= 2.3 wraps the engine to show compiled autograd's config to
-    # the device threads)
-    engine = (getattr(torch.autograd.graph, "_engine_run_backward", None)
-              or torch.autograd.Variable._execution_engine.run_backward)  # type: ignore[attr-defined]
-    engine(tensors, tuple(made), create_graph if retain_graph is None else retain_graph, create_graph, (),
-           allow_unreachable=True, accumulate_grad=True)
+    return tuple(made)
 
 
 _BACKWARDS = {Tensor.backward: inspect.signature(Tensor.backward),
-              torch.autograd.backward: inspect.signature(torch.autograd.backward)}
+              torch.autograd.backward: inspect.signature(torch.autograd.backward),
+              torch.autograd.grad: inspect.signature(torch.autograd.grad)}
 
 
-def backward_call(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Callable[[], None] | None:
-    """For a torch function mode: a ``Tensor.backward`` or ``torch.autograd.backward`` call it handles, as a
-    function that runs it through :func:`backward_keeping_modes` (the same gradients), or ``None`` — for any
-    other function, and for a backward call it does not take (``inputs=``, the old ``grad_variables=``,
-    gradients torch would refuse: those run as called, with torch's own errors)."""
+def backward_call(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Callable[[], Any] | None:
+    """For a torch function mode: a ``Tensor.backward``, ``torch.autograd.backward`` or ``torch.autograd.grad``
+    call it handles, as a function that runs it through :func:`backward_keeping_modes` /
+    :func:`grad_keeping_modes` (the same gradients, the same result), or ``None`` — for any other function,
+    and for a call it does not take (``inputs=`` of ``backward``, ``GradientEdge``s, a dict of inputs,
+    ``is_grads_batched``, the old ``grad_variables=``, gradients torch would refuse: those run as called,
+    with torch's own errors)."""
     signature = _BACKWARDS.get(func)
     if signature is None:
         return None
@@ -82,18 +128,30 @@ def backward_call(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping
         arguments = signature.bind(*args, **kwargs).arguments
     except TypeError:
         return None
-    if arguments.get("inputs") is not None or arguments.get("grad_variables") is not None:
-        return None
     if func is Tensor.backward:
         tensors, grads = (arguments["self"],), arguments.get("gradient")
         grads = None if grads is None else (grads,)
     else:
-        tensors, grads = arguments["tensors"], arguments.get("grad_tensors")
+        tensors = arguments["outputs" if func is torch.autograd.grad else "tensors"]
+        grads = arguments.get("grad_outputs" if func is torch.autograd.grad else "grad_tensors")
         tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
         grads = (grads,) if isinstance(grads, Tensor) else grads
     listed = (None,) * len(tensors) if grads is None else tuple(grads)
-    if len(listed) != len(tensors) or not all(isinstance(t, Tensor) and (g is not None or t.numel() == 1)
-                                             for t, g in zip(tensors, listed)):
+    if len(listed) != len(tensors) or not all(
+            isinstance(t, Tensor) and (t.numel() == 1 if g is None else isinstance(g, Tensor) and g.shape == t.shape)
+            for t, g in zip(tensors, listed)):
         return None
     options = {"retain_graph": arguments.get("retain_graph"), "create_graph": arguments.get("create_graph", False)}
-    return lambda: backward_keeping_modes(tensors, grads, **options)
+    if func is not torch.autograd.grad:
+        if arguments.get("inputs") is not None or arguments.get("grad_variables") is not None:
+            return None
+        return lambda: backward_keeping_modes(tensors, grads, **options)
+    inputs = arguments["inputs"]
+    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
+    if (arguments.get("is_grads_batched") or not isinstance(inputs, (tuple, list))
+            or not all(isinstance(i, Tensor) for i in inputs)
+            or (arguments.get("materialize_grads") and arguments.get("allow_unused") is False)):
+        return None
+    return lambda: grad_keeping_modes(tensors, tuple(inputs), grads, **options,
+                                      allow_unused=arguments.get("allow_unused"),
+                                      materialize_grads=arguments.get("materialize_grads", False))
