@@ -26,32 +26,25 @@ from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step
 from aten_ops import AtenOps
 
-from sdadapt.training.engine_backward import backward_call
+from sdadapt.training.engine_backward import BackwardKeepingMode
 from sdadapt.training.norm_precision import NORM_FUNCTIONS
 
 __all__ = ["CudaNormPolicy", "count_step_ops", "main"]
 
 
-class CudaNormPolicy(TorchFunctionMode):
+class CudaNormPolicy(BackwardKeepingMode):
     """CUDA autocast's rule for GroupNorm and LayerNorm on CPU autocast: while CPU autocast is on,
     every floating-point tensor argument of those calls is cast to float32 and the call runs with
     autocast off (a float32 output). Enter it outside the code under test; a backward started inside it
     runs inside it too (a checkpointed block recomputes its norms as its forward did)."""
 
-    def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
-                           kwargs: Mapping[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        restart = backward_call(func, args, kwargs)
-        if restart is not None:  # (off the stack while it handles this call: back on for a checkpoint's recompute)
-            with self:
-                return restart()
+    def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if func in NORM_FUNCTIONS and torch.is_autocast_enabled("cpu"):
             up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
             with torch.autocast("cpu", enabled=False):

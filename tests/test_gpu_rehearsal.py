@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
-from sdadapt.training.engine_backward import backward_call
+from sdadapt.training.engine_backward import BackwardKeepingMode
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -165,16 +164,12 @@ def _on_cpu(device: object) -> object:
     return device
 
 
-class _CudaOnCpu(TorchFunctionMode):
+class _CudaOnCpu(BackwardKeepingMode):
     """``device="cuda"`` (keyword or ``.to``'s argument) means the CPU; ``.cuda()``, ``pin_memory()``
     and ``record_stream`` do nothing; in the Python code backward runs too (hooks, recomputes)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        restart = backward_call(func, args, kwargs)
-        if restart is not None:  # (off the stack while it handles this call: back on for the Python code of backward)
-            with self:
-                return restart()
+    def handle(self, func, args, kwargs):
+        kwargs = dict(kwargs)
         if "device" in kwargs:
             kwargs["device"] = _on_cpu(kwargs["device"])
         name = getattr(func, "__name__", "")

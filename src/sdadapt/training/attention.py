@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .engine_backward import backward_call
+from .engine_backward import BackwardKeepingMode
 
 __all__ = [
     "SDPA_BACKENDS",
@@ -325,7 +325,7 @@ def _priority(names: tuple[str, ...]) -> Iterator[None]:
         yield
 
 
-class _PerCallBackends(TorchFunctionMode):
+class _PerCallBackends(BackwardKeepingMode):
     """Runs each ``F.scaled_dot_product_attention`` call whose :func:`call_signature` is listed under
     its own backend order; every other call as it would run."""
 
@@ -333,13 +333,7 @@ class _PerCallBackends(TorchFunctionMode):
         super().__init__()
         self.orders = orders
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        restart = backward_call(func, args, kwargs)
-        if restart is not None:  # (off the stack while it handles this call: back on for a checkpoint's recompute)
-            with self:
-                return restart()
+    def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if func is F.scaled_dot_product_attention:
             q, k, v, mask, causal = _arguments(args, kwargs)
             order = self.orders.get(call_signature(q.shape, k.shape, v.shape, q.dtype, is_causal=causal,

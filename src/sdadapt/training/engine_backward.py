@@ -7,15 +7,10 @@ that starts it, modes included, on its CUDA device threads too — so started fr
 Python code backward runs (a checkpointed block's recompute, hooks, an optimiser fused into backward, a custom
 ``autograd.Function``'s ``backward``) sees the modes active at the call. The training step uses it for
 its kernel choices (:func:`~sdadapt.training.step.step_backward`); a mode that must see that code
-itself (:class:`~sdadapt.training.host_syncs.HostSyncs`) restarts the backward calls it handles with
-:func:`backward_call`::
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        restart = backward_call(func, args, kwargs or {})
-        if restart is not None:
-            with self:              # (off the stack while it handles this call: back on for the backward)
-                return restart()
-        ...
+itself derives from :class:`BackwardKeepingMode`, which restarts the backward calls it handles
+(:func:`backward_call`) with itself back on the stack, and implements ``handle`` instead of
+``__torch_function__`` (the half-precision norms, the per-call attention orders,
+:class:`~sdadapt.training.host_syncs.HostSyncs`).
 """
 
 from __future__ import annotations
@@ -26,8 +21,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["backward_call", "backward_keeping_modes", "grad_keeping_modes"]
+__all__ = ["BackwardKeepingMode", "backward_call", "backward_keeping_modes", "grad_keeping_modes"]
 
 
 def backward_keeping_modes(tensors: Sequence[Tensor], grads: Sequence[Tensor | None] | None = None, *,
@@ -155,3 +151,23 @@ def backward_call(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping
     return lambda: grad_keeping_modes(tensors, tuple(inputs), grads, **options,
                                       allow_unused=arguments.get("allow_unused"),
                                       materialize_grads=arguments.get("materialize_grads", False))
+
+
+class BackwardKeepingMode(TorchFunctionMode):
+    """A torch function mode that stays active for the Python code of the backward passes started inside
+    it (a checkpoint's recompute, hooks): a ``Tensor.backward`` / ``torch.autograd.backward`` / ``grad``
+    call it handles is restarted by :func:`backward_call` with the mode back on the stack (a mode is off
+    it while it handles a call); every other call goes to :meth:`handle`."""
+
+    def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        restart = backward_call(func, args, kwargs)
+        if restart is not None:
+            with self:
+                return restart()
+        return self.handle(func, args, kwargs)
+
+    def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """What the mode does with a call that is not a backward to restart (this one: runs it as called)."""
+        return func(*args, **kwargs)

@@ -44,12 +44,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .engine_backward import backward_call
+from . import engine_backward
+from .engine_backward import BackwardKeepingMode
 
 __all__ = ["HostSync", "HostSyncs", "READ_OPS", "copy_to_device"]
 
@@ -64,7 +64,8 @@ _FACTORIES = frozenset({
     "eye", "rand", "randn", "randint", "randperm", "normal", "scalar_tensor",
 })
 _HOST_DATA_READS = frozenset({"tolist", "numpy", "__array__"})
-_THIS_FILE = os.path.abspath(__file__)
+# the recorder's own frames (its function mode's __torch_function__ is BackwardKeepingMode's)
+_OWN_FILES = frozenset({os.path.abspath(__file__), os.path.abspath(engine_backward.__file__)})
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
@@ -82,11 +83,11 @@ class HostSync:
 
 
 def _caller() -> str:
-    """``path:line in function`` of the innermost frame outside torch and this module."""
+    """``path:line in function`` of the innermost frame outside torch and the recorder's own modules."""
     frame = sys._getframe(1)
     while frame is not None:
         path = os.path.abspath(frame.f_code.co_filename)
-        if path != _THIS_FILE and not path.startswith(_TORCH_DIR):
+        if path not in _OWN_FILES and not path.startswith(_TORCH_DIR):
             return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back  # type: ignore[assignment]
     return "<torch>"
@@ -96,19 +97,14 @@ def _tensors(tree: Any) -> list[Tensor]:
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
-class _Functions(TorchFunctionMode):
+class _Functions(BackwardKeepingMode):
     """Marks host-made tensors and records blocking copies / host data reads at the Python level."""
 
     def __init__(self, owner: HostSyncs) -> None:
         super().__init__()
         self.owner = owner
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        restart = backward_call(func, args, kwargs)
-        if restart is not None:  # (this mode is off the stack while it handles the call: back on for backward)
-            with self:
-                return restart()
+    def handle(self, func, args, kwargs):  # type: ignore[override]
         name = getattr(func, "__name__", "")
         owner = self.owner
         if name in _HOST_DATA_READS and args and isinstance(args[0], Tensor) and not owner.is_host(args[0]):

@@ -22,7 +22,7 @@ did (torch refuses a recompute whose saved tensors differ). The training step st
 the mode too (:func:`~sdadapt.training.step.step_backward`): autograd runs backward under the thread-local
 state of that call, torch function modes included, so a model that checkpoints through its own code
 (diffusers' ``enable_gradient_checkpointing()``) recomputes under it; ``loss.backward()`` called inside
-the context does too (the mode restarts it: :func:`~sdadapt.training.engine_backward.backward_call`).
+the context does too (the mode restarts it: :class:`~sdadapt.training.engine_backward.BackwardKeepingMode`).
 :func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` also re-enters the mode for its
 recomputes (:func:`recompute_context`, its ``context_fn``), for a loop that calls ``backward()`` outside it.
 """
@@ -37,10 +37,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ..adapters.base import autocast_dtype
-from .engine_backward import backward_call
+from .engine_backward import BackwardKeepingMode
 
 __all__ = ["NORM_FUNCTIONS", "half_precision_norms", "recompute_context"]
 
@@ -71,7 +70,7 @@ def recompute_context() -> AbstractContextManager[object] | None:
 _ACTIVE = threading.local()  # .device_types: the device types of the modes entered on this thread, innermost last
 
 
-class _HalfPrecisionNorms(TorchFunctionMode):
+class _HalfPrecisionNorms(BackwardKeepingMode):
     def __init__(self, device_type: str) -> None:
         super().__init__()
         self.device_type = device_type
@@ -87,13 +86,7 @@ class _HalfPrecisionNorms(TorchFunctionMode):
         _ACTIVE.device_types.pop()
         super().__exit__(*exc)
 
-    def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
-                           kwargs: Mapping[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        restart = backward_call(func, args, kwargs)
-        if restart is not None:  # (off the stack while it handles this call: back on for a checkpoint's recompute)
-            with self:
-                return restart()
+    def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if func in NORM_FUNCTIONS:
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, Tensor) and x.device.type == self.device_type:
