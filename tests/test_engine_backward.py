@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from sdadapt.training.engine_backward import (
@@ -115,12 +116,13 @@ def test_a_mode_restarting_the_backward_calls_it_handles_sees_the_recompute(call
 
 
 def test_backward_call_leaves_other_calls_alone():
-    """Other functions, ``inputs=``, a non-scalar output without its gradient, a count mismatch: ``None``
+    """Other functions, empty or odd ``inputs=``, a non-scalar output without its gradient, a count mismatch: ``None``
     (run as called: torch's own behaviour and errors)."""
     x = torch.ones(3, requires_grad=True)
     y = (x * 2).sum()
     assert backward_call(torch.add, (x, x), {}) is None
-    assert backward_call(torch.Tensor.backward, (y,), {"inputs": [x]}) is None
+    assert backward_call(torch.Tensor.backward, (y,), {"inputs": []}) is None  # (torch's "cannot be empty")
+    assert backward_call(torch.Tensor.backward, (y,), {"inputs": [x, 3]}) is None
     assert backward_call(torch.Tensor.backward, (x * 2,), {}) is None
     assert backward_call(torch.autograd.backward, ([y, y], [None]), {}) is None
     assert backward_call(torch.autograd.backward, (), {"nonsense": 1}) is None
@@ -179,9 +181,74 @@ def test_grad_calls_backward_call_leaves_alone():
     assert backward_call(torch.autograd.grad, ((y,), (x,)), {"is_grads_batched": True}) is None
     assert backward_call(torch.autograd.grad, ((y,), (x,)), {"materialize_grads": True, "allow_unused": False}) is None
     assert backward_call(torch.autograd.grad, ((y,), (x,)), {"grad_outputs": (torch.ones(2),)}) is None
+    assert backward_call(torch.autograd.grad, ((y,), ()), {}) is None
+    edge = (get_gradient_edge(x),)
+    assert backward_call(torch.autograd.grad, ((y,), edge), {"materialize_grads": True}) is None
+    with pytest.raises(ValueError, match="gradient edges"):
+        grad_keeping_modes([y], edge, materialize_grads=True)
     (g,) = backward_call(torch.autograd.grad, ((y,), (x,)), {})()
     torch.testing.assert_close(g, torch.full((3,), 2.0))
     with pytest.raises(ValueError, match="shape"):
         grad_keeping_modes([y], [x], [torch.ones(2)])
     with pytest.raises(ValueError, match="allow_unused"):
         grad_keeping_modes([y], [x], materialize_grads=True, allow_unused=False)
+
+
+def _two_paths(seed: int):
+    """A graph with two leaves and a non-leaf between them (``h = w * a``, ``out = (h * v).sum()``)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    h = w * torch.randn(5, dtype=torch.float64, generator=g)
+    h.retain_grad()
+    return w, v, h, (h * v).sum().sin()
+
+
+@settings(max_examples=20, deadline=None)
+@given(chosen=st.lists(st.sampled_from(["w", "v", "h", "edge_h"]), min_size=1, max_size=3, unique=True),
+       seed=st.integers(0, 2**16))
+def test_backward_inputs_accumulate_only_there_as_torch(chosen, seed):
+    """``inputs=`` (leaves, a non-leaf, a gradient edge): only those get gradients, bit for bit
+    ``torch.autograd.backward``'s; through a mode's restart of ``Tensor.backward(inputs=...)`` too."""
+    def run(backward):
+        w, v, h, out = _two_paths(seed)
+        named = {"w": w, "v": v, "h": h, "edge_h": get_gradient_edge(h)}
+        backward(out, [named[n] for n in chosen])
+        return [None if t.grad is None else t.grad.clone() for t in (w, v, h)]
+
+    def restarted(out, inputs):
+        with _Seen(restart=True):
+            out.backward(inputs=inputs)
+
+    theirs = run(lambda out, inputs: torch.autograd.backward([out], inputs=inputs))
+    for ours in (run(lambda out, inputs: backward_keeping_modes([out], inputs=inputs)), run(restarted)):
+        for a, b in zip(ours, theirs):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (theirs[0] is None) == ("w" not in chosen)
+
+
+def test_a_restarted_backward_with_inputs_sees_the_recompute():
+    """``loss.backward(inputs=[x])`` inside a restarting mode reaches the checkpoint's recompute with the
+    mode on (it ran without it before), and only ``x`` gets a gradient."""
+    x = torch.linspace(-1.0, 1.0, 5, requires_grad=True)
+    other = torch.ones(5, requires_grad=True)
+    loss = torch.utils.checkpoint.checkpoint(_net, x, use_reentrant=False).sum() + (other * 2).sum()
+    mode = _Seen(restart=True)
+    with mode:
+        loss.backward(inputs=[x])
+    assert "sin" in mode.names, mode.names
+    torch.testing.assert_close(x.grad, 3.0 * torch.cos(x.detach()))
+    assert other.grad is None
+
+
+def test_grad_with_respect_to_a_gradient_edge_as_torch():
+    _, v, h, out = _two_paths(3)
+    edge = get_gradient_edge(h)
+    theirs = torch.autograd.grad(out, (edge, v), retain_graph=True)
+    ours = grad_keeping_modes([out], (edge, v), retain_graph=True)
+    restart = backward_call(torch.autograd.grad, ((out,), edge), {})
+    assert restart is not None
+    for a, b in zip(ours + restart(), theirs + theirs[:1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -23,12 +23,18 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+try:
+    from torch.autograd.graph import GradientEdge
+except ImportError:  # pragma: no cover - torch < 2.2 (no gradient edges: nothing is one)
+    GradientEdge = ()  # type: ignore[assignment,misc]
+
 __all__ = ["BackwardKeepingMode", "backward_call", "backward_keeping_modes", "grad_keeping_modes"]
 
 
 def backward_keeping_modes(tensors: Sequence[Tensor], grads: Sequence[Tensor | None] | None = None, *,
-                           retain_graph: bool | None = None, create_graph: bool = False) -> None:
-    """``torch.autograd.backward(tensors, grads)`` (gradients accumulated into the leaves' ``.grad``)
+                           retain_graph: bool | None = None, create_graph: bool = False,
+                           inputs: Sequence[Tensor | GradientEdge] = ()) -> None:
+    """``torch.autograd.backward(tensors, grads, inputs=inputs)`` (gradients accumulated into ``.grad``)
     started from autograd's engine, inside the torch function modes active here.
 
     Args:
@@ -37,6 +43,8 @@ def backward_keeping_modes(tensors: Sequence[Tensor], grads: Sequence[Tensor | N
             one-element output: ones.
         retain_graph: keep the graph for another backward (default: ``create_graph``).
         create_graph: record the backward itself (higher-order gradients).
+        inputs: accumulate only into these tensors' ``.grad`` (leaves or not) or gradient edges
+            (``torch.autograd.graph.get_gradient_edge``); empty: every leaf the outputs reach.
 
     Raises:
         ValueError: a ``None`` gradient for an output of more than one element, a gradient of another shape
@@ -44,10 +52,10 @@ def backward_keeping_modes(tensors: Sequence[Tensor], grads: Sequence[Tensor | N
     """
     tensors = tuple(tensors)
     _engine()(tensors, _seeds(tensors, grads), create_graph if retain_graph is None else retain_graph, create_graph,
-              (), allow_unreachable=True, accumulate_grad=True)
+              tuple(inputs), allow_unreachable=True, accumulate_grad=True)
 
 
-def grad_keeping_modes(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
+def grad_keeping_modes(outputs: Sequence[Tensor], inputs: Sequence[Tensor | GradientEdge],
                        grads: Sequence[Tensor | None] | None = None, *, retain_graph: bool | None = None,
                        create_graph: bool = False, allow_unused: bool | None = None,
                        materialize_grads: bool = False) -> tuple[Tensor | None, ...]:
@@ -56,19 +64,22 @@ def grad_keeping_modes(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
 
     Args:
         outputs, grads, retain_graph, create_graph: as :func:`backward_keeping_modes`.
-        inputs: the tensors to differentiate with respect to.
+        inputs: the tensors (or gradient edges) to differentiate with respect to.
         allow_unused: an input the outputs do not depend on gets ``None`` instead of an error (default:
             ``materialize_grads``).
-        materialize_grads: such an input gets zeros of its shape instead of ``None``.
+        materialize_grads: such an input gets zeros of its shape instead of ``None`` (tensor inputs only).
 
     Returns:
         one gradient per input, each of its input's shape (or ``None``, see ``allow_unused``).
 
     Raises:
-        ValueError: as :func:`backward_keeping_modes`, or ``materialize_grads`` with ``allow_unused=False``.
+        ValueError: as :func:`backward_keeping_modes`, or ``materialize_grads`` with ``allow_unused=False``
+            or with a gradient edge among the inputs.
     """
     if materialize_grads and allow_unused is False:
         raise ValueError("materialize_grads gives zeros for unused inputs, so it needs allow_unused True or None")
+    if materialize_grads and not all(isinstance(i, Tensor) for i in inputs):
+        raise ValueError("materialize_grads makes zeros of an input's shape: give tensors, not gradient edges")
     outputs, inputs = tuple(outputs), tuple(inputs)
     result = _engine()(outputs, _seeds(outputs, grads), create_graph if retain_graph is None else retain_graph,
                        create_graph, inputs, materialize_grads if allow_unused is None else allow_unused,
@@ -114,9 +125,10 @@ def backward_call(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping
     """For a torch function mode: a ``Tensor.backward``, ``torch.autograd.backward`` or ``torch.autograd.grad``
     call it handles, as a function that runs it through :func:`backward_keeping_modes` /
     :func:`grad_keeping_modes` (the same gradients, the same result), or ``None`` — for any other function,
-    and for a call it does not take (``inputs=`` of ``backward``, ``GradientEdge``s, a dict of inputs,
-    ``is_grads_batched``, the old ``grad_variables=``, gradients torch would refuse: those run as called,
-    with torch's own errors)."""
+    and for a call it does not take (outputs given as ``GradientEdge``s, empty ``inputs``, ``is_grads_batched``,
+    the old ``grad_variables=``, gradients or options torch would refuse: those run as called, with torch's own
+    errors). ``inputs`` (of ``backward`` too) may be tensors or gradient edges; a dict of inputs reaches a mode
+    as its values (``torch.autograd.grad`` turns the result back into a dict)."""
     signature = _BACKWARDS.get(func)
     if signature is None:
         return None
@@ -138,15 +150,19 @@ def backward_call(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping
             for t, g in zip(tensors, listed)):
         return None
     options = {"retain_graph": arguments.get("retain_graph"), "create_graph": arguments.get("create_graph", False)}
+    inputs = arguments.get("inputs")
+    inputs = (inputs,) if isinstance(inputs, (Tensor, GradientEdge)) else inputs
+    if inputs is not None and (not isinstance(inputs, (tuple, list)) or not inputs
+                               or not all(isinstance(i, (Tensor, GradientEdge)) for i in inputs)):
+        return None
     if func is not torch.autograd.grad:
-        if arguments.get("inputs") is not None or arguments.get("grad_variables") is not None:
+        if arguments.get("grad_variables") is not None:
             return None
-        return lambda: backward_keeping_modes(tensors, grads, **options)
-    inputs = arguments["inputs"]
-    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
-    if (arguments.get("is_grads_batched") or not isinstance(inputs, (tuple, list))
-            or not all(isinstance(i, Tensor) for i in inputs)
-            or (arguments.get("materialize_grads") and arguments.get("allow_unused") is False)):
+        return lambda: backward_keeping_modes(tensors, grads, **options, inputs=inputs or ())
+    materialize = arguments.get("materialize_grads")
+    if (inputs is None or arguments.get("is_grads_batched")
+            or (materialize and (arguments.get("allow_unused") is False
+                                 or not all(isinstance(i, Tensor) for i in inputs)))):
         return None
     return lambda: grad_keeping_modes(tensors, tuple(inputs), grads, **options,
                                       allow_unused=arguments.get("allow_unused"),
