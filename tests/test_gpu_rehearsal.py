@@ -134,7 +134,7 @@ def test_the_goals_mode_runs_the_goal_rows_and_their_tests():
 
     text = SCRIPT.read_text().replace("\\\n", " ")
     lines = [(m.group(1), m.group(2).split()) for m in re.finditer(r"^\s+bench (goals_\w+) \d+ (.*)$", text, re.MULTILINE)]
-    assert [name for name, _ in lines] == ["goals_lora", "goals_nchw", "goals_full"]
+    assert [name for name, _ in lines] == ["goals_lora", "goals_full", "goals_more"]
     compiled = re.search(r"^\s+bench compiled_only (\d+) (.*)$", text, re.MULTILINE)  # (--compiled: one row, a long limit)
     parsed = train_step.parse_args(["--device", "cuda", "--config", "sd15"] + compiled.group(2).replace("$LARGE", "8").split())
     assert "sdadapt-compiled-captured" in parsed.variants and int(compiled.group(1)) >= 400 and parsed.batch == [8]
