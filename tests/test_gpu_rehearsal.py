@@ -384,6 +384,28 @@ def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, ca
     assert sum(not torch.equal(p, q) for p, q in zip(captured.params, trained)) > len(trained) / 2, variant
 
 
+def test_the_benchmarks_gpu_copies_equal_its_cpu_copies(emulated_cuda):
+    """On a GPU ``Models.copy`` copies from host models cast once per dtype: the same values and dtypes as
+    the CPU path's cast of the float32 originals, a fresh copy each time (a row training its copy leaves
+    the next row's alone), the cast made once."""
+    import train_step
+
+    models = train_step.Models(train_step.CONFIGS["tiny"], seed=0)
+    for dtype, unet_dtype in ((torch.bfloat16, None), (torch.bfloat16, torch.float32), (torch.float16, None)):
+        theirs = models.copy(torch.device("cpu"), dtype, unet_dtype=unet_dtype)
+        ours = models.copy(torch.device("cuda"), dtype, unet_dtype=unet_dtype)
+        for a, b in zip([theirs[0], theirs[1], *theirs[2]], [ours[0], ours[1], *ours[2]]):
+            sa, sb = a.state_dict(), b.state_dict()
+            assert list(sa) == list(sb)
+            for key in sa:
+                assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+        with torch.no_grad():
+            next(ours[0].parameters()).add_(1.0)
+        again = models.copy(torch.device("cuda"), dtype, unet_dtype=unet_dtype)[0]
+        assert torch.equal(next(again.parameters()), next(theirs[0].parameters()))
+    assert set(models._cast) == {torch.bfloat16, torch.float16}
+
+
 def test_the_busy_fraction_counts_each_kernel_once():
     """A profiled CUDA step lists the kernels and the CPU ops that launched them, both with a self
     device time: the busy time is the kernels' alone (summing both counted it twice)."""
