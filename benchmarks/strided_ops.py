@@ -23,7 +23,6 @@ which an adapter adds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from collections import Counter
@@ -36,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step
+from _bench import write_result
 from norm_casts import CudaNormPolicy, _Args
 
 __all__ = ["StridedOps", "dense_alike", "main"]
@@ -147,10 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "strided": [{"op": k[0], "caller": k[1], "input_shapes": k[2], "calls": ops.strided[k],
                          "bytes_written": ops.written[k]} for k in keys]}
     print("\n".join(lines))
-    out = args.out or train_step.RESULTS / f"strided_ops-{args.config}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out or train_step.RESULTS / f'strided_ops-{args.config}.json', result)}")
     return 0
 
 
