@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from aten_ops import AtenOps
 from sdadapt.training.engine_backward import BackwardKeepingMode
 from sdadapt.training.norm_precision import NORM_FUNCTIONS
 
-__all__ = ["CudaNormPolicy", "count_step_ops", "main"]
+__all__ = ["CudaNormPolicy", "count_step_ops", "lora_rows", "main"]
 
 
 class CudaNormPolicy(BackwardKeepingMode):
@@ -57,15 +57,25 @@ class _Args:
     compile_backend = "inductor"
 
 
-def count_step_ops(config: str, *, half_precision_norms: bool) -> tuple[Counter[str], int, list[torch.Tensor]]:
-    """The aten ops of the second step of the benchmark's LoRA row (under :class:`CudaNormPolicy`; by
-    name, views included), how many of them launch a kernel (no views), and the LoRA gradients of that
-    step (copied outside the count)."""
+def lora_rows(config: str, batch: int,
+              variants: Sequence[str]) -> Iterator[tuple[str, Callable[[], torch.Tensor], Any]]:
+    """``(variant, step, unet)`` of each LoRA row ``variant`` of ``benchmarks/train_step.py`` (``peft-unet`` too) on
+    the CPU with bf16 autocast, built one after the other from one set of random models and one batch of ``batch``
+    images, each from the same random state (the same adapter initialisation): the rows whose steps the CPU counts
+    (this script's ops, ``saved_activations.py``, ``strided_ops.py``) take under :class:`CudaNormPolicy`."""
     spec = train_step.CONFIGS[config]
     models = train_step.Models(spec, 0)
-    batch = train_step.make_batch(spec, 1, torch.device("cpu"), 0)
-    variant = "sdadapt-halfnorms" if half_precision_norms else "sdadapt"
-    step, *_ = train_step.build_ours("lora", variant, models, torch.device("cpu"), torch.bfloat16, batch, _Args())
+    data = train_step.make_batch(spec, batch, torch.device("cpu"), 0)
+    for variant in variants:
+        torch.manual_seed(0)
+        step, unet, *_ = train_step._build(variant, "lora", models, torch.device("cpu"), torch.bfloat16, data, _Args())
+        yield variant, step, unet
+
+
+def count_step_ops(step: Callable[[], torch.Tensor]) -> tuple[Counter[str], int, list[torch.Tensor]]:
+    """The aten ops of the second call of a :func:`lora_rows` ``step`` (under :class:`CudaNormPolicy`; by name,
+    views included), how many of them launch a kernel (no views), and the LoRA gradients of that step (copied
+    outside the count)."""
     grads: list[torch.Tensor] = []
 
     def keep_grads(optimizer, *_):
@@ -90,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    off, launched_off, grads_off = count_step_ops(args.config, half_precision_norms=False)
-    on, launched_on, grads_on = count_step_ops(args.config, half_precision_norms=True)
+    (off, launched_off, grads_off), (on, launched_on, grads_on) = (
+        count_step_ops(step) for _, step, _ in lora_rows(args.config, 1, ("sdadapt", "sdadapt-halfnorms")))
     diff = max(float((a - b).abs().max()) for a, b in zip(grads_off, grads_on))
     scale = max(float(a.abs().max()) for a in grads_off)
     names = sorted(set(off) | set(on), key=lambda n: off[n] - on[n], reverse=True)

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step
-from norm_casts import CudaNormPolicy
+from norm_casts import CudaNormPolicy, lora_rows
 
 __all__ = ["SavedActivations", "main", "saved_by_variant"]
 
@@ -81,23 +81,11 @@ class SavedActivations:
         self._hooks.__exit__(*exc)
 
 
-class _Args:
-    compile_backend = "inductor"
-
-
 def saved_by_variant(config: str, batch: int, variants: Sequence[str]) -> dict[str, SavedActivations]:
     """What the second step of each LoRA ``variant`` of ``train_step.py`` saves (``config``, ``batch``
     images, bf16 autocast under :class:`CudaNormPolicy`, on the CPU)."""
-    spec = train_step.CONFIGS[config]
-    models = train_step.Models(spec, 0)
-    data = train_step.make_batch(spec, batch, torch.device("cpu"), 0)
     out = {}
-    cpu = torch.device("cpu")
-    for variant in variants:
-        if variant == "peft-unet":
-            step, unet, _ = train_step.build_reference("lora", models, cpu, torch.bfloat16, data, cached=True)
-        else:
-            step, unet, _ = train_step.build_ours("lora", variant, models, cpu, torch.bfloat16, data, _Args())
+    for variant, step, unet in lora_rows(config, batch, variants):
         with CudaNormPolicy():
             step()  # (the first step makes the optimiser state)
             with SavedActivations([*unet.parameters(), *unet.buffers()]) as saved:

@@ -9,9 +9,9 @@ records every pointwise aten op and copy one step of ``benchmarks/train_step.py`
 ``half_precision_norms``; both NCHW, bf16 autocast, CUDA's float32 norms emulated as in
 ``norm_casts.py``), keeps those with such operands, and says where each was called (the diffusers or
 sdadapt line in forward, the autograd node in backward) and how many bytes it writes. CUDA-only
-extras a CPU run cannot show are counted from their cause: cuDNN adds a convolution's bias in a
-separate broadcast ``add_`` (``aten/src/ATen/native/Convolution.cpp``; one per convolution with a
-bias), and CUDA's GroupNorm reads a channels_last input through a contiguous copy (none in NCHW).
+extra a CPU run cannot show is counted from its cause: cuDNN adds a convolution's bias in a separate
+broadcast ``add_`` (``aten/src/ATen/native/Convolution.cpp``; one per convolution with a bias). Not
+counted: CUDA's GroupNorm reads a channels_last input through a contiguous copy (the rows here are NCHW).
 
     python benchmarks/strided_ops.py [--config tiny|sd15] [--batch N]   # sd15: ~1 min
 
@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step
 from _bench import write_result
-from norm_casts import CudaNormPolicy, _Args
+from norm_casts import CudaNormPolicy, lora_rows
 
 __all__ = ["StridedOps", "dense_alike", "main"]
 
@@ -109,18 +109,16 @@ class StridedOps(TorchDispatchMode):
         return out
 
 
-def census(config: str, variant: str, batch_size: int) -> StridedOps:
-    """The strided ops of the second step of ``train_step.py``'s LoRA row ``variant`` (CPU, bf16)."""
-    spec = train_step.CONFIGS[config]
-    models = train_step.Models(spec, 0)
-    batch = train_step.make_batch(spec, batch_size, torch.device("cpu"), 0)
-    step, *_keep = train_step._build(variant, "lora", models, torch.device("cpu"), torch.bfloat16, batch, _Args())
-    recorder = StridedOps()
-    with CudaNormPolicy():
-        step()
-        with recorder:
+def census(config: str, batch: int, variants: Sequence[str]) -> dict[str, StridedOps]:
+    """The strided ops of the second step of each of ``train_step.py``'s LoRA rows ``variants`` (CPU, bf16)."""
+    out = {}
+    for variant, step, _ in lora_rows(config, batch, variants):
+        out[variant] = StridedOps()
+        with CudaNormPolicy():
             step()
-    return recorder
+            with out[variant]:
+                step()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     result: dict = {"config": args.config, "batch": args.batch, "rows": {}}
     lines = []
-    for variant in args.variants:
-        ops = census(args.config, variant, args.batch)
+    for variant, ops in census(args.config, args.batch, args.variants).items():
         keys = sorted(ops.strided, key=lambda k: -ops.written[k])
         total = sum(ops.strided.values())
         lines += [(f"### {variant}: {total} of {ops.elementwise} elementwise ops strided (CPU), "

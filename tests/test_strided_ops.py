@@ -53,8 +53,8 @@ def test_the_recorder_keeps_strided_calls_and_counts_biased_convolutions():
 
 
 def test_the_lora_steps_strided_ops_are_the_unets_own():
-    peft = census("tiny", "peft-unet", 1)
-    ours = census("tiny", "sdadapt-halfnorms", 1)
+    rows = census("tiny", 1, ("peft-unet", "sdadapt-halfnorms"))
+    peft, ours = rows["peft-unet"], rows["sdadapt-halfnorms"]
 
     def by_model_code(ops):
         return sorted((op, caller, n) for (op, caller, _), n in ops.strided.items()
