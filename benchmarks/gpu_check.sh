@@ -8,7 +8,7 @@
 #
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580).
 # `bash benchmarks/gpu_check.sh --goals`: only issue 16's goal rows and the CUDA tests of their paths
-# (~6 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
+# (~8 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
 # compiled+captured LoRA rows at batch 8 alone (regional first, then the whole UNet), with 420 s for
 # inductor's cold compiles.
 # Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 530):
@@ -103,7 +103,7 @@ cat "$SUMMARY" >>"$LOG"
 # input-path CUDA tests after the goal benchmarks, so a slow test run cannot cut the measurements
 CORE_TESTS=(tests/test_fit_cuda_graph.py tests/test_captured_accumulation.py tests/test_optim_capturable.py
     tests/test_lean_finetune.py tests/test_shared_input_lora.py tests/test_attention_backends.py tests/test_weight_casts.py
-    tests/test_norm_precision.py tests/test_train.py)  # (test_train.py last: its last test makes a capture fail on purpose)
+    tests/test_fused_lora.py tests/test_norm_precision.py tests/test_train.py)  # (test_train.py last: its last test makes a capture fail on purpose)
 MORE_TESTS=(tests/test_train_options.py tests/test_optim.py tests/test_host_syncs.py tests/test_optim_split.py
     tests/test_compile_graphs.py tests/test_max_norm.py tests/test_capture_new_inputs.py tests/test_lion.py tests/test_prodigy.py
     tests/test_adafactor_capturable.py tests/test_schedule_free.py tests/test_dadapt.py tests/test_fp8_base.py tests/test_compile_inductor.py
@@ -132,19 +132,22 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
     fi
 }
 if [[ "$GOALS" == 1 ]]; then
-    # --goals (~7 minutes on an H200, the diffusers install included), most needed first — the sum of the step
+    # --goals (~8 minutes on an H200, the diffusers install included), most needed first — the sum of the step
     # limits is above the budget, so what the budget cuts is the end: the LoRA goal candidates against peft's
-    # UNet step (a row ~25 s), the full fine-tune goal rows, the CUDA tests of the paths they take, then the rows
-    # that say what moved the numbers (the captured step as the second session ran it, q/k/v batching)
-    bench goals_lora 200 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured-halfnorms \
-        sdadapt-captured-nchw-halfnorms sdadapt-captured-nchw-percall-halfnorms --profile $LORA_PROFILE
+    # UNet step (a row ~25 s; each with and without the fused LoRA layers), the full fine-tune goal rows, the CUDA
+    # tests of the paths they take, then the rows that say what moved the numbers (the captured step as the
+    # second session ran it, NCHW without per-call attention, q/k/v batching)
+    bench goals_lora 260 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured-halfnorms \
+        sdadapt-captured-fused-halfnorms sdadapt-captured-nchw-percall-halfnorms \
+        sdadapt-captured-nchw-percall-fused-halfnorms --profile $LORA_PROFILE
     bench goals_full 130 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured \
         sdadapt-fast-captured-halfnorms sdadapt-lean-captured-halfnorms --profile $FULL_PROFILE
-    step "cuda tests (goal paths)" 80 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda tests/test_weight_casts.py \
+    step "cuda tests (goal paths)" 80 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda tests/test_fused_lora.py \
+        tests/test_weight_casts.py \
         tests/test_norm_precision.py tests/test_max_norm.py tests/test_fp8_base.py tests/test_lean_finetune.py tests/test_fit_cuda_graph.py \
         tests/test_train.py  # (last: its last test makes a capture fail on purpose)
-    bench goals_more 140 --modes lora --batch 1 $LARGE --variants sdadapt-captured sdadapt-captured-nchw \
-        sdadapt-captured-qkv-halfnorms --no-flops
+    bench goals_more 180 --modes lora --batch 1 $LARGE --variants sdadapt-captured sdadapt-captured-nchw \
+        sdadapt-captured-nchw-halfnorms sdadapt-captured-qkv-halfnorms --no-flops
     log "done in ${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
     cat "$SUMMARY"
     exit 0
@@ -178,9 +181,10 @@ bench full 170 --modes full --batch 1 --variants reference sdadapt-lean sdadapt-
 step "cuda tests (optimisers, inputs, fp8)" 120 python3 -m pytest -q -rs -o addopts=-ra -p no:cacheprovider -k cuda "${MORE_TESTS[@]}"
 # the other LoRA rows: the whole diffusers-example recipe (VAE + text encoder every step); the captured
 # step without channels_last and with the q/k/v down-projections batched (batch_shared_input_adapters)
-bench lora_more 150 --modes lora --batch 1 $LARGE --variants reference sdadapt sdadapt-halfnorms sdadapt-captured-nchw \
+bench lora_more 220 --modes lora --batch 1 $LARGE --variants reference sdadapt sdadapt-halfnorms sdadapt-captured-nchw \
     sdadapt-captured-nchw-halfnorms sdadapt-captured-qkv sdadapt-captured-qkv-halfnorms \
-    sdadapt-captured-nchw-percall-halfnorms --no-flops
+    sdadapt-captured-nchw-percall-halfnorms sdadapt-fused-halfnorms sdadapt-captured-fused-halfnorms \
+    sdadapt-captured-nchw-fused-halfnorms sdadapt-captured-nchw-percall-fused-halfnorms --no-flops
 # which SDPA kernel is fastest for the SD1.5 UNet's attention (per call and whole fwd+bwd): ~40 s
 if [[ "$DRY" == 1 ]]; then ATTN=(--config tiny --batch 1 --repeats 2); else ATTN=(--config sd15 --batch 1 8); fi
 step "bench attention" 60 python3 benchmarks/attention.py "${ATTN[@]}" --out "$OUT/attention.json" --markdown "$OUT/attention.md"

@@ -12,6 +12,9 @@ kernel on a GPU — and the largest absolute difference of the LoRA gradients be
 
 Writes ``benchmarks/results/norm_casts-<config>.json``. The GPU time it saves is measured by
 ``train_step.py``'s ``-halfnorms`` rows (``benchmarks/gpu_check.sh``).
+
+``--variants A B`` counts two other LoRA rows the same way, e.g. what ``StepConfig(fused_lora_linear=True)``
+removes (``sdadapt-halfnorms sdadapt-fused-halfnorms``), into ``norm_casts-<config>-<A>-<B>.json``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class CudaNormPolicy(BackwardKeepingMode):
                 return func(*up, **{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                                     for k, v in kwargs.items()})
         return func(*args, **kwargs)
+
+
+DEFAULT_VARIANTS = ("sdadapt", "sdadapt-halfnorms")
 
 
 class _Args:
@@ -98,27 +104,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=("tiny", "sd15"), default="tiny")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--variants", nargs=2, default=DEFAULT_VARIANTS, metavar=("A", "B"),
+                        help="the two LoRA rows of train_step.py to count (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    variants = tuple(args.variants)
     (off, launched_off, grads_off), (on, launched_on, grads_on) = (
-        count_step_ops(step) for _, step, _ in lora_rows(args.config, 1, ("sdadapt", "sdadapt-halfnorms")))
+        count_step_ops(step) for _, step, _ in lora_rows(args.config, 1, variants))
     diff = max(float((a - b).abs().max()) for a, b in zip(grads_off, grads_on))
     scale = max(float(a.abs().max()) for a in grads_off)
     names = sorted(set(off) | set(on), key=lambda n: off[n] - on[n], reverse=True)
     rows = [(name, off[name], on[name]) for name in names if off[name] != on[name]]
+    labels = ("float32 norms", "half_precision_norms") if variants == DEFAULT_VARIANTS else variants
     lines = [f"LoRA step, {args.config} config, bf16 autocast with CUDA's float32 norms (emulated on CPU)", "",
-             "| aten op | float32 norms | half_precision_norms |", "|---|---:|---:|"]
+             f"| aten op | {labels[0]} | {labels[1]} |", "|---|---:|---:|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
     lines += [f"| **all ops** | **{sum(off.values())}** | **{sum(on.values())}** |",
               f"| **ops that launch a kernel (no views)** | **{launched_off}** | **{launched_on}** |", "",
               f"LoRA gradients: largest |difference| {diff:.3g} (largest |gradient| {scale:.3g})"]
     print("\n".join(lines))
-    out = args.out or train_step.RESULTS / f"norm_casts-{args.config}.json"
+    suffix = "" if variants == DEFAULT_VARIANTS else f"-{variants[0]}-{variants[1]}"
+    out = args.out or train_step.RESULTS / f"norm_casts-{args.config}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "ops_float32_norms": dict(off),
-                               "ops_half_precision_norms": dict(on),
-                               "launching_ops_float32_norms": launched_off,
-                               "launching_ops_half_precision_norms": launched_on,
+    out.write_text(json.dumps({"config": args.config, "variants": list(variants),
+                               "ops": {variants[0]: dict(off), variants[1]: dict(on)},
+                               "launching_ops": {variants[0]: launched_off, variants[1]: launched_on},
                                "grad_max_abs_diff": diff, "grad_max_abs": scale}, indent=2))
     print(f"wrote {out}")
     return 0

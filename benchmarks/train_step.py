@@ -24,7 +24,10 @@ weights (UNet, VAE, text encoder(s)) and gives every variant an identical copy:
     that row with ``StepConfig(half_precision_norms=True)`` (GroupNorm/LayerNorm in bf16 instead of CUDA
     autocast's float32). ``sdadapt-captured-nchw-percall-halfnorms``: that row with each kind of attention
     call on the SDPA kernel measured fastest for it (``StepConfig.sdpa_backends_per_call``; the others
-    run torch's choice). ``sdadapt-compiled``:
+    run torch's choice). A ``-fused`` LoRA row (``sdadapt-fused-halfnorms``, ``sdadapt-captured-fused-halfnorms``,
+    ``-nchw-fused-halfnorms``, ``-nchw-percall-fused-halfnorms``): that row with
+    ``StepConfig(fused_lora_linear=True)`` (each linear LoRA as one autograd function, its delta added inside the
+    base GEMM: two kernels fewer per layer). ``sdadapt-compiled``:
     ``torch.compile`` of the injected UNet (``--compile-backend``); ``sdadapt-compiled-captured``: both
     (the compiled kernels replayed inside the step's CUDA graph); ``sdadapt-regional-captured``: each
     transformer and ResNet block compiled on its own (``module.compile()``, blocks of one shape share a
@@ -342,6 +345,7 @@ def build_ours(mode: str, variant: str, models: Models, device, mp_dtype, batch,
     # -halfnorms: GroupNorm/LayerNorm in bf16 instead of CUDA autocast's float32 (training.norm_precision)
     config = StepConfig(mixed_precision=mixed, max_grad_norm=max_norm, channels_last=channels_last,
                         half_precision_norms=variant.endswith("-halfnorms") and mixed is not None,
+                        fused_lora_linear=mode == "lora" and "-fused" in variant,  # each LoRA one autograd function
                         sdpa_backends_per_call=per_call)
     if capture:
         from sdadapt.training.step_capture import CapturedStep
@@ -406,7 +410,8 @@ VARIANTS = {
     "lora": ("reference", "peft-unet", "sdadapt", "sdadapt-captured", "sdadapt-captured-nchw", "sdadapt-captured-qkv",
              "sdadapt-regional-captured", "sdadapt-compiled", "sdadapt-compiled-captured", "sdadapt-halfnorms",
              "sdadapt-captured-halfnorms", "sdadapt-captured-nchw-halfnorms", "sdadapt-captured-qkv-halfnorms",
-             "sdadapt-captured-nchw-percall-halfnorms"),
+             "sdadapt-captured-nchw-percall-halfnorms", "sdadapt-fused-halfnorms", "sdadapt-captured-fused-halfnorms",
+             "sdadapt-captured-nchw-fused-halfnorms", "sdadapt-captured-nchw-percall-fused-halfnorms"),
     "full": ("reference", "sdadapt-lean", "sdadapt-lean-fused", "sdadapt-fast", "sdadapt-lean-captured", "sdadapt-fast-captured",
              "sdadapt-small-captured", "sdadapt-fast-captured-halfnorms", "sdadapt-lean-captured-halfnorms"),
     "ti": ("reference", "sdadapt"),

@@ -149,7 +149,8 @@ def test_the_goals_mode_runs_the_goal_rows_and_their_tests():
             ("full", "sdadapt-lean-captured"), ("full", "sdadapt-fast-captured"), ("lora", "sdadapt-captured-halfnorms"),
             ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms"),
             ("lora", "sdadapt-captured-qkv-halfnorms"), ("full", "sdadapt-lean-captured-halfnorms"),
-            ("lora", "sdadapt-captured-nchw-percall-halfnorms")} == named
+            ("lora", "sdadapt-captured-nchw-percall-halfnorms"), ("lora", "sdadapt-captured-fused-halfnorms"),
+            ("lora", "sdadapt-captured-nchw-percall-fused-halfnorms")} == named
     tests = re.search(r'step "cuda tests \(goal paths\)" \d+ (.*)', text).group(1).split()
     files = [t for t in tests if t.startswith("tests/")]
     assert len(files) >= 5 and all((ROOT / f).is_file() for f in files)
@@ -351,7 +352,8 @@ def captured_steps(monkeypatch):
                                            ("lora", "sdadapt-captured-nchw-halfnorms"), ("full", "sdadapt-fast-captured-halfnorms"),
                                            ("lora", "sdadapt-captured-qkv-halfnorms"), ("lora", "sdadapt-regional-captured"),
                                            ("full", "sdadapt-lean-captured-halfnorms"),
-                                           ("lora", "sdadapt-captured-nchw-percall-halfnorms")])
+                                           ("lora", "sdadapt-captured-nchw-percall-halfnorms"),
+                                           ("lora", "sdadapt-captured-nchw-percall-fused-halfnorms")])
 def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, captured_steps, mode, variant):
     """The GPU branch of benchmarks/train_step.py (capturable torch / sdadapt AdamW with a tensor LR,
     channels_last, the strict CapturedStep; the lean row's checkpointed transformer blocks, int8
@@ -372,6 +374,7 @@ def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, ca
     (captured,) = captured_steps
     assert captured.problems == [] and captured.config.channels_last == ("-nchw" not in variant)
     assert captured.config.half_precision_norms == variant.endswith("-halfnorms")
+    assert captured.config.fused_lora_linear == (mode == "lora" and "-fused" in variant)
     trained = [p.detach().clone() for p in captured.params]
     losses = [step() for _ in range(captured.warmup_steps + 1)]  # warm-up, then the capture
     assert captured.graph_count == 1

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .adapters.base import AdapterModule, LayerGeometry, geometry_of
 from .adapters.input_pad import LATENT_CHANNELS, ChannelPadAdapter, is_inpainting_conv_in_delta
+from .adapters.fused_lora import note_adapted_layer
 from .adapters.registry import adapter_from_file_tensors, build_adapter, family_of_config
 from .checks import finite_number
 from .errors import SdadaptError
@@ -131,6 +132,7 @@ class AdapterHandle:
         self.modules[layer_name] = adapter
         self._layers[layer_name] = layer
         self._hooks[layer_name] = layer.register_forward_hook(adapter.hook)
+        note_adapted_layer(layer)
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -279,6 +281,7 @@ class AdapterHandle:
         _slot_of(layer, create=False)[self.name] = adapter  # type: ignore[index]
         self.modules[layer_name] = adapter
         self._hooks[layer_name] = layer.register_forward_hook(adapter.hook)
+        note_adapted_layer(layer)
         return old
 
     def remove(self) -> None:

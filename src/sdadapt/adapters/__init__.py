@@ -8,6 +8,7 @@ from .ia3 import IA3Config, IA3Module, ia3_delta_weight
 from .loha import LoHaConfig, LoHaModule, loha_delta_weight
 from .lokr import LoKrConfig, LoKrModule, factorization, lokr_delta_weight
 from .lora import LoRAConfig, LoRAModule, lora_delta_weight, lora_forward, lora_scale, pissa_factors
+from .fused_lora import lora_linear
 from .norm import NormConfig, NormModule, norm_delta_output
 from .oft import OFTConfig, OFTModule, oft_delta_weight, oft_merged_weight
 from .registry import FAMILIES, AdapterFamily, adapter_from_file_tensors, build_adapter, register_family
@@ -24,6 +25,7 @@ __all__ = [
     "lora_forward",
     "lora_scale",
     "pissa_factors",
+    "lora_linear",
     "LoHaConfig",
     "LoHaModule",
     "loha_delta_weight",

@@ -209,6 +209,9 @@ class AdapterModule(nn.Module):
     #: ``(group, index)`` while the adapter's down-projection is shared with sibling layers that
     #: read the same input (``shared_input.batch_shared_input_adapters``); ``None`` otherwise
     _shared_input: tuple | None = None
+    #: the base layer's output when it already includes this adapter's delta (``adapters.fused_lora`` run
+    #: by ``training.fused_lora``): the hook then returns it as it is; one call only
+    _served_output: Tensor | None = None
 
     geometry: LayerGeometry
 
@@ -316,6 +319,11 @@ class AdapterModule(nn.Module):
 
         Traceable by ``torch.compile`` without a graph break (``tests/test_compile_graphs.py``):
         no tensor is read back to Python on the traced path."""
+        served = self._served_output
+        if served is not None:  # (set only outside tracing, by training.fused_lora)
+            self._served_output = None
+            if served is output:  # the layer's output has the delta (adapters.fused_lora)
+                return output
         if self.merged or not self.enabled:
             return output
         if self.training and self.module_dropout > 0:

@@ -1308,6 +1308,10 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="with --mixed-precision bf16/fp16: GroupNorm and LayerNorm read and write that dtype (float32 statistics "
         "inside the kernels) instead of CUDA autocast's float32 copies: ~5 fewer kernels per norm and half their memory "
         "traffic, the normalised output rounded once more; most useful with --cuda-graph")
+    add(optim, "--fused-lora-linear", action=bool_flag,
+        help="LoRA on linear layers: each adapted layer runs as one autograd function, its delta added inside the base "
+        "layer's matrix multiply (forward and backward): two kernels fewer per layer, one rounding fewer; layers with "
+        "dropout, conv layers and other families keep their hooks; most useful with --cuda-graph")
     add(optim, "--cache-text-encoder-outputs", action=bool_flag,
         help="encode every caption once before training and train the UNet on the cached conditioning: the steps no "
         "longer run the text encoder (kohya's --cache_text_encoder_outputs); needs a UNet-only run (--no-text-encoder "

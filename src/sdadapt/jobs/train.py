@@ -187,6 +187,8 @@ class TrainOptions:
     ``"flash,math"`` (tried in that order); default: torch's choice (:mod:`sdadapt.training.attention`).
     ``half_precision_norms``: GroupNorm/LayerNorm read and write the mixed-precision dtype instead of CUDA
     autocast's float32 (``StepConfig.half_precision_norms``, :mod:`sdadapt.training.norm_precision`).
+    ``fused_lora_linear``: each linear LoRA layer runs as one autograd function, its delta added inside the
+    base GEMM (two kernels fewer per layer; ``StepConfig.fused_lora_linear``, :mod:`sdadapt.training.fused_lora`).
     ``cache_text_encoder_outputs`` (kohya's: every caption encoded once before training, the steps
     train the UNet on the cached conditioning, bit for bit what the text encoder gives; needs a
     UNet-only run and captions fixed before training — a whole-caption dropout is fine;
@@ -365,6 +367,7 @@ class TrainOptions:
     fused_backward_pass: bool = False
     sdpa_backends: str | None = None
     half_precision_norms: bool = False
+    fused_lora_linear: bool = False
     cuda_graph: bool = False
     ddp_timeout: int | None = None
     cache_text_encoder_outputs: bool = False
@@ -2141,7 +2144,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                         scale_v_pred_loss_like_noise_pred=options.scale_v_pred_loss_like_noise_pred,
                         v_pred_like_loss=options.v_pred_like_loss or 0.0,
                         max_grad_norm=options.max_grad_norm or None, accumulation_steps=accumulation, mixed_precision=mixed,
-                        sdpa_backends=_sdpa_order(options.sdpa_backends), half_precision_norms=options.half_precision_norms),
+                        sdpa_backends=_sdpa_order(options.sdpa_backends), half_precision_norms=options.half_precision_norms,
+                        fused_lora_linear=options.fused_lora_linear),
     )
     tensorboard = options.log_with == "tensorboard" or (options.log_with == "auto" and tensorboard_available())
     for line in dataset.report():

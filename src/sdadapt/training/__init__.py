@@ -19,6 +19,7 @@
 | :mod:`.fp8_base` | kohya's ``--fp8_base``: a frozen base's Linear / Conv weights stored in float8, upcast by autocast |
 | :mod:`.half_weights` | kohya's ``full_fp16`` / ``full_bf16`` for adapters: trainable weights in fp16/bf16, the fp16 loss scaler |
 | :mod:`.attention` | which SDPA kernel to use, measured on the model's own attention calls |
+| :mod:`.fused_lora` | linear LoRA layers as one autograd function each, the delta added in the base GEMM's output (``StepConfig.fused_lora_linear``) |
 | :mod:`.norm_precision` | GroupNorm/LayerNorm in autocast's half dtype instead of CUDA autocast's float32 (``StepConfig.half_precision_norms``) |
 | :mod:`.step_capture` | the whole step as CUDA-graph replays, one graph per batch layout (:class:`CapturedStep`) |
 | :mod:`.distributed` | FSDP2 sharding block by block for data-parallel runs (:func:`~.distributed.fully_shard_blocks`) |
@@ -48,6 +49,7 @@ from . import (
     distributed,
     edm,
     fp8_base,
+    fused_lora,
     grad_checkpointing,
     half_weights,
     host_syncs,
@@ -76,6 +78,7 @@ from .step_capture import CapturedStep
 __all__ = [
     "attention",
     "norm_precision",
+    "fused_lora",
     "diffusion",
     "edm",
     "timestep_distribution",

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..adapters.base import graph_capturing
 from ..targets import Target, by_regex, select_outermost
-from . import attention, norm_precision
+from . import attention, fused_lora, norm_precision
 
 __all__ = ["UNET_BLOCKS", "CheckpointHandle", "blocks_by_activation_memory", "enable_checkpointing"]
 
@@ -63,11 +63,12 @@ def _checkpointed_class(cls: type) -> type:
 
         def __call__(self, *args, **kwargs):  # noqa: N807
             if self.training and torch.is_grad_enabled():
-                # the step's half-precision norms and attention-kernel order re-entered for the recompute (it runs
-                # inside backward, after the step's contexts ended); none active, or compiling (the traced graph is
-                # what recomputes): torch's defaults
+                # the step's half-precision norms, attention-kernel order and fused LoRA layers re-entered for the
+                # recompute (it runs inside backward, after the step's contexts ended); none active, or compiling (the
+                # traced graph is what recomputes): torch's defaults
                 recompute = [] if torch.compiler.is_compiling() else [
-                    c for c in (norm_precision.recompute_context(), attention.recompute_context()) if c is not None]
+                    c for c in (norm_precision.recompute_context(), attention.recompute_context(),
+                                fused_lora.recompute_context()) if c is not None]
                 context = {"context_fn": lambda: (nullcontext(), _entered(recompute))} if recompute else {}
                 return torch.utils.checkpoint.checkpoint(
                     super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not graph_capturing(),

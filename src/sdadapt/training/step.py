@@ -32,6 +32,7 @@ from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .engine_backward import backward_keeping_modes
 from .half_weights import found_inf, loss_scaler
+from .fused_lora import fused_lora_linear
 from .norm_precision import half_precision_norms
 from .optim import FusedBackward, restore_capturable_mode
 
@@ -89,6 +90,9 @@ class StepConfig:
     # ((call signature, order), ...): a listed kind of attention call tries its own order instead (a dict works too;
     # training.attention.fastest_sdpa_backends_per_call measures one)
     sdpa_backends_per_call: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    # each linear LoRA the step can serve runs as one autograd function, its delta accumulated into the base GEMM's
+    # output: 2 fewer kernels per layer, one rounding fewer (training.fused_lora)
+    fused_lora_linear: bool = False
     # an EDM-formulation model's schedule (the system's ``edm``, Playground v2.5): σ-grid noising, c_in / c_noise /
     # c_skip / c_out preconditioning and the x0 target, as diffusers' EDM training (training.edm); None: DDPM
     edm: EDMSchedule | None = None
@@ -359,16 +363,20 @@ ExtraLoss = Callable[[Mapping[str, object], Tensor], Tensor]
 @contextmanager
 def _kernel_choices(config: StepConfig, device_type: str) -> Iterator[None]:
     """The step's kernel choices on ``device_type``: the attention-kernel order (``config.sdpa_backends``,
-    ``sdpa_backends_per_call``; :func:`~sdadapt.training.attention.sdpa_backends`) and the half-precision
-    norms (``config.half_precision_norms``; :func:`~sdadapt.training.norm_precision.half_precision_norms`)."""
+    ``sdpa_backends_per_call``; :func:`~sdadapt.training.attention.sdpa_backends`), the half-precision
+    norms (``config.half_precision_norms``; :func:`~sdadapt.training.norm_precision.half_precision_norms`) and
+    the fused LoRA linear layers (``config.fused_lora_linear``;
+    :func:`~sdadapt.training.fused_lora.fused_lora_linear`)."""
     with (sdpa_backends(config.sdpa_backends, dict(config.sdpa_backends_per_call or ())),
-          half_precision_norms(config.half_precision_norms, device_type)):
+          half_precision_norms(config.half_precision_norms, device_type),
+          fused_lora_linear(config.fused_lora_linear)):
         yield
 
 
 def step_backward(loss: Tensor, config: StepConfig) -> None:
     """``loss.backward()`` (``loss`` 0-dim) under the step's kernel choices, those :func:`step_loss` runs
-    the forward under (``StepConfig.sdpa_backends``, ``sdpa_backends_per_call``, ``half_precision_norms``).
+    the forward under (``StepConfig.sdpa_backends``, ``sdpa_backends_per_call``, ``half_precision_norms``,
+    ``fused_lora_linear``).
 
     A block the model checkpoints through its own code (diffusers' ``enable_gradient_checkpointing()``)
     recomputes inside backward and must choose there what its forward chose, or torch refuses the
@@ -378,7 +386,8 @@ def step_backward(loss: Tensor, config: StepConfig) -> None:
     autograd's engine, inside them (:func:`~sdadapt.training.engine_backward.backward_keeping_modes`);
     without, it is ``loss.backward()``. Call this instead of ``loss.backward()`` when you run
     :func:`step_loss` yourself."""
-    if not (config.half_precision_norms or config.sdpa_backends is not None or config.sdpa_backends_per_call):
+    if not (config.half_precision_norms or config.sdpa_backends is not None or config.sdpa_backends_per_call
+            or config.fused_lora_linear):
         loss.backward()
         return
     with _kernel_choices(config, loss.device.type):
