@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .adapters.base import AdapterModule, LayerGeometry, geometry_of
-from .adapters.input_pad import LATENT_CHANNELS, ChannelPadAdapter, is_inpainting_conv_in_delta
 from .adapters.fused_lora import note_adapted_layer
+from .adapters.input_pad import LATENT_CHANNELS, ChannelPadAdapter, is_inpainting_conv_in_delta
 from .adapters.registry import adapter_from_file_tensors, build_adapter, family_of_config
 from .checks import finite_number
 from .errors import SdadaptError

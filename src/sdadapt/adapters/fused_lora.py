@@ -5,11 +5,17 @@ kernels per adapted linear layer in forward — the base GEMM, ``down``, ``up``,
 and delta ``(N, out)`` outputs and writes a third — and six in backward, where the input gradients of the base
 and the delta paths are summed by a seventh tensor. :func:`lora_linear` runs three and five::
 
-    forward                                          backward (g: (N, out))
-    y  = x Wᵀ + b          (N, out)   base GEMM       g_r = g ⋅ up             (N, r)
-    h  = x downᵀ           (N, r)                     dx  = g W;  dx += g_r ⋅ down   (N, in)  the second GEMM
-    y += h upᵀ             in place: the GEMM adds    ddown = g_rᵀ x          (r, in)         adds in place
-                           into y (beta = 1)          dup   = gᵀ h            (out, r)
+    forward                                 (x: (N, in))
+    y  = x Wᵀ + b           (N, out)        the base GEMM
+    h  = x downᵀ            (N, r)
+    y += h upᵀ              (N, out)        the GEMM adds into y in place (beta = 1)
+
+    backward                                (g: (N, out))
+    g_r   = g up            (N, r)
+    dx    = g W             (N, in)
+    dx   += g_r down        (N, in)         the GEMM adds into dx in place
+    ddown = g_rᵀ x          (r, in)
+    dup   = gᵀ h            (out, r)
 
 where ``up`` is the scaled factor ``scale · up`` (the LoRA's ``cast_scaled_weight`` copy). No ``(N, out)`` or
 ``(N, in)`` temporary is written: the accumulating GEMMs read and write the output once. Kept for backward:

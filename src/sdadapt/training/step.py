@@ -31,8 +31,8 @@ from ..formats.files import atomic_write, read_safetensors, staged_outputs, writ
 from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .engine_backward import backward_keeping_modes
-from .half_weights import found_inf, loss_scaler
 from .fused_lora import fused_lora_linear
+from .half_weights import found_inf, loss_scaler
 from .norm_precision import half_precision_norms
 from .optim import FusedBackward, restore_capturable_mode
 
