@@ -158,6 +158,32 @@ def test_the_mode_gives_the_hook_paths_numbers_in_two_fewer_ops_per_layer():
     torch.testing.assert_close(after[0], hook[0], rtol=0, atol=0)
 
 
+@settings(max_examples=30, deadline=None)
+@given(lead=st.lists(st.integers(1, 3), min_size=1, max_size=3), in_f=st.integers(1, 10), out_f=st.integers(1, 10),
+       rank=st.integers(1, 4), alpha=st.sampled_from([None, 1.0, 3.0]), bias=st.booleans(),
+       strength=st.sampled_from([1.0, 0.5, -1.0]), autocast=st.booleans(), training=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_served_layers_match_the_hook_path(lead, in_f, out_f, rank, alpha, bias, strength, autocast, training, seed):
+    """Any linear LoRA the mode serves (shapes, rank, alpha, a bias or none, a strength set on the handle, train or
+    eval mode, float32 or under bf16 autocast): the output and the gradients of the input and both factors are
+    the hook path's — float32 to ~1e-6, bf16 to its rounding."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_f, out_f, bias=bias)
+    model = nn.Sequential(layer)
+    handle = sdadapt.inject(model, ["0"], sdadapt.LoRAConfig(rank=rank, alpha=alpha, init="gaussian"))
+    nn.init.normal_(handle.modules["0"].lora_up, std=0.3)
+    handle.set_scale(strength)
+    model.train(training)
+    params = list(handle.parameters())
+    x = torch.randn(*lead, in_f, requires_grad=True)
+    hook = _run(model, params, x, fused=False, autocast=autocast)
+    fused = _run(model, params, x, fused=True, autocast=autocast)
+    assert fused[3].counts["addmm_"] == 2 and fused[0].dtype == hook[0].dtype
+    tol = 2e-2 if autocast else 1e-5
+    for a, b in zip([fused[0], fused[1], *fused[2]], [hook[0], hook[1], *hook[2]]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())))
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_a_fresh_lora_leaves_the_base_output_bit_for_bit(autocast):
     """``up = 0`` (a fresh LoRA): the fused output is the base model's, bit for bit, in float32 and under bf16
