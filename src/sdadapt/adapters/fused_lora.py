@@ -141,7 +141,7 @@ def servable_lora(weight: Tensor) -> tuple[nn.Linear, LoRAModule] | None:
     layer = _LAYERS.get(id(weight))
     if layer is None or getattr(layer, "weight", None) is not weight:
         return None
-    if type(layer).forward is not nn.Linear.forward or nn.modules.module._global_forward_hooks:
+    if type(layer).forward is not nn.Linear.forward or getattr(nn.modules.module, "_global_forward_hooks", None):
         return None
     first = next(iter(layer._forward_hooks.values()), None)
     adapter = getattr(first, "__self__", None)
