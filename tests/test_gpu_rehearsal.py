@@ -353,6 +353,7 @@ def captured_steps(monkeypatch):
                                            ("lora", "sdadapt-captured-qkv-halfnorms"), ("lora", "sdadapt-regional-captured"),
                                            ("full", "sdadapt-lean-captured-halfnorms"),
                                            ("lora", "sdadapt-captured-nchw-percall-halfnorms"),
+                                           ("lora", "sdadapt-captured-fused-halfnorms"),
                                            ("lora", "sdadapt-captured-nchw-percall-fused-halfnorms")])
 def test_the_benchmarks_captured_rows_capture_on_emulated_cuda(emulated_cuda, captured_steps, mode, variant):
     """The GPU branch of benchmarks/train_step.py (capturable torch / sdadapt AdamW with a tensor LR,
