@@ -252,3 +252,47 @@ def test_grad_with_respect_to_a_gradient_edge_as_torch():
     assert restart is not None
     for a, b in zip(ours + restart(), theirs + theirs[:1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_recompute_enters_the_innermost_kept_context_of_each_kind_afresh():
+    """``kept_for_recompute``: a block checkpointed inside nested contexts recomputes under the innermost of each
+    kind, the kinds in the order first entered, each a fresh context for each recompute (a graph kept with
+    ``retain_graph`` recomputes twice); nothing when none is open."""
+    from contextlib import contextmanager
+
+    from sdadapt.training.engine_backward import kept_for_recompute, recompute_under
+
+    entered = []
+
+    def factory(name):
+        @contextmanager
+        def context():
+            entered.append(name)
+            yield
+
+        return context
+
+    assert recompute_under() is None
+    with kept_for_recompute("a", factory("a-outer")), kept_for_recompute("b", factory("b")), \
+            kept_for_recompute("a", factory("a-inner")):
+        recompute = recompute_under()
+    assert recompute_under() is None  # (closed again)
+    for _ in range(2):  # (torch enters a checkpoint's one recompute context at each recompute)
+        with recompute:
+            pass
+    assert entered == ["a-inner", "b", "a-inner", "b"]
+
+    from sdadapt.training.grad_checkpointing import enable_checkpointing
+    from sdadapt.training.norm_precision import half_precision_norms
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    enable_checkpointing(model, ["1"])
+    x = torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), half_precision_norms(True, "cpu"):
+        loss = model(x).float().square().sum()
+    loss.backward(retain_graph=True)  # (outside the contexts: the recompute re-enters the norms' mode, twice)
+    once = [p.grad.clone() for p in model.parameters()]
+    loss.backward()
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=0, atol=0)

@@ -18,7 +18,6 @@ step enters (a priority list: a call the first backend cannot run falls to the n
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .engine_backward import BackwardKeepingMode
+from .engine_backward import BackwardKeepingMode, kept_for_recompute
 
 __all__ = [
     "SDPA_BACKENDS",
@@ -39,7 +38,6 @@ __all__ = [
     "fastest_sdpa_backends",
     "fastest_sdpa_backends_per_call",
     "fastest_sdpa_orders",
-    "recompute_context",
     "record_attention_calls",
     "sdpa_backends",
     "time_sdpa_backends",
@@ -281,19 +279,6 @@ def sdpa_backends(names: Sequence[str] | None,
     return _backends(None if names is None else _checked(names), orders)
 
 
-def recompute_context() -> AbstractContextManager[None] | None:
-    """The context a checkpointed block started now should recompute under: the innermost
-    :func:`sdpa_backends` context active on this thread (its recompute runs inside backward, after the
-    step's context has ended: under torch's default order a block whose forward ran another kernel
-    recomputes tensors of other shapes, and torch refuses them), or ``None`` when none is active."""
-    active = getattr(_ACTIVE, "contexts", None)
-    return _backends(*active[-1]) if active else None
-
-
-# .contexts: (order, per-call orders) of each sdpa_backends context entered on this thread, innermost last
-_ACTIVE = threading.local()
-
-
 def _checked(names: Sequence[str]) -> tuple[str, ...]:
     names = tuple(names)
     if not names:
@@ -306,15 +291,12 @@ def _checked(names: Sequence[str]) -> tuple[str, ...]:
 
 @contextmanager
 def _backends(names: tuple[str, ...] | None, per_call: dict[str, tuple[str, ...]]) -> Iterator[None]:
-    if not hasattr(_ACTIVE, "contexts"):
-        _ACTIVE.contexts = []
-    _ACTIVE.contexts.append((names, per_call))
-    try:
-        with (_priority(names) if names is not None else nullcontext()), \
-                (_PerCallBackends(per_call) if per_call else nullcontext()):
-            yield
-    finally:
-        _ACTIVE.contexts.pop()
+    # (kept for a checkpointed block's recompute, which runs inside backward, maybe after this context ended:
+    # under torch's default order a block whose forward ran another kernel recomputes tensors of other shapes)
+    with kept_for_recompute(_backends, lambda: _backends(names, per_call)), \
+            (_priority(names) if names is not None else nullcontext()), \
+            (_PerCallBackends(per_call) if per_call else nullcontext()):
+        yield
 
 
 @contextmanager

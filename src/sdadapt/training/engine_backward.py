@@ -16,7 +16,9 @@ itself derives from :class:`BackwardKeepingMode`, which restarts the backward ca
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -28,7 +30,8 @@ try:
 except ImportError:  # pragma: no cover - torch < 2.2 (no gradient edges: nothing is one)
     GradientEdge = ()  # type: ignore[assignment,misc]
 
-__all__ = ["BackwardKeepingMode", "backward_call", "backward_keeping_modes", "grad_keeping_modes"]
+__all__ = ["BackwardKeepingMode", "backward_call", "backward_keeping_modes", "grad_keeping_modes", "kept_for_recompute",
+           "recompute_under"]
 
 
 def backward_keeping_modes(tensors: Sequence[Tensor], grads: Sequence[Tensor | None] | None = None, *,
@@ -187,3 +190,50 @@ class BackwardKeepingMode(TorchFunctionMode):
     def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """What the mode does with a call that is not a backward to restart (this one: runs it as called)."""
         return func(*args, **kwargs)
+
+
+@contextmanager
+def kept_for_recompute(kind: object, factory: Callable[[], AbstractContextManager[object]]) -> Iterator[None]:
+    """While open: a gradient-checkpointed block started on this thread recomputes under a fresh ``factory()``
+    (:func:`recompute_under`; the innermost of each ``kind``). For the step's kernel choices (half-precision
+    norms, attention kernel orders, fused LoRA layers): a recompute runs inside backward, which may start after
+    the forward's contexts have ended, and must choose what its forward chose (torch refuses other saved tensors).
+    ``factory`` makes a new context each time (a recompute enters it once; a block may recompute more than once)."""
+    entries = _KEPT.__dict__.setdefault("entries", [])
+    entries.append((kind, factory))
+    try:
+        yield
+    finally:
+        entries.pop()
+
+
+def recompute_under() -> AbstractContextManager[object] | None:
+    """What a checkpointed block started now should recompute under: a context that enters, of each kind
+    registered by :func:`kept_for_recompute` on this thread, a fresh ``factory()`` of the innermost, in the order
+    the kinds were first entered — fresh each time it is entered (torch makes a checkpoint's recompute context
+    once, at forward, and enters it at every recompute: a graph kept with ``retain_graph`` recomputes again);
+    ``None`` when none is open. ``enable_checkpointing`` gives it to ``torch.utils.checkpoint`` (``context_fn``)."""
+    innermost: dict[object, Callable[[], AbstractContextManager[object]]] = {}
+    for kind, factory in getattr(_KEPT, "entries", ()):
+        innermost[kind] = factory
+    return _Fresh(list(innermost.values())) if innermost else None
+
+
+class _Fresh:
+    """A context entering a new context from each of its factories every time it is entered (nesting allowed)."""
+
+    def __init__(self, factories: list[Callable[[], AbstractContextManager[object]]]) -> None:
+        self.factories = factories
+        self._open: list[ExitStack] = []
+
+    def __enter__(self) -> None:
+        with ExitStack() as stack:
+            for factory in self.factories:
+                stack.enter_context(factory())
+            self._open.append(stack.pop_all())
+
+    def __exit__(self, *exc: object) -> bool | None:
+        return self._open.pop().__exit__(*exc)
+
+
+_KEPT = threading.local()  # .entries: (kind, factory) of each kept_for_recompute open on this thread, innermost last

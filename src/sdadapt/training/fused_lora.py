@@ -25,15 +25,14 @@ into the base output at the GEMM's float32 accumulation instead of being rounded
 Gradient checkpointing recomputes a block in backward, which must take the path its forward took: the step
 starts its backward inside the mode (:func:`~sdadapt.training.step.step_backward`), and
 :func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` re-enters it for its recomputes
-(:func:`recompute_context`). Under ``torch.compile`` tracing the mode does nothing (Inductor fuses the graph).
+(:func:`~sdadapt.training.engine_backward.kept_for_recompute`). Under ``torch.compile`` tracing the mode does nothing (Inductor fuses the graph).
 """
 
 from __future__ import annotations
 
 import sys
-import threading
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -43,37 +42,26 @@ from torch import Tensor, nn
 from ..adapters.base import autocast_dtype
 from ..adapters.fused_lora import lora_linear, servable_lora
 from ..adapters.weight_casts import cast_scaled_weight, cast_weight
-from .engine_backward import BackwardKeepingMode
+from .engine_backward import BackwardKeepingMode, kept_for_recompute
 
-__all__ = ["fused_lora_linear", "recompute_context"]
+__all__ = ["fused_lora_linear"]
 
 
 def fused_lora_linear(enabled: bool = True) -> AbstractContextManager[object]:
     """Context in which the linear LoRA layers it can serve run as one autograd function each, the delta
     accumulated into the base GEMM's output (module docstring); ``enabled=False``: a no-op context. Input
     (..., in) and output (..., out) as the layer's own."""
-    return _FusedLoRALinear() if enabled else nullcontext()
+    return _fused_lora_linear() if enabled else nullcontext()
 
 
-def recompute_context() -> AbstractContextManager[object] | None:
-    """The context a checkpointed block started now should recompute under: a :func:`fused_lora_linear`
-    when one is active on this thread, else ``None``."""
-    return _FusedLoRALinear() if getattr(_ACTIVE, "depth", 0) else None
-
-
-_ACTIVE = threading.local()  # .depth: how many fused_lora_linear modes are entered on this thread
+@contextmanager
+def _fused_lora_linear() -> Iterator[None]:
+    """The mode, kept for checkpointed blocks to recompute under (``kept_for_recompute``)."""
+    with kept_for_recompute(_FusedLoRALinear, _fused_lora_linear), _FusedLoRALinear():
+        yield
 
 
 class _FusedLoRALinear(BackwardKeepingMode):
-    def __enter__(self):
-        entered = super().__enter__()
-        _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
-        return entered
-
-    def __exit__(self, *exc: object) -> None:
-        _ACTIVE.depth -= 1
-        super().__exit__(*exc)
-
     def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if func is F.linear and not torch.compiler.is_compiling():
             served = _served_linear(args, kwargs)

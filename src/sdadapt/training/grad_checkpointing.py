@@ -20,15 +20,15 @@ SD/SDXL default); a block with active dropout then recomputes with fresh dropout
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch.utils.checkpoint
 from torch import nn
 
 from ..adapters.base import graph_capturing
 from ..targets import Target, by_regex, select_outermost
-from . import attention, fused_lora, norm_precision
+from .engine_backward import recompute_under
 
 __all__ = ["UNET_BLOCKS", "CheckpointHandle", "blocks_by_activation_memory", "enable_checkpointing"]
 
@@ -48,15 +48,6 @@ UNET_BLOCKS.description = "UNET_BLOCKS"
 _SUBCLASSES: dict[type, type] = {}
 
 
-@contextmanager
-def _entered(contexts: list[AbstractContextManager[object]]) -> Iterator[None]:
-    """Every one of ``contexts`` entered, in order (a checkpoint's recompute takes one context)."""
-    with ExitStack() as stack:
-        for context in contexts:
-            stack.enter_context(context)
-        yield
-
-
 def _checkpointed_class(cls: type) -> type:
     sub = _SUBCLASSES.get(cls)
     if sub is None:
@@ -66,10 +57,8 @@ def _checkpointed_class(cls: type) -> type:
                 # the step's half-precision norms, attention-kernel order and fused LoRA layers re-entered for the
                 # recompute (it runs inside backward, after the step's contexts ended); none active, or compiling (the
                 # traced graph is what recomputes): torch's defaults
-                recompute = [] if torch.compiler.is_compiling() else [
-                    c for c in (norm_precision.recompute_context(), attention.recompute_context(),
-                                fused_lora.recompute_context()) if c is not None]
-                context = {"context_fn": lambda: (nullcontext(), _entered(recompute))} if recompute else {}
+                recompute = None if torch.compiler.is_compiling() else recompute_under()
+                context = {"context_fn": lambda: (nullcontext(), recompute)} if recompute is not None else {}
                 return torch.utils.checkpoint.checkpoint(
                     super(sub, self).__call__, *args, use_reentrant=False, preserve_rng_state=not graph_capturing(),
                     **context, **kwargs

@@ -24,14 +24,14 @@ state of that call, torch function modes included, so a model that checkpoints t
 (diffusers' ``enable_gradient_checkpointing()``) recomputes under it; ``loss.backward()`` called inside
 the context does too (the mode restarts it: :class:`~sdadapt.training.engine_backward.BackwardKeepingMode`).
 :func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` also re-enters the mode for its
-recomputes (:func:`recompute_context`, its ``context_fn``), for a loop that calls ``backward()`` outside it.
+recomputes (:func:`~sdadapt.training.engine_backward.kept_for_recompute`, its ``context_fn``), for a loop that calls
+``backward()`` outside it.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapters.base import autocast_dtype
-from .engine_backward import BackwardKeepingMode
+from .engine_backward import BackwardKeepingMode, kept_for_recompute
 
-__all__ = ["NORM_FUNCTIONS", "half_precision_norms", "recompute_context"]
+__all__ = ["NORM_FUNCTIONS", "half_precision_norms"]
 
 #: the calls the mode runs in half precision (``nn.GroupNorm``/``nn.LayerNorm`` reach the first two);
 #: for all four the input is argument 0, the weight argument 2 and the bias argument 3
@@ -56,35 +56,21 @@ def half_precision_norms(enabled: bool, device_type: str) -> AbstractContextMana
 
     Calls outside autocast, on other devices, or on inputs of another dtype are left alone.
     """
-    return _HalfPrecisionNorms(device_type) if enabled else nullcontext()
+    return _half_precision_norms(device_type) if enabled else nullcontext()
 
 
-def recompute_context() -> AbstractContextManager[object] | None:
-    """The context a checkpointed block started now should recompute under: the half-precision norms
-    of the innermost :func:`half_precision_norms` active on this thread (a new mode for the same device
-    type, to enter once), or ``None`` when none is active."""
-    active = getattr(_ACTIVE, "device_types", None)
-    return _HalfPrecisionNorms(active[-1]) if active else None
-
-
-_ACTIVE = threading.local()  # .device_types: the device types of the modes entered on this thread, innermost last
+@contextmanager
+def _half_precision_norms(device_type: str) -> Iterator[None]:
+    """The mode, kept for checkpointed blocks to recompute under (``kept_for_recompute``)."""
+    with kept_for_recompute(_HalfPrecisionNorms, lambda: _half_precision_norms(device_type)), \
+            _HalfPrecisionNorms(device_type):
+        yield
 
 
 class _HalfPrecisionNorms(BackwardKeepingMode):
     def __init__(self, device_type: str) -> None:
         super().__init__()
         self.device_type = device_type
-
-    def __enter__(self):
-        entered = super().__enter__()
-        if not hasattr(_ACTIVE, "device_types"):
-            _ACTIVE.device_types = []
-        _ACTIVE.device_types.append(self.device_type)
-        return entered
-
-    def __exit__(self, *exc: object) -> None:
-        _ACTIVE.device_types.pop()
-        super().__exit__(*exc)
 
     def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if func in NORM_FUNCTIONS:
