@@ -8,7 +8,7 @@
 #
 # Through the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=580).
 # `bash benchmarks/gpu_check.sh --goals`: only issue 16's goal rows and the CUDA tests of their paths
-# (~8 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
+# (~8-9 minutes: a re-check after changes, when a session has little device time left); `--compiled`: the
 # compiled+captured LoRA rows at batch 8 alone (regional first, then the whole UNet), with 420 s for
 # inductor's cold compiles.
 # Everything is bounded by per-step `timeout`s and a budget (GPU_CHECK_BUDGET seconds, default 530):
@@ -132,12 +132,12 @@ bench() {  # bench NAME SECONDS ARGS...: one benchmark run, JSON to $OUT/NAME.js
     fi
 }
 if [[ "$GOALS" == 1 ]]; then
-    # --goals (~8 minutes on an H200, the diffusers install included), most needed first — the sum of the step
-    # limits is above the budget, so what the budget cuts is the end: the LoRA goal candidates against peft's
+    # --goals (~8-9 minutes on an H200, the diffusers install included; GPU_CHECK_BUDGET=520), most needed first —
+    # the sum of the step limits is above the budget, so what the budget cuts is the end: the LoRA goal candidates against peft's
     # UNet step (a row ~25 s; each with and without the fused LoRA layers), the full fine-tune goal rows, the CUDA
     # tests of the paths they take, then the rows that say what moved the numbers (the captured step as the
     # second session ran it, NCHW without per-call attention, q/k/v batching)
-    bench goals_lora 260 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured-halfnorms \
+    bench goals_lora 300 --modes lora --batch 1 $LARGE --variants peft-unet sdadapt-captured-halfnorms \
         sdadapt-captured-fused-halfnorms sdadapt-captured-nchw-percall-halfnorms \
         sdadapt-captured-nchw-percall-fused-halfnorms --profile $LORA_PROFILE
     bench goals_full 130 --modes full --batch 1 --variants reference sdadapt-lean-captured sdadapt-fast-captured \
