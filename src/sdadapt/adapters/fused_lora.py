@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .lora import LoRAModule
 
-__all__ = ["lora_linear", "note_adapted_layer", "servable_lora"]
+__all__ = ["lora_linear", "lora_linear_unchecked", "note_adapted_layer", "servable_lora"]
 
 # id(layer.weight) -> the layer, for each layer an adapter hook was attached to (AdapterHandle): how a torch
 # function mode seeing ``F.linear(x, weight, bias)`` finds the layer. Not an attribute of the weight or the
@@ -78,6 +78,12 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, up: Tensor, down
     if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
         raise ValueError("lora_linear: x, weight, bias, up and down must share one dtype and device, got "
                          + ", ".join(f"{t.dtype} on {t.device}" for t in tensors))
+    return lora_linear_unchecked(x, weight, bias, up, down)
+
+
+def lora_linear_unchecked(x: Tensor, weight: Tensor, bias: Tensor | None, up: Tensor, down: Tensor) -> Tensor:
+    """:func:`lora_linear` without its checks, for a caller whose tensors fit by construction (the training
+    step's mode, once per adapted layer and step)."""
     return _LoRALinear.apply(x, weight, bias, up, down)
 
 

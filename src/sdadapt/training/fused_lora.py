@@ -4,8 +4,9 @@ A LoRA on a linear layer normally adds its delta in a forward hook: the base GEM
 of two ``(N, out)`` tensors in forward, six kernels in backward (the two paths' input gradients summed by a
 seventh tensor). :func:`~sdadapt.adapters.fused_lora.lora_linear` runs three and five: the delta's up GEMM
 adds into the base output, and backward's second input-gradient GEMM into the first. For LoRA on an SD1.5
-UNet's attention (128 layers) that is ~256 fewer kernels per step, and at batch 8 no ``(N, out)`` delta
-written and read back.
+UNet's attention (128 layers) that is 221 fewer kernels per step (two per layer whose input needs a gradient,
+one for the others; counted by ``benchmarks/norm_casts.py``), and at batch 8 no ``(N, out)`` delta written and
+read back.
 
 :func:`fused_lora_linear` is the context the training step enters for ``StepConfig(fused_lora_linear=True)``:
 a torch function mode that, for each ``F.linear`` call of a plain ``nn.Linear`` whose first forward hook is a
@@ -25,7 +26,8 @@ into the base output at the GEMM's float32 accumulation instead of being rounded
 Gradient checkpointing recomputes a block in backward, which must take the path its forward took: the step
 starts its backward inside the mode (:func:`~sdadapt.training.step.step_backward`), and
 :func:`~sdadapt.training.grad_checkpointing.enable_checkpointing` re-enters it for its recomputes
-(:func:`~sdadapt.training.engine_backward.kept_for_recompute`). Under ``torch.compile`` tracing the mode does nothing (Inductor fuses the graph).
+(:func:`~sdadapt.training.engine_backward.kept_for_recompute`). Under ``torch.compile`` tracing the mode does
+nothing (Inductor fuses the graph).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters.base import autocast_dtype
-from ..adapters.fused_lora import lora_linear, servable_lora
+from ..adapters.fused_lora import lora_linear_unchecked, servable_lora
 from ..adapters.weight_casts import cast_scaled_weight, cast_weight
 from .engine_backward import BackwardKeepingMode, kept_for_recompute
 
@@ -71,7 +73,8 @@ class _FusedLoRALinear(BackwardKeepingMode):
 
 
 def _served_linear(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | None:
-    """``F.linear(x, weight, bias)``'s adapted output by :func:`lora_linear`, with the hook told; ``None``
+    """``F.linear(x, weight, bias)``'s adapted output by :func:`~sdadapt.adapters.fused_lora.lora_linear`, with the
+    hook told; ``None``
     when the call is not one to serve."""
     names = ("input", "weight", "bias")
     x, weight, bias = (args[i] if i < len(args) else kwargs.get(name) for i, name in enumerate(names))
@@ -81,16 +84,16 @@ def _served_linear(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | N
     if served is None or not _in_forward_of(served[0]):
         return None
     adapter = served[1]
+    dtype = autocast_dtype(x.device.type) if x.is_floating_point() else None
+    if dtype is None and len({t.dtype for t in (x, weight, bias, adapter.lora_up, adapter.lora_down)
+                              if t is not None}) != 1:
+        return None  # (the hook path computes the delta in the factors' dtype and casts it: not this GEMM's sum)
     up = cast_scaled_weight(adapter.lora_up, adapter.scale)  # (out, r): scale · up
     down = cast_weight(adapter.lora_down)  # (r, in)
-    dtype = autocast_dtype(x.device.type) if x.is_floating_point() else None
     tensors = (x, weight, bias, up, down)
-    if dtype is None:
-        if len({t.dtype for t in tensors if t is not None}) != 1:
-            return None  # (the hook path computes the delta in the factors' dtype and casts it: not this GEMM's sum)
-    else:  # as autocast casts F.linear's operands and the hook path's factors
+    if dtype is not None:  # as autocast casts F.linear's operands and the hook path's factors
         x, weight, bias, up, down = (t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
-    output = lora_linear(x, weight, bias, up, down)
+    output = lora_linear_unchecked(x, weight, bias, up, down)
     adapter._served_output = output
     return output
 
