@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-from typing import Self
-
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["ModuleHooks"]
@@ -24,7 +22,7 @@ class ModuleHooks:
             handle.remove()
         self._handles.clear()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ModuleHooks:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc: object) -> None:

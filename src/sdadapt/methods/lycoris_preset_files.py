@@ -37,11 +37,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
 from torch import nn
 
 from ..errors import InputError
 from ..patterns import compile_pattern
+from ..training.dataset_config import toml_reader
 
 __all__ = ["PRESET_FILE_KEYS", "LycorisPresetFile", "preset_file_sha256", "read_lycoris_preset_file"]
 
@@ -184,6 +184,7 @@ def read_lycoris_preset_file(path: str | Path) -> LycorisPresetFile:
     if len(data) > _MAX_BYTES:
         raise InputError(f"LyCORIS preset file {file}: {len(data)} bytes, more than a preset holds "
                          f"({_MAX_BYTES} at most)")
+    tomllib = toml_reader("LyCORIS preset files")
     try:
         table = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

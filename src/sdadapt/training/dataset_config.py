@@ -41,6 +41,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..errors import InputError
@@ -76,6 +77,7 @@ __all__ = [
     "read_metadata_file",
     "record_changes",
     "subset_records",
+    "toml_reader",
 ]
 
 #: subset keys that are caption options (kohya's names; each subset may set its own)
@@ -274,18 +276,29 @@ def read_config_table(path: str | os.PathLike, *, flag: str, allow_json: bool = 
             return json.loads(_utf8_text(file, flag=flag))
         except json.JSONDecodeError as exc:
             raise InputError(f"{flag} {file}: not valid JSON ({exc})") from None
+    tomllib = toml_reader(f"{flag} TOML files")
+    try:
+        return tomllib.loads(_utf8_text(file, flag=flag))
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{flag} {file}: not valid TOML ({exc})") from None
+
+
+def toml_reader(what: str) -> ModuleType:
+    """The TOML reader: ``tomllib`` (Python 3.11+), or on Python 3.10 ``tomli`` (the same API, ``loads`` and
+    ``TOMLDecodeError``). ``what`` names what is read, in the error.
+
+    Raises:
+        ImportError: Python 3.10 without ``tomli``.
+    """
     try:
         import tomllib  # Python >= 3.11
     except ImportError:  # pragma: no cover - Python 3.10
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ImportError:
-            raise ImportError(f"reading {flag} TOML files on Python 3.10 needs tomli: pip install tomli (Python 3.11+ "
+            raise ImportError(f"reading {what} on Python 3.10 needs tomli: pip install tomli (Python 3.11+ "
                               "reads TOML itself)") from None
-    try:
-        return tomllib.loads(_utf8_text(file, flag=flag))
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{flag} {file}: not valid TOML ({exc})") from None
+    return tomllib
 
 
 def _utf8_text(file: Path, *, flag: str = "") -> str:
