@@ -104,6 +104,51 @@ def test_half_precision_errors_are_no_larger_than_the_hook_paths(dtype):
     assert errors["hook"][0] > 0  # (the premise: the half dtype rounds)
 
 
+def test_its_backward_runs_unseen_by_function_modes_which_stay_on_the_stack():
+    """The Python backward runs as a built-in op's: a torch function mode that restarts backward with itself on
+    the stack (the step's kernel-choice modes do) sees none of its calls, and is back on the stack after it and
+    for the rest of backward; the gradients are those computed without any mode."""
+    from sdadapt.training.engine_backward import BackwardKeepingMode
+
+    class Seen(BackwardKeepingMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+            self.depths = []
+
+        def handle(self, func, args, kwargs):
+            self.names.append(func.__name__)
+            self.depths.append(torch._C._len_torch_function_stack())
+            return func(*args, **kwargs)
+
+    class Square(torch.autograd.Function):  # on the input: its Python backward runs after lora_linear's
+        @staticmethod
+        def forward(ctx, y):
+            ctx.save_for_backward(y)
+            return y * y
+
+        @staticmethod
+        def backward(ctx, grad):
+            (y,) = ctx.saved_tensors
+            return torch.mul(grad, y) * 2
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [t.requires_grad_() for t in _inputs(g, (3,), 8, 6, 2, torch.float32)]
+    x, rest = tensors[0], tensors[1:]
+    expected = torch.autograd.grad(lora_linear(Square.apply(x), *rest).sum(), tensors)
+    seen = Seen()
+    with seen:
+        out = lora_linear(Square.apply(x), *rest).sum()
+        seen.names.clear()
+        got = torch.autograd.grad(out, tensors)
+        assert torch._C._len_torch_function_stack() == 1
+    assert "mul" in seen.names and not {"matmul", "addmm_", "t", "reshape"} & set(seen.names), seen.names
+    assert set(seen.depths) == {0}  # (a mode is off the stack while it handles a call)
+    assert torch._C._len_torch_function_stack() == 0
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_shapes_and_dtypes_that_do_not_fit_are_refused():
     x, w, b, up, down = _inputs(torch.Generator().manual_seed(0), (2,), 6, 5, 3, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):

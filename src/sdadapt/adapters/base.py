@@ -321,7 +321,7 @@ class AdapterModule(nn.Module):
         no tensor is read back to Python on the traced path."""
         served = self._served_output
         if served is not None:  # (set only outside tracing, by training.fused_lora)
-            self._served_output = None
+            object.__setattr__(self, "_served_output", None)  # (not nn.Module's: a plain attribute)
             if served is output:  # the layer's output has the delta (adapters.fused_lora)
                 return output
         if self.merged or not self.enabled:

@@ -311,6 +311,8 @@ class _PerCallBackends(BackwardKeepingMode):
     """Runs each ``F.scaled_dot_product_attention`` call whose :func:`call_signature` is listed under
     its own backend order; every other call as it would run."""
 
+    functions = frozenset({F.scaled_dot_product_attention})
+
     def __init__(self, orders: dict[str, tuple[str, ...]]) -> None:
         super().__init__()
         self.orders = orders

@@ -10,7 +10,9 @@ its kernel choices (:func:`~sdadapt.training.step.step_backward`); a mode that m
 itself derives from :class:`BackwardKeepingMode`, which restarts the backward calls it handles
 (:func:`backward_call`) with itself back on the stack, and implements ``handle`` instead of
 ``__torch_function__`` (the half-precision norms, the per-call attention orders,
-:class:`~sdadapt.training.host_syncs.HostSyncs`).
+:class:`~sdadapt.training.host_syncs.HostSyncs`). Modes acting on disjoint functions, entered one inside
+another, share one entry of torch's mode stack (``BackwardKeepingMode.functions``): one Python call per torch
+call for all of them.
 """
 
 from __future__ import annotations
@@ -176,7 +178,19 @@ class BackwardKeepingMode(TorchFunctionMode):
     """A torch function mode that stays active for the Python code of the backward passes started inside
     it (a checkpoint's recompute, hooks): a ``Tensor.backward`` / ``torch.autograd.backward`` / ``grad``
     call it handles is restarted by :func:`backward_call` with the mode back on the stack (a mode is off
-    it while it handles a call); every other call goes to :meth:`handle`."""
+    it while it handles a call); every other call goes to :meth:`handle`.
+
+    A mode that acts on a few functions only lists them in ``functions`` (every other call it would run as
+    called). Such modes entered one directly inside another share one mode on torch's stack when their
+    functions are disjoint (:class:`_SharedModes`): each torch call then goes through one Python
+    ``__torch_function__`` instead of one per mode — the step's kernel choices (half-precision norms,
+    per-call attention orders, fused LoRA linear layers) cost an eager step the host time of one mode.
+    The calls each mode sees and what it does with them are the same as stacked (disjoint functions: no
+    mode's call reaches another's ``handle`` either way). ``functions = None`` (the default): every call
+    goes to ``handle``, and the mode is pushed on its own."""
+
+    #: the functions ``handle`` acts on; ``None``: every call (not shared). Never a backward function.
+    functions: frozenset[Callable[..., Any]] | None = None
 
     def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:
@@ -190,6 +204,65 @@ class BackwardKeepingMode(TorchFunctionMode):
     def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         """What the mode does with a call that is not a backward to restart (this one: runs it as called)."""
         return func(*args, **kwargs)
+
+    def __enter__(self) -> BackwardKeepingMode:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        if self.functions is None:
+            return super().__enter__()
+        top = torch.overrides._get_current_function_mode()
+        if isinstance(top, _SharedModes) and top.takes(self):
+            top.add(self)
+        else:
+            top = _SharedModes()
+            top.add(self)
+            top.__enter__()
+        self.__dict__.setdefault("_shared_in", []).append(top)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.functions is None:
+            return super().__exit__(*exc)
+        shared = self.__dict__["_shared_in"].pop()
+        shared.remove(self)
+        if not shared.members:
+            shared.__exit__(*exc)
+        return None
+
+
+class _SharedModes(TorchFunctionMode):
+    """One mode on torch's stack for several :class:`BackwardKeepingMode` s with disjoint ``functions``: a call
+    of a member's function goes to that member's ``handle``, a backward call is restarted with this mode back
+    on the stack, every other call runs as called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.members: list[BackwardKeepingMode] = []
+        self.by_function: dict[Callable[..., Any], BackwardKeepingMode] = {}
+
+    def takes(self, mode: BackwardKeepingMode) -> bool:
+        return mode.functions is not None and mode.functions.isdisjoint(self.by_function)
+
+    def add(self, mode: BackwardKeepingMode) -> None:
+        if mode.functions is None or not mode.functions.isdisjoint(_BACKWARDS):
+            raise ValueError(f"{type(mode).__name__}.functions must list the functions its handle acts on, "
+                             "no backward function among them")
+        self.members.append(mode)
+        self.by_function.update(dict.fromkeys(mode.functions, mode))
+
+    def remove(self, mode: BackwardKeepingMode) -> None:
+        self.members.remove(mode)
+        self.by_function = {func: member for member in self.members for func in member.functions or ()}
+
+    def __torch_function__(self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
+        member = self.by_function.get(func)
+        if member is not None:
+            return member.handle(func, args, kwargs or {})
+        if func in _BACKWARDS:
+            restart = backward_call(func, args, kwargs or {})
+            if restart is not None:
+                with self:
+                    return restart()
+        return func(*args, **(kwargs or {}))
 
 
 @contextmanager

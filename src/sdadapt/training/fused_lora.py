@@ -64,6 +64,8 @@ def _fused_lora_linear() -> Iterator[None]:
 
 
 class _FusedLoRALinear(BackwardKeepingMode):
+    functions = frozenset({F.linear})
+
     def handle(self, func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
         if func is F.linear and not torch.compiler.is_compiling():
             served = _served_linear(args, kwargs)
@@ -94,7 +96,7 @@ def _served_linear(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor | N
     if dtype is not None:  # as autocast casts F.linear's operands and the hook path's factors
         x, weight, bias, up, down = (t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
     output = lora_linear_unchecked(x, weight, bias, up, down)
-    adapter._served_output = output
+    object.__setattr__(adapter, "_served_output", output)  # (not nn.Module's: a plain attribute, set each call)
     return output
 
 

@@ -68,6 +68,8 @@ def _half_precision_norms(device_type: str) -> Iterator[None]:
 
 
 class _HalfPrecisionNorms(BackwardKeepingMode):
+    functions = NORM_FUNCTIONS
+
     def __init__(self, device_type: str) -> None:
         super().__init__()
         self.device_type = device_type
