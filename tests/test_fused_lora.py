@@ -14,11 +14,11 @@ from aten_ops import AtenOps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from trained_toy_lora import trained_toy_lora
 
 import sdadapt
 from sdadapt.adapters.fused_lora import lora_linear
 from sdadapt.targets import by_type
-from sdadapt.toy import ToyUNet
 from sdadapt.training.fused_lora import fused_lora_linear
 from sdadapt.training.step import StepConfig, TrainState, train_step
 
@@ -316,11 +316,7 @@ def test_batched_qkv_loras_are_left_to_their_shared_projection():
     """On the toy UNet with q/k/v LoRAs batched (``batch_shared_input_adapters``) the mode serves only the
     layers outside the groups (out projections, feed-forward, time embedding), and the numbers are the hook
     path's to float32 rounding."""
-    torch.manual_seed(0)
-    unet = ToyUNet()
-    handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
-    for adapter in handle.modules.values():
-        nn.init.normal_(adapter.lora_up, std=0.05)
+    unet, handle = trained_toy_lora()
     sdadapt.batch_shared_input_adapters(handle)
     params = list(handle.parameters())
     grouped = sum(adapter._shared_input is not None for adapter in handle.modules.values())
@@ -384,16 +380,9 @@ def test_two_adapters_on_one_layer_both_apply():
 def _toy_step(*, fused: bool, mixed: str | None, checkpoint: str = "none", captured: bool = False, steps: int = 2):
     """Loss and LoRA gradients of the last of ``steps`` LoRA steps on the toy UNet (LoRA on every Linear,
     non-zero up factors)."""
-    from sdadapt.training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
     from sdadapt.training.step_capture import CapturedStep
 
-    torch.manual_seed(0)
-    unet = ToyUNet()
-    handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
-    for adapter in handle.modules.values():
-        nn.init.normal_(adapter.lora_up, std=0.05)
-    if checkpoint == "sdadapt":
-        enable_checkpointing(unet, UNET_BLOCKS)
+    unet, handle = trained_toy_lora(checkpoint=checkpoint == "sdadapt")
     params = list(handle.parameters())
     opt = torch.optim.SGD(params, lr=1e-2)
     grads: list[torch.Tensor] = []
@@ -442,16 +431,9 @@ def test_checkpointed_blocks_recompute_on_the_fused_path(checkpoint, captured):
 def test_your_own_backward_outside_the_context_recomputes_checkpointed_blocks_fused():
     """A loop that calls ``backward()`` after leaving the context: ``enable_checkpointing`` re-enters the mode
     for its recomputes, so they match the forward (the gradients of the un-checkpointed model bit for bit)."""
-    from sdadapt.training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
 
     def grads(checkpoint):
-        torch.manual_seed(0)
-        unet = ToyUNet()
-        handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
-        for adapter in handle.modules.values():
-            nn.init.normal_(adapter.lora_up, std=0.05)
-        if checkpoint:
-            enable_checkpointing(unet, UNET_BLOCKS)
+        unet, handle = trained_toy_lora(checkpoint=checkpoint)
         unet.train()
         x = torch.randn(2, 12, 8, 8, generator=torch.Generator().manual_seed(2))
         with fused_lora_linear():
@@ -490,11 +472,7 @@ def test_cuda_captured_fused_steps_match_eager_fused_steps():
     from sdadapt.training.step_capture import CapturedStep
 
     def run(captured):
-        torch.manual_seed(0)
-        unet = ToyUNet().cuda()
-        handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
-        for adapter in handle.modules.values():
-            nn.init.normal_(adapter.lora_up, std=0.05)
+        unet, handle = trained_toy_lora(device="cuda")
         params = list(handle.parameters())
         opt = torch.optim.AdamW(params, lr=torch.tensor(1e-3, device="cuda"), capturable=True)
         g = torch.Generator().manual_seed(1)

@@ -10,6 +10,7 @@ from contextlib import ExitStack, contextmanager
 import pytest
 import torch
 from torch import nn
+from trained_toy_lora import trained_toy_lora
 
 import sdadapt
 from sdadapt.targets import by_type
@@ -18,7 +19,6 @@ from sdadapt.training import attention, fused_lora, norm_precision
 from sdadapt.training.attention import record_attention_calls, sdpa_backends
 from sdadapt.training.engine_backward import BackwardKeepingMode
 from sdadapt.training.fused_lora import fused_lora_linear
-from sdadapt.training.grad_checkpointing import UNET_BLOCKS, enable_checkpointing
 from sdadapt.training.norm_precision import half_precision_norms
 
 
@@ -132,13 +132,7 @@ def _step_gradients(*, checkpoint: bool, depth: list[int], choices: bool = True)
     norms, a per-call attention order, fused LoRA linear layers), optionally with every block checkpointed
     (recomputed under the modes inside backward); ``depth`` gets the stack depth inside the contexts;
     ``choices=False``: none of them."""
-    torch.manual_seed(0)
-    unet = ToyUNet()
-    handle = sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
-    for adapter in handle.modules.values():
-        nn.init.normal_(adapter.lora_up, std=0.05)
-    if checkpoint:
-        enable_checkpointing(unet, UNET_BLOCKS)
+    unet, handle = trained_toy_lora(checkpoint=checkpoint)
     params = list(handle.parameters())
     g = torch.Generator().manual_seed(1)
     x, t, ehs = torch.randn(2, 12, 16, 16, generator=g), torch.tensor([10, 500]), torch.randn(2, 8, 64, generator=g)
