@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import signal
 import warnings
 from pathlib import Path
@@ -134,6 +135,8 @@ def test_a_folder_another_writer_made_meanwhile_is_not_removed_by_a_failed_write
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    if hasattr(pathlib, "_NormalAccessor"):  # Python 3.10: Path.mkdir calls the os.mkdir its accessor bound at import
+        monkeypatch.setattr(pathlib._NormalAccessor, "mkdir", staticmethod(racing_mkdir))
     with pytest.raises(DiskSpaceError):
         atomic_write(shared / "mine" / "out.bin", _fail)
     assert os.listdir(tmp_path) == ["shared"] and os.listdir(shared) == []
