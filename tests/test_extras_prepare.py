@@ -23,6 +23,7 @@ from sdadapt.extras_postprocess import (
     upscale_target,
 )
 from sdadapt.extras_upscale import ExtrasUpscale
+from sdadapt.pillow_resize import resize_across_first
 
 
 def _image(width, height, seed=0):
@@ -64,7 +65,7 @@ def _a1111_center_crop(image, w, h):
     else:
         sh = h * iw / w
         box = 0, (ih - sh) / 2, iw, ih - (ih - sh) / 2
-    return image.resize((w, h), Image.Resampling.LANCZOS, box)
+    return resize_across_first(image, (w, h), Image.Resampling.LANCZOS, box)  # (A1111's Pillow 9.5)
 
 
 def _a1111_multicrop(image, mindim, maxdim, minarea, maxarea, objective, threshold):
@@ -84,7 +85,7 @@ def _a1111_split_pic(image, inverse_xy, width, height, overlap_ratio):
         from_w, from_h = image.width, image.height
         to_w, to_h = width, height
     h = from_h * to_w // from_w
-    image = image.resize((h, to_w)) if inverse_xy else image.resize((to_w, h))
+    image = resize_across_first(image, (h, to_w) if inverse_xy else (to_w, h))
     split_count = math.ceil((h - to_h * overlap_ratio) / (to_h * (1.0 - overlap_ratio)))
     y_step = (h - to_h) / (split_count - 1)
     for i in range(split_count):
@@ -177,7 +178,7 @@ def test_worked_examples():
     area" picks."""
     tall = _image(100, 300)
     pieces = split_oversized(tall, 64, 64, SplitOversized())
-    resized = tall.resize((64, 192))
+    resized = resize_across_first(tall, (64, 192))  # (A1111's Pillow 9.5: across first)
     assert [np.array_equal(np.asarray(p), np.asarray(resized.crop((0, y, 64, y + 64)))) for p, y in
             zip(pieces, (0, 42, 85, 128))] == [True] * 4 and len(pieces) == 4
     assert multicrop(tall, AutosizedCrop(min_dim=64, max_dim=256)).size == (64, 192)

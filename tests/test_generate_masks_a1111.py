@@ -22,6 +22,7 @@ from PIL import Image, ImageFilter, ImageOps
 from sdadapt import inpaint
 from sdadapt.inpaint_crop import resize_image
 from sdadapt.jobs.generate_inpaint import inpaint_inputs
+from sdadapt.pillow_resize import resize_across_first
 
 MODES = {"just": 0, "crop": 1, "fill": 2}
 
@@ -145,7 +146,7 @@ def _a1111_init(img, image_mask, *, width, height, resize_mode, full_res, paddin
         image = _a1111_fill(image, latent_mask)
     pixels = torch.from_numpy(np.moveaxis(np.array(image).astype(np.float32) / 255.0, 2, 0))[None] * 2 - 1
 
-    latmask = latent_mask.convert("RGB").resize((width // 8, height // 8))
+    latmask = resize_across_first(latent_mask.convert("RGB"), (width // 8, height // 8))  # (A1111's Pillow 9.5)
     latmask = np.around(np.moveaxis(np.array(latmask, dtype=np.float32), 2, 0) / 255)[0]
     return pixels, latmask, overlay, paste_to
 

@@ -1,5 +1,7 @@
 """``generate --resize-mode``: A1111's ``modules/images.py`` ``resize_image`` modes 0-2, against that function
-transcribed here on PIL (which it runs on), for several aspect ratios."""
+transcribed here on PIL (which it runs on), for several aspect ratios. A1111 pins Pillow 9.5.0, whose two-axis
+resize runs across first: the transcription resizes with ``sdadapt.pillow_resize.resize_across_first`` (equal to
+Pillow 9.5's and 12's ``resize``: tests/test_pillow_resize.py), not the installed Pillow's own order."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdadapt.pillow_resize import resize_across_first
 from sdadapt.resize_modes import RESIZE_MODES, a1111_resize
 
 
@@ -14,8 +17,8 @@ def _a1111_resize_image(resize_mode, im, width, height):
     """A1111's resize_image (upscaler None: Lanczos), transcribed."""
     from PIL import Image
 
-    def resize(im, w, h):
-        return im.resize((w, h), resample=Image.LANCZOS)
+    def resize(im, w, h):  # (A1111's Pillow 9.5: across first)
+        return resize_across_first(im, (w, h), Image.LANCZOS)
 
     if resize_mode == 0:
         res = resize(im, width, height)

@@ -17,6 +17,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from .pillow_resize import resize_across_first
+
 __all__ = ["FLIPS", "AutosizedCrop", "SplitOversized", "center_crop", "extras_images", "flipped_copies",
            "multicrop", "split_oversized", "upscale_target"]
 
@@ -83,7 +85,7 @@ def center_crop(image, width: int, height: int):
     else:
         sh = height * iw / width
         box = 0, (ih - sh) / 2, iw, ih - (ih - sh) / 2
-    return image.resize((width, height), Image.Resampling.LANCZOS, box)
+    return resize_across_first(image, (width, height), Image.Resampling.LANCZOS, box)
 
 
 def multicrop(image, settings: AutosizedCrop):
@@ -115,7 +117,7 @@ def _split_pic(image, inverse_xy: bool, width: int, height: int, overlap_ratio: 
     else:
         from_w, from_h, to_w, to_h = image.width, image.height, width, height
     h = from_h * to_w // from_w
-    image = image.resize((h, to_w)) if inverse_xy else image.resize((to_w, h))
+    image = resize_across_first(image, (h, to_w) if inverse_xy else (to_w, h))
     split_count = math.ceil((h - to_h * overlap_ratio) / (to_h * (1.0 - overlap_ratio)))
     y_step = (h - to_h) / (split_count - 1)
     pieces = []

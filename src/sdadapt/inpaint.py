@@ -165,7 +165,9 @@ def latent_mask(mask, size: tuple[int, int], *, rounded: bool = True) -> Tensor:
     (``mask = 1 − latmask``)."""
     import numpy as np
 
-    small = mask.convert("RGB").resize((int(size[1]), int(size[0])))
+    from .pillow_resize import resize_across_first
+
+    small = resize_across_first(mask.convert("RGB"), (int(size[1]), int(size[0])))  # (A1111's Pillow 9.5)
     values = np.asarray(small, dtype=np.float32)[..., 0] / 255.0
     return torch.from_numpy((np.around(values) if rounded else values).copy())[None, None]
 

@@ -101,7 +101,8 @@ def only_masked_region(mask: Tensor, *, padding: int, width: int, height: int) -
 def resize_image(image, width: int, height: int, *, mode: str = "just"):
     """A1111's ``images.resize_image(mode, image, width, height)`` on a PIL image (its default
     ``upscaler_for_img2img`` None, and every ``L`` mask whatever the upscaler: PIL's Lanczos), done by PIL itself so
-    the 8-bit result is A1111's bit for bit:
+    the 8-bit result is A1111's bit for bit — in the pass order of A1111's Pillow 9.5 on any Pillow
+    (:func:`sdadapt.pillow_resize.resize_across_first`):
 
     * ``just`` (0): ``image.resize((width, height), LANCZOS)``;
     * ``crop`` (1): scaled by Lanczos to cover ``width`` x ``height`` keeping its aspect (``src_w = width if
@@ -121,6 +122,7 @@ def resize_image(image, width: int, height: int, *, mode: str = "just"):
     """
     from PIL import Image
 
+    from .pillow_resize import resize_across_first
     from .resize_modes import RESIZE_MODES
 
     if mode not in RESIZE_MODES:
@@ -129,7 +131,7 @@ def resize_image(image, width: int, height: int, *, mode: str = "just"):
     if width < 1 or height < 1:
         raise ValueError(f"size must be at least 1 x 1, got {width} x {height}")
     if mode == "just":
-        return image.resize((width, height), resample=Image.LANCZOS)
+        return resize_across_first(image, (width, height), Image.LANCZOS)
     ratio, src_ratio = width / height, image.width / image.height
     if mode == "crop":
         src_w = width if ratio > src_ratio else image.width * height // image.height
@@ -141,7 +143,7 @@ def resize_image(image, width: int, height: int, *, mode: str = "just"):
         verb = "fit" if mode == "fill" else "cover"
         raise ValueError(f"resize mode {mode}: a {image.width}x{image.height} image scaled to {verb} {width}x{height} "
                          f"would be {src_w}x{src_h} pixels; use another --resize-mode or size")
-    resized = image.resize((src_w, src_h), resample=Image.LANCZOS)
+    resized = resize_across_first(image, (src_w, src_h), Image.LANCZOS)
     out = Image.new(image.mode, (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
     if mode == "fill" and ratio < src_ratio:  # bands above and below

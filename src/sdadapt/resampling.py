@@ -21,7 +21,8 @@ name                 kohya calls                 computed here as
 Each is one separable table of source indices and weights per axis (float64), applied to float
 pixels. kohya works on 8-bit pixels: OpenCV and PIL round (PIL also between its two passes) and
 clip to 0..255; here nothing is rounded, and the ``lanczos`` / ``bicubic`` overshoot is clipped to
-``bounds`` (for PIL's filters after each pass, in Pillow 13's pass order: :func:`_pil_runs_down_first`).
+``bounds`` (for PIL's filters after each pass, in Pillow 13's pass order: :func:`_pil_runs_down_first`;
+``pillow=12`` or lower: across first, as A1111's pinned Pillow 9.5).
 The result is therefore within about one 8-bit level of kohya's (tests/test_resize_interpolation.py
 compares with PIL and with float64 formulas written out from OpenCV's ``resize.cpp``).
 
@@ -74,7 +75,7 @@ def interpolation_for(interpolation: str | None, size: tuple[int, int], target: 
 
 
 def resample(image: Tensor, size: tuple[int, int], *, interpolation: str,
-             bounds: tuple[float, float] | None = None) -> Tensor:
+             bounds: tuple[float, float] | None = None, pillow: int = 13) -> Tensor:
     """``image`` (C, H, W) scaled to ``size`` (h, w) with kohya's ``interpolation`` (module docstring).
 
     Args:
@@ -83,6 +84,9 @@ def resample(image: Tensor, size: tuple[int, int], *, interpolation: str,
         interpolation: one of :data:`RESIZE_INTERPOLATIONS`.
         bounds: clip the result to ``(low, high)`` (kohya's 8-bit pixels clip at 0 and 255:
             ``(-1, 1)`` for images in [-1, 1]); ``None``: no clipping.
+        pillow: the Pillow major version whose pass order ``lanczos`` and ``box`` follow: 13 (and later) runs
+            down first where :func:`_pil_runs_down_first`, 12 and before across first always — A1111 pins 9.5.0
+            (:data:`sdadapt.pillow_resize.A1111_PILLOW`); kohya's bucket resize takes what a fresh install has, 13.
 
     Returns:
         (C, h, w) in ``image``'s dtype (computed in float32 at least).
@@ -100,7 +104,7 @@ def resample(image: Tensor, size: tuple[int, int], *, interpolation: str,
     pil = interpolation in _PIL_FILTERS
     # PIL keeps 8-bit pixels between its two passes (clipped there too), so its pass order shows:
     # across then down, except down first where :func:`_pil_runs_down_first`; OpenCV: across then down
-    dims = (1, 2) if pil and _pil_runs_down_first((in_h, in_w), (h, w)) else (2, 1)
+    dims = (1, 2) if pil and pillow >= 13 and _pil_runs_down_first((in_h, in_w), (h, w)) else (2, 1)
     out = work
     for i, dim in enumerate(dims):
         n_in, n_out = out.shape[dim], size[dim - 1]

@@ -50,13 +50,14 @@ IMG2IMG_RESIZE_MODES: tuple[str, ...] = (*RESIZE_MODES, LATENT_RESIZE)
 
 
 def _scaled(image: Tensor, size: tuple[int, int], bounds: tuple[float, float]) -> Tensor:
-    """PIL's Lanczos resize of ``image`` (C, h, w) to ``size`` (:func:`sdadapt.resampling.resample`, in PIL's
-    pass order); ``image`` itself at its own size (PIL's ``resize`` returns a copy)."""
+    """PIL's Lanczos resize of ``image`` (C, h, w) to ``size`` (:func:`sdadapt.resampling.resample`, in the pass
+    order of A1111's Pillow 9.5: across first); ``image`` itself at its own size (PIL's ``resize`` returns a copy)."""
+    from .pillow_resize import A1111_PILLOW
     from .resampling import resample
 
     if tuple(image.shape[1:]) == tuple(size):
         return image
-    return resample(image, size, interpolation="lanczos", bounds=bounds)
+    return resample(image, size, interpolation="lanczos", bounds=bounds, pillow=A1111_PILLOW)
 
 
 def _paste(canvas: Tensor, piece: Tensor, top: int, left: int) -> None:

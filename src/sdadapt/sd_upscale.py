@@ -115,8 +115,12 @@ def check_sd_upscale(scale: float, overlap: int, upscaler: str, *, device: str =
 def upscale_image(image, scale: float, *, upscaler: str | Callable = "Lanczos"):
     """A1111's ``Upscaler.upscale(image, scale)`` on a PIL image (module docstring) for its built-in ``upscaler``
     ("Lanczos", "Nearest"; "None": ``image`` as it is) or a model's ``do_upscale`` (a callable, PIL image -> the
-    image enlarged by the model's own scale: :class:`sdadapt.esrgan.EsrganUpscaler`). Returns a PIL image."""
+    image enlarged by the model's own scale: :class:`sdadapt.esrgan.EsrganUpscaler`). Its PIL resizes run in the pass
+    order of A1111's Pillow 9.5 on any Pillow (:func:`sdadapt.pillow_resize.resize_across_first`). Returns a PIL
+    image."""
     from PIL import Image
+
+    from .pillow_resize import resize_across_first
 
     if isinstance(upscaler, str) and upscaler == "None":
         return image
@@ -124,7 +128,7 @@ def upscale_image(image, scale: float, *, upscaler: str | Callable = "Lanczos"):
         resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[upscaler]
 
         def do_upscale(img):
-            return img.resize((int(img.width * scale), int(img.height * scale)), resample=resample)
+            return resize_across_first(img, (int(img.width * scale), int(img.height * scale)), resample)
     else:
         do_upscale = upscaler
     dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
@@ -136,7 +140,7 @@ def upscale_image(image, scale: float, *, upscaler: str | Callable = "Lanczos"):
         if shape == image.size:
             break
     if image.size != (dest_w, dest_h):
-        image = image.resize((int(dest_w), int(dest_h)), resample=Image.LANCZOS)
+        image = resize_across_first(image, (int(dest_w), int(dest_h)), Image.LANCZOS)
     return image
 
 

@@ -271,7 +271,7 @@ def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int], *, upscaler: 
     / 255.0`` and ``· 2 − 1`` (:func:`sdadapt.resize_modes.pil_pixels`).
 
     Without Pillow (an optional dependency): one float Lanczos resize of each image
-    (:func:`sdadapt.resampling.resample`, PIL's filter and pass order, no 8-bit steps) — within a few levels of
+    (:func:`sdadapt.resampling.resample`, PIL's filter and A1111's Pillow 9.5 pass order, no 8-bit steps) — within a few levels of
     8 bits of A1111's pixels instead of equal to them.
     """
     height, width = (int(v) for v in size)
@@ -282,10 +282,11 @@ def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int], *, upscaler: 
         if upscaler != "Lanczos":
             raise ImportError("--hires-upscaler: A1111's Nearest / None and ESRGAN models run on 8-bit Pillow "
                               "images: pip install 'sdadapt[images]' (or pillow)") from None
+        from ..pillow_resize import A1111_PILLOW
         from ..resampling import resample
 
-        return torch.stack([resample(p, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0))
-                            for p in images])
+        return torch.stack([resample(p, (height, width), interpolation="lanczos", bounds=(-1.0, 1.0),
+                                     pillow=A1111_PILLOW) for p in images])
     import numpy as np
     from PIL import Image
 
