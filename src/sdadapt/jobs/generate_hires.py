@@ -271,8 +271,8 @@ def lanczos_upscale_pixels(decoded: Tensor, size: tuple[int, int], *, upscaler: 
     / 255.0`` and ``· 2 − 1`` (:func:`sdadapt.resize_modes.pil_pixels`).
 
     Without Pillow (an optional dependency): one float Lanczos resize of each image
-    (:func:`sdadapt.resampling.resample`, PIL's filter and A1111's Pillow 9.5 pass order, no 8-bit steps) — within a few levels of
-    8 bits of A1111's pixels instead of equal to them.
+    (:func:`sdadapt.resampling.resample`, PIL's filter and A1111's Pillow 9.5 pass order, no 8-bit steps) — within
+    a few levels of 8 bits of A1111's pixels instead of equal to them.
     """
     height, width = (int(v) for v in size)
     images = decoded.detach().float().cpu()
