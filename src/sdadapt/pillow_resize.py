@@ -32,13 +32,14 @@ def resize_across_first(image, size: tuple[int, int], resample=None,
     new PIL image of ``size``."""
     from PIL import Image
 
+    filters = getattr(Image, "Resampling", Image)  # (Pillow 9.0: the constants on Image)
     width, height = (int(v) for v in size)
     if resample is None:
-        resample = Image.Resampling.NEAREST if image.mode in ("1", "P") else Image.Resampling.BICUBIC
+        resample = filters.NEAREST if image.mode in ("1", "P") else filters.BICUBIC
     x0, y0, x1, y1 = (0.0, 0.0, float(image.width), float(image.height)) if box is None else box
     horizontal = width != x1 - x0 or x0 != 0
     vertical = height != y1 - y0 or y0 != 0
-    if resample == Image.Resampling.NEAREST or image.mode in ("1", "P") or not (horizontal and vertical):
+    if resample == filters.NEAREST or image.mode in ("1", "P") or not (horizontal and vertical):
         return image.resize((width, height), resample, box)  # (one pass, or no 8-bit step between passes)
     mode = image.mode
     work = image.convert(_PREMULTIPLIED[mode]) if mode in _PREMULTIPLIED else image
