@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["UNET_CONFIGS", "VAE_CONFIGS", "CLIP_CONFIGS", "RssSampler", "environment", "glibc_return_freed_memory",
-           "median_times", "unet_call_args",
+           "median_times", "sd15_layout_unet", "unet_call_args",
            "malloc_trim", "sync", "write_result"]
 
 
@@ -140,6 +140,16 @@ class RssSampler:
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, self.rss())
+
+
+def sd15_layout_unet(channels, latent: int):
+    """A random diffusers ``UNet2DConditionModel`` in SD1.5's block layout (its modules, parameter tensors and torch
+    calls one for one) with ``channels`` (4 block widths) and ``sample_size`` ``latent``: small enough that a step's
+    host work shows on a CPU."""
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(**{**UNET_CONFIGS["sd15"], "block_out_channels": tuple(channels),
+                                             "sample_size": latent})
 
 
 def unet_call_args(doc: str, *, extra=None) -> tuple[argparse.Namespace, torch.device]:

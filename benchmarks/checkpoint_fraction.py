@@ -50,10 +50,9 @@ def kept_bytes_and_seconds(unet, inputs, fraction: float | None) -> tuple[int, f
 
 
 def main() -> None:
-    import diffusers
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _bench import UNET_CONFIGS
+    from _bench import sd15_layout_unet
 
     from sdadapt.training.grad_checkpointing import blocks_by_activation_memory
 
@@ -63,8 +62,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     args = parser.parse_args()
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**{**UNET_CONFIGS["sd15"], "block_out_channels": tuple(args.channels),
-                                             "sample_size": args.latent}).train()
+    unet = sd15_layout_unet(args.channels, args.latent).train()
     inputs = (torch.randn(1, 4, args.latent, args.latent), torch.tensor([500]), torch.randn(1, 77, 768))
     blocks = blocks_by_activation_memory(unet)
     rows = [(None, *kept_bytes_and_seconds(unet, inputs, None))]

@@ -139,11 +139,10 @@ def _multi_tensor_steps() -> None:
 
 
 def child(args: argparse.Namespace) -> dict:
-    import diffusers
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _bench import UNET_CONFIGS, glibc_return_freed_memory, malloc_trim
+    from _bench import glibc_return_freed_memory, malloc_trim, sd15_layout_unet
 
     from sdadapt.methods import FitConfig, fit
     from sdadapt.methods.finetune import prepare_full
@@ -151,8 +150,7 @@ def child(args: argparse.Namespace) -> dict:
 
     glibc_return_freed_memory()
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**{**UNET_CONFIGS["sd15"], "block_out_channels": tuple(args.channels),
-                                             "sample_size": args.latent}).eval()
+    unet = sd15_layout_unet(args.channels, args.latent).eval()
     system = _LatentSystem(unet, torch.randn(1, 77, 768))
     latents = torch.randn(2, 4, args.latent, args.latent)
     adaptation = prepare_full(system)  # what train full prepares (the registry's adapt also checks a whole System)

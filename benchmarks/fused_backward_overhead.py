@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import UNET_CONFIGS, sync
+from _bench import sd15_layout_unet, sync
 from aten_ops import AtenOps
 
 from sdadapt.training.optim import AdamW, fuse_optimizer_into_backward
@@ -109,11 +109,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
-    import diffusers
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**{**UNET_CONFIGS["sd15"], "block_out_channels": tuple(args.channels),
-                                             "sample_size": args.latent}).to(device)
+    unet = sd15_layout_unet(args.channels, args.latent).to(device)
     gen = torch.Generator(device="cpu").manual_seed(1)
     inputs = (torch.randn(1, 4, args.latent, args.latent, generator=gen).to(device), torch.tensor([500], device=device),
               torch.randn(1, 77, 768, generator=gen).to(device), torch.randn(1, 4, args.latent, args.latent, generator=gen).to(device))

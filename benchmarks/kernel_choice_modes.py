@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _bench import UNET_CONFIGS, environment, sync, write_result
+from _bench import environment, sd15_layout_unet, sync, write_result
 
 import sdadapt
 from sdadapt.training import attention, fused_lora, norm_precision
@@ -99,11 +99,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
-    import diffusers
-
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**{**UNET_CONFIGS["sd15"], "block_out_channels": tuple(args.channels),
-                                             "sample_size": args.latent}).to(device).requires_grad_(False)
+    unet = sd15_layout_unet(args.channels, args.latent).to(device).requires_grad_(False)
     sdadapt.inject(unet, ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"], sdadapt.LoRAConfig(rank=16, init="gaussian"))
     gen = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(1, 4, args.latent, args.latent, generator=gen).to(device)
