@@ -9,12 +9,8 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
-from torch import nn
 from trained_toy_lora import trained_toy_lora
 
-import sdadapt
-from sdadapt.targets import by_type
-from sdadapt.toy import ToyUNet
 from sdadapt.training import attention, fused_lora, norm_precision
 from sdadapt.training.attention import record_attention_calls, sdpa_backends
 from sdadapt.training.engine_backward import BackwardKeepingMode
@@ -27,8 +23,8 @@ def _stack_depth() -> int:
 
 
 class _Recorder(BackwardKeepingMode):
-    """Records ``(name, first argument)`` of the calls its handle sees, adds ``offset`` to what ``torch.add``
-    and ``torch.mul`` return (so that which mode handled a call, and in which order, shows in the result)."""
+    """Records the names of the calls its handle sees and adds ``offset`` to what ``torch.add`` and ``torch.mul``
+    return (so that which mode handled a call, and in which order, shows in the result)."""
 
     def __init__(self, functions: frozenset | None, offset: float = 0.0) -> None:
         super().__init__()
@@ -141,7 +137,7 @@ def _step_gradients(*, checkpoint: bool, depth: list[int], choices: bool = True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return unet(x, t, ehs).float().pow(2).mean()
 
-    with torch.no_grad():  # every attention call of the toy's first half: math; the others flash
+    with torch.no_grad():  # the first half of the kinds of attention call the toy makes: math; the others flash
         calls = record_attention_calls(forward)
     per_call = {call.signature: ("math",) for call in calls[: len(calls) // 2]}
     with ExitStack() as stack:
@@ -169,9 +165,7 @@ def test_the_step_kernel_choices_shared_equal_them_each_on_its_own(monkeypatch, 
 def test_shared_kernel_choices_trace_under_torch_compile_without_graph_breaks():
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    unet = ToyUNet()
-    sdadapt.inject(unet, by_type(nn.Linear), sdadapt.LoRAConfig(rank=4, init="gaussian"))
+    unet, _ = trained_toy_lora()
     x, t, ehs = torch.randn(1, 12, 8, 8), torch.tensor([10]), torch.randn(1, 8, 64)
 
     def run(model):
