@@ -96,3 +96,18 @@ def test_the_checks_find_what_they_look_for():
         assert not _newer_imports(ast.parse(text)), text
     with pytest.raises(SyntaxError):
         ast.parse("try:\n    pass\nexcept* ValueError:\n    pass", feature_version=(3, 10))
+
+
+def test_a_flags_help_is_as_written_on_every_python():
+    """argparse's ``BooleanOptionalAction`` on Python 3.10 appends `` (default: …)`` to a flag's help — ``train``'s
+    flags, whose default is a marker, read ``(default: <unset>)`` — and 3.11+ do not: the CLI's
+    :class:`~sdadapt.cli.options.BooleanFlag` keeps the help as written on both."""
+    import argparse
+
+    from sdadapt.cli.options import BooleanFlag
+
+    parser = argparse.ArgumentParser(prog="x")
+    parser.add_argument("--shuffle", action=BooleanFlag, default=True, help="shuffle the tags")
+    text = " ".join(parser.format_help().split())
+    assert "--shuffle, --no-shuffle shuffle the tags" in text and "(default:" not in text
+    assert parser.parse_args(["--no-shuffle"]).shuffle is False and parser.parse_args([]).shuffle is True

@@ -27,7 +27,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .options import add_output_options, dtype_name, numbers, progress_bar, safe_text
+from .options import (
+    BooleanFlag,
+    add_output_options,
+    dtype_name,
+    numbers,
+    progress_bar,
+    safe_text,
+)
 
 __all__ = ["register", "operator_dest", "operator_declarations", "number_or_blocks", "per_block_fields",
            "PER_BLOCK_HELP", "PresetName"]
@@ -376,7 +383,7 @@ def _add_operator_option(group: argparse._ArgumentGroup, option) -> None:
                       metavar=f"{option.name.upper()}[,...]")
         default_text += "; " + PER_BLOCK_HELP
     elif option.type is bool:
-        kwargs.update(action=argparse.BooleanOptionalAction, default=option.default)
+        kwargs.update(action=BooleanFlag, default=option.default)
         default_text = f" (default --{'' if option.default else 'no-'}{option.name.replace('_', '-')})"
     else:
         kwargs.update(type=option.type, choices=option.choices, required=option.required,

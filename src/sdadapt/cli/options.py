@@ -3,6 +3,7 @@
 * :func:`add_output_options` — ``-o/--out``, ``--overwrite``, ``-q/--quiet`` and
   ``--dtype {keep,fp32,fp16,bf16}`` (the output dtype; ``keep`` = the command's natural dtype) in
   an "output" group; every command that writes a file calls it.
+* :class:`BooleanFlag` — every ``--flag/--no-flag`` (argparse's, with one help text on every Python).
 * :func:`numbers` — the argparse type of every comma-separated list of numbers (``--weights``,
   ``--scale``, ``--block-weights``, ...); :class:`ExtendNumbers` lets an ``nargs="+"`` option take
   ``1 0.5`` as well as ``1,0.5``.
@@ -29,6 +30,7 @@ from typing import Any, TextIO
 from ..held_signals import put_back, swap_in
 
 __all__ = [
+    "BooleanFlag",
     "tqdm_number",
     "width_height",
     "quiet_library_bars",
@@ -195,6 +197,19 @@ def numbers(text: str) -> tuple[float, ...]:
             raise argparse.ArgumentTypeError(f"{item!r} is not a finite number (in {text!r})")
         values.append(value)
     return tuple(values)
+
+
+class BooleanFlag(argparse.BooleanOptionalAction):
+    """``--flag`` / ``--no-flag`` with the help as written, on every Python: 3.10's ``BooleanOptionalAction``
+    appends `` (default: %(default)s)`` to it (``(default: <unset>)`` for ``train``'s options, whose default is
+    a marker), 3.11 and later do not."""
+
+    _APPENDED = " (default: %(default)s)"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self.help, str) and self.help.endswith(self._APPENDED) and sys.version_info < (3, 11):
+            self.help = self.help[: -len(self._APPENDED)]
 
 
 class ExtendNumbers(argparse.Action):

@@ -20,7 +20,7 @@ from typing import Any
 from ..plurals import plural
 from ..sampler_tables import SAMPLER_ALIASES, SAMPLERS, canonical_sampler  # (torch-free, as the parser must be)
 from ..timestep_tables import BIAS_STRATEGIES, DISTRIBUTIONS  # (torch-free)
-from .options import add_output_options, numbers, positive_int, progress_bar, torch_dtype
+from .options import BooleanFlag, add_output_options, numbers, positive_int, progress_bar, torch_dtype
 
 __all__ = ["register", "read_config", "parse_network_args", "steps_or_share", "kohya_network_args_text", "KOHYA_KEYS",
            "KOHYA_IGNORED"]
@@ -1039,7 +1039,7 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         kw.setdefault("default", _UNSET)
         group.add_argument(*flags, **kw)
 
-    bool_flag = argparse.BooleanOptionalAction
+    bool_flag = BooleanFlag
     train.add_argument("--config", default=None, metavar="TOML",
                        help="read options from a TOML file (sdadapt or kohya option names); flags given here win; a kohya config "
                        "(a key such as pretrained_model_name_or_path that is not sdadapt's) takes kohya's defaults for "
@@ -1441,7 +1441,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--concept", choices=["cross", "purple"], default="cross", help="held-out shape or colour to teach")
     demo.add_argument("--images", type=int, default=8, help="training images (default 8)")
     demo.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the method's)")
-    demo.add_argument("--prior", action=argparse.BooleanOptionalAction, default=None,
+    demo.add_argument("--prior", action=BooleanFlag, default=None,
                       help="regularise with the model's own images of held-in prompts (prior preservation; "
                       "default: the method's — on for the LoRA family and dreambooth)")
     demo.add_argument("--seed", type=int, default=0)
