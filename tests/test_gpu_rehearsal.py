@@ -8,7 +8,9 @@ is lent must run first time, though that code cannot run here.
   again on the static inputs (as ``replaying_cuda_graphs``), streams and syncs do nothing. The CUDA
   branches of the benchmark (capturable optimisers, the strict :class:`CapturedStep`, channels_last)
   and the CUDA tests' own bookkeeping then run as on the GPU; what it cannot show is what the
-  kernels do (speed, bf16 reductions, sync debug mode).
+  kernels do (speed, bf16 reductions, sync debug mode). It runs on a CPU build of torch and on a CUDA build
+  without a driver (a contributor's machine): there ``torch.accelerator`` and the Triton checks answer as on
+  a CPU build, since asking the device would initialise CUDA ("Found no NVIDIA driver").
 """
 
 from __future__ import annotations
@@ -257,6 +259,16 @@ def emulated_cuda(monkeypatch):
                         "stream": lambda s: contextlib.nullcontext(), "current_stream": lambda *a: _Stream()}.items():
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(torch, "Generator", _Generator)
+    # (torch.accelerator as on a CPU build, whose answer is None: on a CUDA build without a driver it would
+    # initialise CUDA — torch.optim's capture health check asks it — and fail "Found no NVIDIA driver")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", returning(None))
+    # (and no Triton package, as on a CPU build: with one, compiling asks the CUDA device's properties)
+    import torch.utils._triton as triton_checks
+
+    cached_checks = [f for f in vars(triton_checks).values() if hasattr(f, "cache_clear")]
+    monkeypatch.setattr(triton_checks, "has_triton_package", returning(False))
+    for check in cached_checks:
+        check.cache_clear()
     monkeypatch.setattr(torch_adam, "_get_capturable_supported_devices", lambda *a, **k: ["cpu", "cuda"])
     real_problems = step_capture.capture_problems
     monkeypatch.setattr(step_capture, "capture_problems",
@@ -276,8 +288,12 @@ def emulated_cuda(monkeypatch):
         return graph.outputs
 
     monkeypatch.setattr(step_capture, "_record", record)
-    with _CudaOnCpu():
-        yield
+    try:
+        with _CudaOnCpu():
+            yield
+    finally:
+        for check in cached_checks:  # (their answers under the stand-ins are not the process's)
+            check.cache_clear()
 
 
 # --------------------------------------------------------------------------- the CUDA code, emulated
