@@ -417,6 +417,6 @@ def test_masks_of_every_mode_and_another_size_are_read_as_a1111_reads_them(tmp_p
                          inpaint_full_res=full_res, inpaint_full_res_padding=4)
     pixels, latmask, _, _ = _a1111_init(Image.open(init).convert("RGBA"), Image.open(mask), width=32, height=32,
                                         resize_mode=1, full_res=full_res, padding=4, blur=2, fill=1)
-    assert Image.open(mask).mode == kind
+    assert Image.open(mask).mode == kind or (kind, Image.open(mask).mode) == ("I;16", "I")  # (Pillow < 10: I)
     assert torch.equal(system.seen[0], pixels)
     assert np.array_equal(got.latmask[0, 0].numpy(), latmask)
