@@ -179,9 +179,8 @@ def test_a_captured_step_keeps_the_class_batch_among_its_static_inputs(fake_cuda
         step({"latents": latents[:2], "cond": ids[:2]}, state=state,
              prior=({"latents": latents[rows], "cond": ids[rows]}, 0.5 if i < 3 else 0.25))
     assert len(step._graphs) == 2 and step.graph_count == 1 and state.step == 4  # the 0.25 layout: warming up
-    entries = list(step._graphs.items())
-    (spec, _), first = entries[0]
-    static = torch.utils._pytree.tree_unflatten(first.static_leaves, spec)
+    first = next(iter(step._graphs.values()))
+    static = torch.utils._pytree.tree_unflatten(first.static_leaves, first.spec)
     assert static["prior_weight"] == 0.5 and first.graph.replays == 2  # warm-up, capture + replay, replay
     assert torch.equal(static["prior"]["latents"], latents[torch.tensor([2, 3])])  # the last batch-0.5 call's rows
 

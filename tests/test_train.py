@@ -392,7 +392,7 @@ def test_captured_step_keeps_one_graph_per_batch_layout(fake_cuda_graphs):
     assert by_batch[4].calls == 5 and by_batch[4].graph.replays == 3  # 2 warm-up, capture + replay, 2 replays
     assert by_batch[2].calls == 3 and by_batch[2].graph.replays == 1
     # the last call (batch 4) copied its batch into the batch-4 graph's static inputs
-    static = torch.utils._pytree.tree_unflatten(by_batch[4].static_leaves, list(step._graphs)[0][0])
+    static = torch.utils._pytree.tree_unflatten(by_batch[4].static_leaves, by_batch[4].spec)
     assert torch.equal(static["cond"]["text"], cond[:4] * 2) and static["x_t"].shape == (4, 4, 8, 8)
 
 

@@ -214,6 +214,7 @@ class _Graph:
     calls: int = 0
     graph: torch.cuda.CUDAGraph | None = None
     static_leaves: list[object] = field(default_factory=list)
+    spec: pytree.TreeSpec | None = None  # (the static inputs' structure)
     outputs: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -411,7 +412,7 @@ class CapturedStep:
             raise CaptureError(f"batch field(s) {', '.join(off[:4])} are tensors on another device than the parameters "
                                f"({self.params[0].device}): a CUDA graph would read them only when it is captured; "
                                "move them to the parameters' device before the step")
-        entry.static_leaves = [leaf.clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        entry.static_leaves, entry.spec = [leaf.clone() if isinstance(leaf, Tensor) else leaf for leaf in leaves], spec
         static = pytree.tree_unflatten(entry.static_leaves, spec)
         self._own_grads()
 
@@ -442,7 +443,8 @@ class CapturedStep:
         """This micro-batch through its layout's graph (warm-up: eagerly); ``update``: the update in
         the same graph (``accumulation_steps == 1``)."""
         leaves, spec = pytree.tree_flatten(dict(prepared))
-        entry = self._graphs.setdefault((spec, _layout(leaves)), _Graph())
+        # (its str, not the spec: a TreeSpec is hashable only from torch 2.7; the str names each container and key)
+        entry = self._graphs.setdefault((str(spec), _layout(leaves)), _Graph())
         entry.calls += 1
         if entry.graph is None and entry.calls <= self.warmup_steps:
             return self._on_side_stream(lambda: {**self._backward(prepared), **(self._update_body(state) if update else {})})
