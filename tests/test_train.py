@@ -396,6 +396,46 @@ def test_captured_step_keeps_one_graph_per_batch_layout(fake_cuda_graphs):
     assert torch.equal(static["cond"]["text"], cond[:4] * 2) and static["x_t"].shape == (4, 4, 8, 8)
 
 
+def test_captured_step_works_where_a_treespec_has_no_hash(fake_cuda_graphs, monkeypatch):
+    """torch < 2.7's pytree ``TreeSpec`` is unhashable, and every captured step failed there ("unhashable type"):
+    the graphs are keyed without hashing the batch's spec."""
+    import types
+
+    from sdadapt.training import step_capture
+
+    real = torch.utils._pytree
+
+    class Spec:  # (a TreeSpec as torch < 2.7 has it: equal by value, no hash)
+        def __init__(self, spec):
+            self.spec = spec
+
+        def __eq__(self, other):
+            return isinstance(other, Spec) and self.spec == other.spec
+
+        def __str__(self):
+            return str(self.spec)
+
+    def flatten(tree):
+        leaves, spec = real.tree_flatten(tree)
+        return leaves, Spec(spec)
+
+    def unflatten(leaves, spec):
+        return real.tree_unflatten(leaves, spec.spec if isinstance(spec, Spec) else spec)
+
+    monkeypatch.setattr(step_capture, "pytree", types.SimpleNamespace(**{**vars(real), "tree_flatten": flatten,
+                                                                         "tree_unflatten": unflatten}))
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(step_capture.pytree.tree_flatten({"a": torch.zeros(1)})[1])
+    model, _, params, optimizer = _setup()
+    latents, cond = _data(4)
+    step = step_capture.CapturedStep(lambda x, t, c: model(x, t, c["text"]), params=params, optimizer=optimizer,
+                                     config=StepConfig(), alphas_cumprod=_alphas(), warmup_steps=1)
+    state = TrainState(seed=0)
+    for size in (4, 4, 2, 2, 4):
+        step({"latents": latents[:size], "cond": {"text": cond[:size]}}, state=state)
+    assert step.graph_count == 2 and state.step == 5
+
+
 def _cuda_run(mode: str, captured: bool):
     """10 steps over batch sizes 4,4,4,4,2,2,2,2,4,4 with an LR change after step 5; returns losses, params."""
     from sdadapt.training.step_capture import CapturedStep
