@@ -75,3 +75,16 @@ class OpenCLIPLike(nn.Module):
 
     def forward(self, ids):
         return self.model.ln_final(self.model.token_embedding(ids) + self.model.positional_embedding[: ids.shape[1]])
+
+
+def tokenizer_snapshot(tokenizer) -> object:
+    """Everything an embedding's add/remove changes in a transformers tokenizer, to compare before and after: a fast
+    one's serialized backend; transformers 4's slow one's added-token table (each token's settings), its split trie
+    and its length."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        return backend.to_str()
+    table = [(i, t.content, t.single_word, t.lstrip, t.rstrip, t.normalized, t.special)
+             for i, t in sorted(tokenizer._added_tokens_decoder.items())]
+    return (table, sorted(tokenizer._added_tokens_encoder.items()), json.dumps(tokenizer.tokens_trie.data, sort_keys=True),
+            len(tokenizer))

@@ -1,4 +1,4 @@
-"""The shipped offline CLIP tokenizer tokenizes exactly like transformers' CLIPTokenizer (same vocabulary)."""
+"""The shipped offline CLIP tokenizer tokenizes exactly like transformers' fast CLIP tokenizer (same vocabulary)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ PROMPTS = [
 def pair(tmp_path_factory):
     ours = CLIPTokenizer.from_file()
     folder = ours.save_folder(tmp_path_factory.mktemp("tok"))
-    return ours, transformers.CLIPTokenizer.from_pretrained(folder)
+    return ours, transformers.CLIPTokenizerFast.from_pretrained(folder)
 
 
 def _theirs(tokenizer, text):
@@ -86,7 +86,7 @@ def test_save_folder_without_merges_loads_in_transformers(tmp_path):
     assert not ours.ranks
     folder = ours.save_folder(tmp_path / "saved")
     assert (folder / "merges.txt").read_text(encoding="utf-8") == "#version: 0.2\n"
-    theirs = transformers.CLIPTokenizer.from_pretrained(folder)
+    theirs = transformers.CLIPTokenizerFast.from_pretrained(folder)
     for text in ("a cat", "", "hello, world!!"):
         expected = reference(text, padding="max_length", max_length=12, truncation=True).input_ids
         assert theirs(text, padding="max_length", max_length=12, truncation=True).input_ids == expected
@@ -134,7 +134,7 @@ def test_to_transformers_is_the_tokenizer_its_saved_folder_loads_as(tmp_path, pa
 
     ours = CLIPTokenizer.load(None, pad=pad, max_length=77)
     built = ours.to_transformers()
-    read = transformers.CLIPTokenizer.from_pretrained(ours.save_folder(tmp_path / "folder"))
+    read = transformers.CLIPTokenizerFast.from_pretrained(ours.save_folder(tmp_path / "folder"))
     assert _backend(built) == _backend(read)
     for name in ("pad_token", "pad_token_id", "bos_token", "eos_token", "unk_token", "model_max_length"):
         assert getattr(built, name) == getattr(read, name), name
@@ -162,7 +162,7 @@ def test_sdxl_second_tokenizer_is_diffusers_tokenizer_2_from_every_source(tmp_pa
     from sdadapt.diffusers_system import _tokenizers
 
     folder = CLIPTokenizer.load(None, pad="!").save_folder(tmp_path / "tokenizer_2")
-    tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(folder)  # (what diffusers loads from the SDXL folder)
+    tokenizer_2 = transformers.CLIPTokenizerFast.from_pretrained(folder)  # (what diffusers loads from the SDXL folder)
     vocab_file = tmp_path / "bpe.txt"
     with gzip.open(DEFAULT_VOCABULARY, "rb") as packed:
         vocab_file.write_bytes(packed.read())

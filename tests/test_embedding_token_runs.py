@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from embedding_models import tokenizer_snapshot
 from test_format_leftovers import _a1111_rows, _MERGES
 
 import sdadapt
@@ -68,7 +69,7 @@ def test_the_default_stays_diffusers_added_token_which_differs_from_a1111(tokeni
 
 
 def test_a1111_mode_adds_only_the_aliases_and_removes_them_exactly(tokenizer):
-    serialized, before = tokenizer._tokenizer.to_str(), set(tokenizer.get_added_vocab())
+    serialized, before = tokenizer_snapshot(tokenizer), set(tokenizer.get_added_vocab())
     table = torch.nn.Embedding(len(tokenizer) + 8, 8)
     for a1111, tokens in ((False, ["tom-cat", "tom-cat_1"]), (True, ["<emb-tom-cat>", "<emb-tom-cat>_1"])):
         handle = sdadapt.inject_embedding(table, tokenizer, sdadapt.Embedding("tom-cat", {"text_encoder": torch.ones(2, 8)}),
@@ -78,7 +79,7 @@ def test_a1111_mode_adds_only_the_aliases_and_removes_them_exactly(tokenizer):
             assert handle.token_ids["text_encoder"] == tokenizer.convert_tokens_to_ids(tokens)
         finally:
             handle.remove()
-        assert tokenizer._tokenizer.to_str() == serialized
+        assert tokenizer_snapshot(tokenizer) == serialized
 
 
 def test_generates_embedding_loader_matches_by_token_ids(tokenizer, tmp_path):
@@ -271,7 +272,7 @@ def test_expanding_then_scheduling_is_scheduling_then_expanding(tokenizer, promp
 
 
 def test_several_a1111_embeddings_remove_in_reverse_order_exactly_and_refuse_another_order(tokenizer):
-    serialized = tokenizer._tokenizer.to_str()
+    serialized = tokenizer_snapshot(tokenizer)
     table = torch.nn.Embedding(len(tokenizer) + 16, 8)
     handles = [sdadapt.inject_embedding(table, tokenizer, sdadapt.Embedding(name, {"text_encoder": torch.ones(k, 8)}),
                                         a1111=True) for name, k in (("cat", 2), ("tom-cat", 2), ("cat-tom", 1))]
@@ -282,5 +283,5 @@ def test_several_a1111_embeddings_remove_in_reverse_order_exactly_and_refuse_ano
     finally:
         for handle in reversed(handles):
             handle.remove()
-    assert tokenizer._tokenizer.to_str() == serialized
+    assert tokenizer_snapshot(tokenizer) == serialized
     assert handles[0].expand("a cat") == "a cat"  # (removed: no aliases written)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from embedding_models import tokenizer_snapshot
 from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, tiny_unet_sdxl, unet_inputs
 
 import sdadapt
@@ -182,7 +183,6 @@ def sdxl_encoders(tmp_path_factory):
     torch.manual_seed(0)
     encoders = {"text_encoder": transformers.CLIPTextModel(_clip_config(32)).eval(),
                 "text_encoder_2": transformers.CLIPTextModelWithProjection(_clip_config(16)).eval()}
-    assert "text_model" not in dict(encoders["text_encoder"].named_children())  # transformers 5
     components = {name: _trained(model, TEXT_ENCODER, 4 + i) for i, (name, model) in enumerate(encoders.items())}
     path = tmp_path_factory.mktemp("sdxl") / "te.safetensors"
     save_kohya(path, components, base_model="sdxl")
@@ -237,7 +237,9 @@ def test_peft_folders_of_canonical_text_encoder_states_load_into_transformers5_e
         tmp_path / "model" / "adapter_model.safetensors").keys()
     save_peft(tmp_path / "component", state, component=component)
     convert_lora(kohya_file, tmp_path / "converted", to="peft", component=component)
-    if component == "text_encoder":  # (transformers 5's CLIPTextModel has no text_model: the docs' reason for component=)
+    from transformers_versions import TRANSFORMERS_5
+
+    if component == "text_encoder" and TRANSFORMERS_5:  # (its CLIPTextModel has no text_model: the docs' reason for component=)
         with pytest.raises(ValueError, match="Target modules"):
             _peft_output(model, tmp_path / "given")
     for folder in ("model", "component", "converted") + (("given",) if component == "text_encoder_2" else ()):
@@ -392,7 +394,7 @@ def test_removing_a_one_token_embedding_restores_tokenizers_and_tables_exactly(t
     second = CLIPTokenizer(_MERGES, max_length=77).to_transformers()
     tables = {"clip_l": torch.nn.Embedding(len(tomcat_tokenizer) + 8, 8), "clip_g": torch.nn.Embedding(len(second) + 8, 12)}
     before = {k: {n: v.clone() for n, v in t.state_dict().items()} for k, t in tables.items()}
-    serialized = [t._tokenizer.to_str() for t in (tomcat_tokenizer, second)]
+    serialized = [tokenizer_snapshot(t) for t in (tomcat_tokenizer, second)]
     cat = tomcat_tokenizer.convert_tokens_to_ids("cat</w>")
     ids = torch.tensor([[cat, cat]])
     with torch.no_grad():
@@ -406,7 +408,7 @@ def test_removing_a_one_token_embedding_restores_tokenizers_and_tables_exactly(t
             for key, table in tables.items():
                 assert torch.equal(table(ids)[0, 0], vectors[key][0])
         handle.remove()
-        assert [t._tokenizer.to_str() for t in (tomcat_tokenizer, second)] == serialized, count
+        assert [tokenizer_snapshot(t) for t in (tomcat_tokenizer, second)] == serialized, count
         for key, table in tables.items():
             assert not table._forward_hooks and not table._forward_pre_hooks
             state = table.state_dict()
@@ -448,10 +450,12 @@ def test_an_added_token_name_expands_in_any_case_once_and_keeps_the_prompt_synta
         want = handle.token_ids["text_encoder"]
     finally:
         handle.remove()
-    assert expanded == "a tomcat TomCat_1 TomCat_2 , [TOMCAT TomCat_1 TomCat_2 :dog:0.5] (TomCat TomCat_1 TomCat_2 :1.2)"
+    # (transformers 4's slow tokenizer matches an added token in its exact case only: expand spells the name so)
+    spelled = (lambda text: text) if tomcat_tokenizer.is_fast else (lambda text: text.replace("tomcat", "TomCat").replace("TOMCAT", "TomCat"))
+    assert expanded == spelled("a tomcat TomCat_1 TomCat_2 , [TOMCAT TomCat_1 TomCat_2 :dog:0.5] (TomCat TomCat_1 TomCat_2 :1.2)")
     assert again == expanded
     assert [ids[i : i + 3] for i, t in enumerate(ids) if t == want[0]] == [want] * 3
-    assert [text for _, text in prompt_schedule(expanded, 10)][1].startswith("a tomcat TomCat_1 TomCat_2 , dog")
+    assert [text for _, text in prompt_schedule(expanded, 10)][1].startswith(spelled("a tomcat TomCat_1 TomCat_2 , dog"))
 
 
 def _rows_as_a1111(tokenizer, name: str, count: int, prompt: str, *, a1111: bool = False):
@@ -537,7 +541,9 @@ def test_convert_of_a_transformers5_peft_folder_to_peft_for_its_component_round_
     state = load_lora(kohya_file)[0]["text_encoder"]
     save_peft(tmp_path / "src", state, model=model)
     source_keys = sorted(load_file(tmp_path / "src" / "adapter_model.safetensors"))
-    assert not any("text_model" in k for k in source_keys)
+    from transformers_versions import TRANSFORMERS_5
+
+    assert all(("text_model" in k) != TRANSFORMERS_5 for k in source_keys)  # (transformers 4: the model's text_model.)
     report = convert_lora(tmp_path / "src", tmp_path / "out", to="peft", component="text_encoder", dtype=torch.float16)
     assert sorted(load_file(tmp_path / "out" / "adapter_model.safetensors")) == source_keys
     assert report.layers == {"text_encoder": len({split_key(k)[0] for k in state})}

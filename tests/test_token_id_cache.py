@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 
+import sdadapt
+
 pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
@@ -35,6 +37,14 @@ def _captions(count: int, seed: int) -> list[str]:
             words[i] = rng.choice([f"({words[i]}:{rng.choice([0.5, 1.3])})", f"({words[i]})", f"[{words[i]}]"])
         out.append(rng.choice([" ", ", ", "  "]).join(words))
     return out
+
+
+def _fast(system: DiffusersSystem, folder) -> DiffusersSystem:
+    """``system`` with the fast tokenizer of ``folder`` (transformers 4's ``CLIPTokenizer`` is the slow one; these
+    tests change the fast one's backend)."""
+    if not getattr(system.tokenizer, "is_fast", False):
+        system.tokenizer = transformers.CLIPTokenizerFast.from_pretrained(folder)
+    return system
 
 
 def _uncached(system: DiffusersSystem, prompts: list[str], *, weighted: bool) -> tuple[torch.Tensor, ...]:
@@ -107,9 +117,9 @@ def test_the_key_is_the_exact_text(tmp_path):
     own ids (a key folded to lower case or stripped would hand one caption the other's ids)."""
     from tokenizers import normalizers
 
-    system = tiny_diffusers_system(tmp_path, max_token_length=75)
+    system = _fast(tiny_diffusers_system(tmp_path, max_token_length=75), tmp_path / "tok")
     system.tokenizer._tokenizer.normalizer = normalizers.NFC()  # (no lower case)
-    system.tokenizer._tokenizer.pre_tokenizer = transformers.CLIPTokenizer(
+    system.tokenizer._tokenizer.pre_tokenizer = transformers.CLIPTokenizerFast(
         str(tmp_path / "tok" / "vocab.json"), str(tmp_path / "tok" / "merges.txt"))._tokenizer.pre_tokenizer
     pairs = [("a Cat", "a cat"), ("cat", "CAT")]
     for a, b in pairs:
@@ -126,7 +136,7 @@ def test_a_changed_tokenizer_or_length_is_seen(tmp_path):
     and another added), a new padding token and another max_token_length: ids as tokenised now."""
     from tokenizers import Tokenizer
 
-    system = tiny_diffusers_system(tmp_path, max_token_length=75)
+    system = _fast(tiny_diffusers_system(tmp_path, max_token_length=75), tmp_path / "tok")
     tok = system.tokenizer
     prompts = ["a <zz> cat", "a <yy> dog", "plain"]
     before = system.tokenize(prompts)
@@ -144,6 +154,27 @@ def test_a_changed_tokenizer_or_length_is_seen(tmp_path):
     system.max_token_length = 150
     assert system.tokenize(prompts).shape == (3, 152)
     assert tokenizer_state(object()) is None  # (a tokenizer whose state is unknown is not cached)
+
+
+def test_a_slow_tokenizers_added_and_removed_tokens_are_seen(tmp_path):
+    """transformers 4's slow ``CLIPTokenizer``: an embedding's tokens added in place, removed (its added-token table
+    and trie replaced), another of the same count added: ids as tokenised now, each time."""
+    system = tiny_diffusers_system(tmp_path, max_token_length=75)
+    tok = system.tokenizer
+    if getattr(tok, "is_fast", True):
+        pytest.skip("transformers 5 has no slow CLIPTokenizer")
+    prompts = ["a <zz> cat", "a <yy> dog", "plain"]
+    before = system.tokenize(prompts)
+    assert tokenizer_state(tok) is not None and len(system.token_cache) == 3
+    handle = sdadapt.inject_embedding(system.text_encoder, tok, sdadapt.Embedding("<zz>", {"text_encoder": torch.zeros(1, 32)}))
+    with_zz = system.tokenize(prompts)
+    assert torch.equal(with_zz, _uncached(system, prompts, weighted=False)[0]) and not torch.equal(with_zz, before)
+    handle.remove()
+    assert torch.equal(system.tokenize(prompts), before)
+    handle = sdadapt.inject_embedding(system.text_encoder, tok, sdadapt.Embedding("<yy>", {"text_encoder": torch.zeros(1, 32)}))
+    with_yy = system.tokenize(prompts)  # (the same vocabulary size as with <zz>)
+    assert torch.equal(with_yy, _uncached(system, prompts, weighted=False)[0]) and not torch.equal(with_yy, with_zz)
+    handle.remove()
 
 
 def test_a_textual_inversion_run_tokenises_its_trigger(tmp_path):

@@ -246,8 +246,10 @@ class CLIPTokenizer:
         return root
 
     def to_transformers(self):
-        """The same tokenizer as a transformers ``CLIPTokenizer`` (what diffusers pipelines and
-        :func:`sdadapt.inject_embedding` use); built offline from this vocabulary.
+        """The same tokenizer as a transformers fast ``CLIPTokenizerFast`` (in transformers 5 the same class as
+        ``CLIPTokenizer``, what diffusers pipelines and :func:`sdadapt.inject_embedding` use; transformers 4's
+        ``CLIPTokenizer`` is the slow Python one, which gives other ids for some Unicode text); built offline from
+        this vocabulary.
 
         Raises:
             ImportError: transformers is not installed.
@@ -256,7 +258,7 @@ class CLIPTokenizer:
 
         try:
             import transformers
-            from transformers import CLIPTokenizer as TransformersCLIPTokenizer
+            from transformers import CLIPTokenizerFast as TransformersCLIPTokenizer
         except ImportError:
             raise ImportError("a transformers CLIPTokenizer needs `transformers`: pip install \"sdadapt[interop]\"") from None
         if int(transformers.__version__.split(".")[0]) >= 5:  # (it takes the vocabulary and merges themselves: the

@@ -343,7 +343,8 @@ class DiffusersSystem(nn.Module):
         require_interop("diffusers")
         require_interop("transformers")
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        from transformers import CLIPTokenizerFast as CLIPTokenizer  # (transformers 4's CLIPTokenizer is slow)
 
         scheduler_file = root / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
@@ -1505,7 +1506,8 @@ def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any
     with ``!`` as its special pad token, as diffusers' ``tokenizer_2`` has it (it splits ``"!!"`` into two
     pad ids, where open_clip and kohya keep one ``!!`` token: diffusers issue #4153).
     """
-    from transformers import CLIPTokenizer as Transformers
+    # (the fast tokenizer on transformers 4, whose CLIPTokenizer is the slow one; on 5 the same class as CLIPTokenizer)
+    from transformers import CLIPTokenizerFast as Transformers
 
     length = int(getattr(config, "max_position_embeddings", 77))
     first_pad = "!" if architecture == "sd2" else "eos"

@@ -51,17 +51,22 @@ def tokenizer_state(tokenizer: Any) -> tuple | None:
     sdadapt's :class:`~sdadapt.clip_tokenizer.CLIPTokenizer`: the object, its vocabulary size and
     special ids. A transformers fast tokenizer: the object, its backend (``add_tokens`` grows it in
     place; removing an embedding's tokens replaces it), the vocabulary size with added tokens, the
-    padding id and the padding / truncation sides.
+    padding id and the padding / truncation sides. transformers 4's slow ``CLIPTokenizer``: the object, its
+    added-token table and split trie (an embedding's removal replaces both) and the table's size (``add_tokens``
+    grows it in place), the padding id and sides.
     """
     from .clip_tokenizer import CLIPTokenizer
 
     if isinstance(tokenizer, CLIPTokenizer):
         return (tokenizer, len(tokenizer.encoder), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    sides = tuple(getattr(tokenizer, a, None) for a in ("pad_token_id", "padding_side", "truncation_side"))
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "get_vocab_size"):
-        return None
-    return (tokenizer, backend, backend.get_vocab_size(with_added_tokens=True), tokenizer.pad_token_id,
-            getattr(tokenizer, "padding_side", None), getattr(tokenizer, "truncation_side", None))
+    if backend is not None and hasattr(backend, "get_vocab_size"):
+        return (tokenizer, backend, backend.get_vocab_size(with_added_tokens=True), *sides)
+    table, trie = getattr(tokenizer, "_added_tokens_decoder", None), getattr(tokenizer, "tokens_trie", None)
+    if isinstance(table, dict) and trie is not None:  # (transformers 4's slow tokenizer: its added tokens, its trie)
+        return (tokenizer, table, trie, len(table), *sides)
+    return None
 
 
 def _same_state(a: object, b: object) -> bool:

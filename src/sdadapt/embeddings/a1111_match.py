@@ -128,6 +128,7 @@ def expand_a1111(prompt: str, tokenizer: Any, *, only: A1111Name | None = None) 
     """``prompt`` with the registered names' matches (all, or ``only`` that entry's, found by the scan over all of
     them) written as their alias tokens where the text can say it exactly (module docstring); idempotent."""
     from ..prompt_weights import attention_spans
+    from .token_offsets import token_spans
 
     names = _NAMES.get(tokenizer) if has_a1111_names(tokenizer) else None
     if not names:
@@ -137,8 +138,7 @@ def expand_a1111(prompt: str, tokenizer: Any, *, only: A1111Name | None = None) 
     for piece, weight, where in attention_spans(prompt, breaks=True, a1111=True):
         if not piece.strip() or (piece == "BREAK" and weight == -1):
             continue
-        encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+        ids, offsets = token_spans(tokenizer, piece)
         for i, entry, done in _scan(names, ids):
             if done or entry.text is None or (only is not None and entry is not only):
                 continue

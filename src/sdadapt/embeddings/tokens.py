@@ -43,6 +43,7 @@ from typing import Protocol, runtime_checkable
 # (_PROMPT_SYNTAX: a run whose text holds A1111 prompt syntax is not the name as A1111's parser hands it to the
 # tokenizer: ``tom (1)`` is ``tom`` + ``1`` at weight 1.1 there)
 from .a1111_match import _PROMPT_SYNTAX, expand_a1111, register_name, unregister_name
+from .token_offsets import token_spans
 
 __all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "insert_after_token",
            "replace_token_run", "replace_vocabulary_word", "token_strings", "tokenizer_side", "vocabulary_word_alias"]
@@ -98,14 +99,14 @@ def insert_after_token(prompt: str, tokenizer, token_id: int, aliases: list[str]
     """``aliases`` (added tokens) written after every ``token_id`` of the tokenized ``prompt``, where the token is not
     followed by ``aliases[0]`` already (idempotent).
 
-    The cut is the token's end in the prompt (the fast tokenizer's offsets), so ``tomcat`` -> ``tom`` + ``cat</w>``
-    becomes ``tomcat <emb-cat>_1 …``: the word keeps its own BPE pieces, and the aliases follow its last one, inside
-    any weight syntax around it (``(tomcat:1.2)`` -> ``(tomcat <emb-cat>_1 :1.2)``): A1111's positions and weights.
+    The cut is the token's end in the prompt (:func:`.token_offsets.token_spans`), so ``tomcat`` -> ``tom`` +
+    ``cat</w>`` becomes ``tomcat <emb-cat>_1 …``: the word keeps its own BPE pieces, and the aliases follow its last
+    one, inside any weight syntax around it (``(tomcat:1.2)`` -> ``(tomcat <emb-cat>_1 :1.2)``): A1111's positions and
+    weights.
     """
     if not aliases:
         return prompt
-    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    ids, offsets = token_spans(tokenizer, prompt)
     follow = int(tokenizer.convert_tokens_to_ids(aliases[0]))
     cuts = [int(offsets[i][1]) for i, t in enumerate(ids)
             if t == token_id and (i + 1 == len(ids) or ids[i + 1] != follow)]
@@ -120,10 +121,11 @@ def replace_token_run(prompt: str, tokenizer, run: list[int], aliases: list[str]
     """Each run of the token ids ``run`` in the tokenized ``prompt`` replaced by ``aliases`` (added tokens), scanning
     from the left and going on after a match, as A1111's ``tokenize_line`` calls ``find_embedding_at_position``.
 
-    The cut is the run's first token's start to its last token's end in the prompt (the fast tokenizer's offsets), so
-    the name's spellings with the same ids match (``my - style`` for ``my-style``) and other words do not
-    (``amy-style`` = ``amy`` …, ``my-styles`` = … ``style s``), inside any weight syntax around them
-    (``(my-style:1.2)`` -> ``(<emb-my-style>:1.2)``). Idempotent: the aliases are not the run's ids.
+    The cut is the run's first token's start to its last token's end in the prompt
+    (:func:`.token_offsets.token_spans`), so the name's spellings with the same ids match (``my - style`` for
+    ``my-style``) and other words do not (``amy-style`` = ``amy`` …, ``my-styles`` = … ``style s``), inside any weight
+    syntax around them (``(my-style:1.2)`` -> ``(<emb-my-style>:1.2)``). Idempotent: the aliases are not the run's
+    ids.
 
     Args:
         run: the name's token ids without BOS/EOS (at least one).
@@ -131,8 +133,7 @@ def replace_token_run(prompt: str, tokenizer, run: list[int], aliases: list[str]
     """
     if not run:
         raise ValueError("replace_token_run needs the name's token ids (got none)")
-    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    ids, offsets = token_spans(tokenizer, prompt)
     spans, i, n = [], 0, len(run)
     while i + n <= len(ids):
         start, end = int(offsets[i][0]), int(offsets[i + n - 1][1])
@@ -190,26 +191,44 @@ class CLIPTokenizerSide:
         self.own_id: int | None = None  # a one-token trigger's own vocabulary id (its first vector's)
         self._aliases: list[str] = []  # (its further vectors' tokens, written after each own_id by expand)
         self._before: list | None = None
+        self._slow_before: tuple | None = None  # (a slow tokenizer's added-token table and trie words)
         self._after: list | None = None
         self._entry = None  # (a1111: its sdadapt.embeddings.a1111_match entry, matched by token ids in each piece)
 
     def _backend(self):
+        """The tokenizers ``Tokenizer`` of a fast tokenizer, else ``None`` for transformers 4's slow (Python)
+        ``CLIPTokenizer`` (its added tokens in ``_added_tokens_decoder`` and a ``tokens_trie``, transformers 4.34+)."""
         backend = getattr(self.tokenizer, "_tokenizer", None)
-        if backend is None or not hasattr(backend, "to_str"):
-            raise TypeError(
-                f"{type(self.tokenizer).__name__} is not a fast (tokenizers-backed) transformers tokenizer; "
-                "sdadapt adds and removes embedding tokens on fast tokenizers (CLIPTokenizer in transformers 5, CLIPTokenizerFast)"
-            )
-        return backend
+        if backend is not None and hasattr(backend, "to_str"):
+            return backend
+        table = getattr(self.tokenizer, "_added_tokens_decoder", None)
+        if isinstance(table, dict) and hasattr(self.tokenizer, "tokens_trie"):
+            return None
+        raise TypeError(
+            f"cannot add embedding tokens to {type(self.tokenizer).__name__}: sdadapt adds and removes them on "
+            "transformers' CLIP tokenizers (fast, or transformers >= 4.34's slow CLIPTokenizer); load it with "
+            "transformers.CLIPTokenizerFast.from_pretrained(...)"
+        )
+
+    def _added_table(self) -> dict:
+        """{id: AddedToken} of the tokens added to the vocabulary (special ones included)."""
+        backend = self._backend()
+        return dict(self.tokenizer._added_tokens_decoder) if backend is None else backend.get_added_tokens_decoder()
 
     def _added_tokens(self) -> list:
         """The serialized tokenizer's added-token list (what ``add_tokens`` changes; padding and
         truncation settings, which every call may change, are not part of it), read from the backend's
         added-token table (the serialized list is these entries in id order; serializing the whole
         tokenizer, 49408 tokens and their merges, to read them costs a tenth of a second a call)."""
-        table = self._backend().get_added_tokens_decoder()
+        table = self._added_table()
         return [{"id": i, "content": t.content, "single_word": t.single_word, "lstrip": t.lstrip, "rstrip": t.rstrip,
                  "normalized": t.normalized, "special": t.special} for i, t in sorted(table.items())]
+
+    def _snapshot(self) -> None:
+        """Keep what :meth:`_restore` puts back: the added-token list (and a slow tokenizer's table and trie words)."""
+        self._before = self._added_tokens()
+        if self._backend() is None:
+            self._slow_before = (dict(self.tokenizer._added_tokens_decoder), set(self.tokenizer.tokens_trie._tokens))
 
     def add(self, name: str, count: int) -> list[int]:
         if self.name is not None:
@@ -235,7 +254,7 @@ class CLIPTokenizerSide:
                 f"the tokenizer already has the token(s) {taken}: another embedding named {name!r} is loaded; "
                 "remove that embedding first or choose another trigger word"
             )
-        self._before = self._added_tokens()
+        self._snapshot()
         added = self.tokenizer.add_tokens(strings)
         if added != len(strings):  # pragma: no cover - guarded by the vocabulary check above
             self._restore()
@@ -280,7 +299,7 @@ class CLIPTokenizerSide:
                 f"cannot load the embedding {name!r}: the tokenizer's token {name.lower()!r} is held by {holder}; "
                 "remove that embedding first or choose another trigger word"
             )
-        self._before = self._added_tokens()
+        self._snapshot()
         if strings and self.tokenizer.add_tokens(strings) != len(strings):  # pragma: no cover - checked above
             self._restore()
             raise ValueError(f"the tokenizer added fewer than the tokens {strings}")
@@ -293,12 +312,21 @@ class CLIPTokenizerSide:
         return ids
 
     def _restore(self) -> None:
+        backend = self._backend()
+        if backend is None:  # (a slow tokenizer: its table, the reverse map, the split trie and the cached length)
+            table, words = self._slow_before
+            self.tokenizer._added_tokens_decoder = dict(table)
+            self.tokenizer._added_tokens_encoder = {t.content: i for i, t in table.items()}
+            self.tokenizer.tokens_trie = type(self.tokenizer.tokens_trie)(words)
+            if hasattr(self.tokenizer, "_update_total_vocab_size"):
+                self.tokenizer._update_total_vocab_size()
+            return
         from tokenizers import Tokenizer
 
         # (the serialized tokenizer with its "added_tokens" list swapped for the one before add, spliced in the
         # text: parsing and re-encoding the whole vocabulary would cost most of a remove; the key stands only
         # at the top level of a tokenizer.json, and an escaped quote in a string cannot spell it)
-        state = self._backend().to_str()
+        state = backend.to_str()
         key = '"added_tokens":'
         start = state.index(key) + len(key)
         _, end = json.JSONDecoder().raw_decode(state, start)
@@ -318,6 +346,8 @@ class CLIPTokenizerSide:
             prompt = replace_vocabulary_word(prompt, self.word)
         # (by token id, not by text: the added token matches the name in any case, "easynegative" for
         # "EasyNegative", as A1111 matches the name's token ids; every one of the k vectors must follow it)
+        if self._backend() is None:  # (a slow tokenizer matches added tokens in their exact case: the name spelled so)
+            prompt = re.sub(re.escape(self.name), lambda _: self.name, prompt, flags=re.IGNORECASE)
         first = int(self.tokenizer.convert_tokens_to_ids(self.name))
         return insert_after_token(prompt, self.tokenizer, first, token_strings(self.name, self.count)[1:])
 
