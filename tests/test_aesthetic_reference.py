@@ -22,6 +22,7 @@ import torch
 
 from sdadapt.aesthetic import personalize_text_encoder
 from sdadapt.aesthetic import personalize as personalize_module
+from transformers_versions import float64_clip
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,6 +72,7 @@ def a1111_call(clip_model, z, tokens, image_embs, *, steps, lr, weight, use_sler
 
 
 # ------------------------------------------------------------------- half-precision encoders (the fix)
+@float64_clip
 @pytest.mark.parametrize("splice_rows", [False, True], ids=["whole-table", "row-splice"])
 def test_half_precision_encoder_is_personalised_in_float32_like_the_reference(monkeypatch, splice_rows):
     """A float16 text encoder (transformers loads a diffusers ``text_encoder`` in its files' dtype) is
@@ -94,6 +96,7 @@ def test_half_precision_encoder_is_personalised_in_float32_like_the_reference(mo
     assert all(p.dtype == torch.float16 for p in half.parameters())
 
 
+@float64_clip
 def test_half_precision_aesthetic_text_uses_float32_features():
     """The "aesthetic text" features (aesthetic_clip.py:214-219) come from the float32 model too."""
     half = _encoder(2).half()

@@ -86,7 +86,7 @@ def _file_spelling(model) -> dict[str, torch.Tensor]:
     """A component's tensors as diffusers' files spell them (``text_model.`` for a transformers-5 CLIPTextModel)."""
     state = model.state_dict()
     if isinstance(model, transformers.CLIPTextModel):
-        state = {"text_model." + k: v for k, v in state.items()}
+        state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.endswith("position_ids")}
 
 

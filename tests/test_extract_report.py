@@ -89,7 +89,7 @@ def _diffusers_fused_errors(unets, path) -> dict[str, float]:
     """The same errors through diffusers: load the file into a fresh base UNet, fuse, compare weights."""
     unet = tiny_unet_sd1()
     unet.load_state_dict(unets["base"])
-    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), local_files_only=True)
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path.parent), weight_name=path.name, local_files_only=True)
     StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet, adapter_name="extracted")
     unet.fuse_lora(lora_scale=1.0)
     fused = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if "lora_" not in k}

@@ -188,6 +188,7 @@ def test_other_presets_scale_outputs_as_lycoris(preset, tmp_path, monkeypatch):
     preset or a preset file LyCORIS (no ``train_on_input``) scales every layer's outputs, and so does
     ``prepare_ia3`` — the same modules, the same ``on_input`` flags."""
     from lycoris.kohya import LycorisNetworkKohya
+    from transformers_versions import lycoris_te_name
 
     from sdadapt.methods.ia3 import prepare_ia3
 
@@ -202,8 +203,7 @@ def test_other_presets_scale_outputs_as_lycoris(preset, tmp_path, monkeypatch):
     net = _lycoris_network(tiny_unet_sd1(), tiny_clip(), preset)
     theirs = {k: int(v) for k, v in net.state_dict().items() if k.endswith(".on_input")
               and "time_embedding" not in k}  # (4.1's TimestepEmbedding class: docs/lycoris.md "Presets")
-    flags = {k.replace("lora_te_text_model_encoder_", "lora_te_encoder_"): int(v)
-             for k, v in ours.items() if k.endswith(".on_input")}
+    flags = {lycoris_te_name(k): int(v) for k, v in ours.items() if k.endswith(".on_input")}
     assert any("ff_net_2" in k for k in flags) and any("mlp_fc2" in k for k in flags)
     assert flags == theirs and not any(flags.values())
 

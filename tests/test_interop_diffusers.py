@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, tiny_unet_sdxl, unet_inputs  # noqa: E402
+from transformers_versions import CLIP_TEXT_MODEL
 
 import sdadapt  # noqa: E402
 from sdadapt.formats import detect_kind, load_lora, read_weights, save_diffusers, save_kohya  # noqa: E402
@@ -149,12 +150,12 @@ def test_kohya_sd1_file_loads_in_diffusers_with_same_outputs(tmp_path, kind):
     assert set(components["text_encoder"]) == set(sdadapt.formats.canonical_state("text_encoder", lora["te_state"]))
 
     # diffusers' SD loader: its state dict and alphas ...
-    _, network_alphas = SD1.lora_state_dict(str(path), local_files_only=True)
+    _, network_alphas = SD1.lora_state_dict(str(path.parent), weight_name=path.name, local_files_only=True)
     assert network_alphas  # kohya alphas came through
     # ... and the pipeline entry point users call (lora_state_dict, then load_lora_into_unet and
     # load_lora_into_text_encoder with those alphas: the step-by-step loaders, in one call)
     pipe = _TinySDPipe(tiny_unet_sd1(), tiny_clip())
-    pipe.load_lora_weights(str(path), adapter_name="sdadapt", local_files_only=True)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="sdadapt", local_files_only=True)
     assert len(_peft_layers(pipe.unet)) == lora["n_unet"]
     _assert_same(run_unet(pipe.unet, lora["inputs"]), lora["want"], lora["base"])
     assert len(_peft_layers(pipe.text_encoder)) == lora["n_te"]
@@ -165,7 +166,7 @@ def test_kohya_text_encoder_with_per_layer_alphas_in_diffusers(tmp_path):
     lora = _sd1_lora("kohya", mlp_alpha=1.5)
     path = tmp_path / "lora.safetensors"
     save_kohya(path, {"text_encoder": lora["te_state"]}, base_model="sd1")
-    sd, network_alphas = SD1.lora_state_dict(str(path), local_files_only=True)
+    sd, network_alphas = SD1.lora_state_dict(str(path.parent), weight_name=path.name, local_files_only=True)
     text_encoder = tiny_clip()
     flattened = not hasattr(text_encoder, "text_model")
     SD1.load_lora_into_text_encoder(sd, network_alphas, text_encoder, adapter_name="sdadapt")
@@ -194,14 +195,14 @@ def test_diffusers_file_carries_alphas_in_metadata_and_loads_in_diffusers(tmp_pa
     assert config["unet.rank_pattern"] and config["unet.alpha_pattern"]  # 3x3 convs: rank 2, alpha 5
     assert config["text_encoder.rank_pattern"] and config["text_encoder.alpha_pattern"]  # mlp: rank 2
 
-    sd, network_alphas, lora_metadata = SD1.lora_state_dict(str(path), local_files_only=True, return_lora_metadata=True)
+    sd, network_alphas, lora_metadata = SD1.lora_state_dict(str(path.parent), weight_name=path.name, local_files_only=True, return_lora_metadata=True)
     assert network_alphas is None and lora_metadata
     # the pipeline entry point: it reads the metadata itself and hands it to load_lora_into_unet and
     # load_lora_into_text_encoder (the step-by-step loaders, in one call). transformers 5 CLIPTextModel
     # has no `.text_model`: diffusers strips it from the tensor keys but hands the metadata to peft as
     # is, so its module names must fit both layouts
     pipe = _TinySDPipe(tiny_unet_sd1(), tiny_clip())
-    pipe.load_lora_weights(str(path), adapter_name="sdadapt", local_files_only=True)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="sdadapt", local_files_only=True)
     assert len(_peft_layers(pipe.unet)) == lora["n_unet"]
     _assert_same(run_unet(pipe.unet, lora["inputs"]), lora["want"], lora["base"])
     assert len(_peft_layers(pipe.text_encoder)) == lora["n_te"]
@@ -281,7 +282,8 @@ def test_sdxl_file_loads_in_diffusers_sdxl_loader_with_same_outputs(tmp_path, fm
 
     unet = tiny_unet_sdxl()
     sd, network_alphas, metadata = SDXL.lora_state_dict(
-        str(path), unet_config=unet.config, local_files_only=True, return_lora_metadata=True
+        str(path.parent), weight_name=path.name, unet_config=unet.config, local_files_only=True,
+        return_lora_metadata=True
     )
     SDXL.load_lora_into_unet(sd, network_alphas, unet, adapter_name="sdadapt", metadata=metadata)
     assert len(_peft_layers(unet)) == lora["n"][0]
@@ -371,7 +373,8 @@ def test_diffusers_saved_lora_reads_in_sdadapt_with_same_outputs(tmp_path, spell
     assert METADATA in metadata
     if spelling == "new-diffusers":
         assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight" in keys
-        assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight" in keys
+        # (the text encoder's module path as the model spells it: transformers 5's CLIPTextModel has no text_model level)
+        assert f"text_encoder.{CLIP_TEXT_MODEL}encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight" in keys
     else:
         assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
     assert detect_kind(keys, metadata) == "diffusers-lora"
@@ -405,7 +408,7 @@ def test_old_diffusers_spelling_reads_in_sdadapt(tmp_path):
     _randomise_up(te_handle, 9)
     want, te_want = run_unet(unet, inputs), _te_out(text_encoder, ids)
     save_kohya(tmp_path / "k.safetensors", {"unet": handle.state_dict(), "text_encoder": te_handle.state_dict()})
-    old, _ = SD1.lora_state_dict(str(tmp_path / "k.safetensors"), local_files_only=True)
+    old, _ = SD1.lora_state_dict(str(tmp_path), weight_name="k.safetensors", local_files_only=True)
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight" in old
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up.weight" in old
     assert "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight" in old  # = q_proj

@@ -36,6 +36,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from tiny_systems import tiny_diffusers_system
+from transformers_versions import float64_clip
 
 BOS, EOS, BANG = 512, 513, 0  # the tiny tokenizer's <|startoftext|>, <|endoftext|> and "!"
 
@@ -148,6 +149,7 @@ def _encode(system, encoder, ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state
 
 
+@float64_clip
 @pytest.mark.parametrize("pad,clip_skip", [("eos", 1), ("eos", 2), ("!", 1)])
 def test_a_150_token_caption_is_two_windows_joined_kohyas_way(tmp_path, pad, clip_skip):
     system = _system(tmp_path, pad=pad, clip_skip=clip_skip)
@@ -185,6 +187,7 @@ def test_75_is_the_plain_77_token_path_and_the_attribute_is_checked(tmp_path):
         system.max_token_length = 100
 
 
+@float64_clip
 def test_sdxl_joins_both_encoders_and_pools_the_first_window(tmp_path):
     system = _system(tmp_path, sdxl=True, max_token_length=225)
     system.double()

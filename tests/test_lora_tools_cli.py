@@ -180,7 +180,7 @@ def test_extracted_lora_loads_in_diffusers_and_reproduces_tuned_unet(sd1, tmp_pa
     inputs = unet_inputs(tiny_unet_sd1())
     base = run_unet(_unet_with(sd1["unet_base"]), inputs)
     want = run_unet(_unet_with(sd1["unet_tuned"]), inputs)
-    sd, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(out), local_files_only=True)
+    sd, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(out.parent), weight_name=out.name, local_files_only=True)
     unet = _unet_with(sd1["unet_base"])
     StableDiffusionLoraLoaderMixin.load_lora_into_unet(sd, alphas, unet, adapter_name="extracted")
     _assert_close(run_unet(unet, inputs), want, base, atol=1e-4)
@@ -358,7 +358,7 @@ def test_sdxl_fused_in_proj_extract_merge_and_diffusers(tmp_path, capsys):
     # diffusers' SDXL loader reads the LDM-named UNet part
     inputs = unet_inputs(tiny_unet_sdxl(), sdxl=True)
     unet = _unet_with(unet_base, sdxl=True)
-    sd, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(lora), unet_config=unet.config, local_files_only=True)
+    sd, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(lora.parent), weight_name=lora.name, unet_config=unet.config, local_files_only=True)
     StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(sd, alphas, unet, adapter_name="x")
     _assert_close(run_unet(unet, inputs), run_unet(_unet_with(unet_tuned, sdxl=True), inputs),
                   run_unet(_unet_with(unet_base, sdxl=True), inputs), atol=1e-4)

@@ -41,6 +41,7 @@ from sdadapt.formats import describe_file, load_lora, save_lora
 lycoris_kohya = pytest.importorskip("lycoris.kohya", reason="lycoris-lora is not installed (pip install lycoris-lora)")
 lycoris_dylora = pytest.importorskip("lycoris.modules.dylora")
 from test_lycoris_files import kohya_rewrite_is_the_file  # noqa: E402  (the kohya round trip, one copy)
+from transformers_versions import float64_clip
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 BLOCK_SIZE = 2
@@ -126,6 +127,7 @@ def _lycoris_full_rank_forward(monkeypatch, net, fn):
         monkeypatch.undo()
 
 
+@float64_clip
 def test_load_adapter_and_apply_lora_match_lycoris_full_rank_forward_at_block_size(dylora_file, monkeypatch):
     """sdadapt applies the file at strength ``block_size`` == LyCORIS' own network forward at its full rank
     (float64, UNet convs + linears and the text encoder); at strength 1, the readers' ``alpha / r``."""

@@ -24,6 +24,7 @@ from test_lycoris_presets import (
     load_file_metadata,
 )
 from tiny_models import tiny_clip, tiny_unet_sd1, tiny_unet_sdxl
+from transformers_versions import TRANSFORMERS_5
 
 from sdadapt.errors import InputError
 from sdadapt.methods import prepare_lokr, prepare_lora
@@ -134,7 +135,9 @@ def test_the_files_exercise_what_they_claim(lycoris_network_class, tmp_path):
     assert "lora_unet_down_blocks_0_resnets_0_conv1" not in named[0] and "lora_unet_down_blocks_0_resnets_0_conv2" in named[0]
     assert not any("mid_block_attentions_0_transformer_blocks_0_attn2" in n for n in named[0])
     assert any("mid_block_attentions_0_transformer_blocks_0_attn1" in n for n in named[0])
-    assert named[1] and all("layers_0_mlp_fc" in n or "layers_1_self_attn_out_proj" in n for n in named[1])
+    # (its text-encoder regexes are transformers 5's CLIPTextModel paths; LyCORIS matches from the path's start, so on
+    # transformers 4's text_model.encoder… they select nothing, for LyCORIS as for sdadapt)
+    assert (bool(named[1]) == TRANSFORMERS_5) and all("layers_0_mlp_fc" in n or "layers_1_self_attn_out_proj" in n for n in named[1])
     fn = _lycoris_names(lycoris_network_class, _write(tmp_path, PRESET_FILES["fnmatch"]), unet, te)
     assert "lora_unet_conv_out" in fn[0] and not any(n.startswith("lora_unet_up_blocks") for n in fn[0])
     lin = _lycoris_names(lycoris_network_class, _write(tmp_path, PRESET_FILES["defaults-no-conv-no-text"]), unet, te)
@@ -259,6 +262,7 @@ def test_resume_refuses_a_changed_preset_file(tmp_path):
     _check_resume(folder, "lora", builtin)
 
 
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="the file's text-encoder regexes are transformers 5's CLIPTextModel paths")
 def test_both_sdxl_text_encoders_take_the_files_text_encoder_layers(lycoris_network_class, tmp_path):
     from sdadapt.formats import load_lora
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import run_unet, tiny_clip, tiny_unet_sd1, tiny_unet_sdxl, unet_inputs
+from transformers_versions import lycoris_te_name
 
 from sdadapt.errors import InputError
 from sdadapt.formats import load_lora
@@ -55,7 +56,7 @@ def _kohya_attention_class(unet: torch.nn.Module) -> None:
 
 def _te_canonical(name: str) -> str:
     # lycoris on a transformers-5 CLIPTextModel writes lora_te_encoder_...; the ecosystem's name has text_model
-    return name.replace("lora_te_encoder_", "lora_te_text_model_encoder_")
+    return name.replace("lora_te_encoder_", "lora_te_text_model_encoder_")  # (on transformers 4 it has it already)
 
 
 def _lycoris_names(cls, preset_name, unet, te, *, algo="locon", dim=2, conv_dim=2, **kwargs):
@@ -164,7 +165,7 @@ def test_lokr_factor_and_decompose_both_match_lycoris(factor, decompose_both, ly
     assert {k: tuple(v.shape) for k, v in ours.items() if ".lokr_" in k} == {k: tuple(v.shape) for k, v in theirs.items()}
 
     # LyCORIS applies sdadapt's file: same outputs (lycoris names the transformers-5 text encoder without text_model)
-    weights = {k.replace("lora_te_text_model_encoder_", "lora_te_encoder_"): v for k, v in ours.items()}
+    weights = {lycoris_te_name(k): v for k, v in ours.items()}
     loaded, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, fresh_te, fresh_unet, weights_sd=weights)
     assert len(loaded.unet_loras) == len([m for m in net.unet_loras])
     loaded.apply_to(fresh_te, fresh_unet, apply_text_encoder=True, apply_unet=True)
@@ -278,7 +279,7 @@ def test_gui_lycoris_config_trains_and_lycoris_loads_the_file(tmp_path, lycoris_
               for k, v in m.state_dict().items() if k.startswith("lokr_")}
     assert {k: tuple(v.shape) for k, v in ours.items() if ".lokr_" in k} == theirs
     assert {k.split(".")[0] for k in ours if k.startswith("lora_unet_")} == want_unet
-    weights = {k.replace("lora_te_text_model_encoder_", "lora_te_encoder_"): v for k, v in ours.items()}
+    weights = {lycoris_te_name(k): v for k, v in ours.items()}
     loaded, _ = lycoris_kohya.create_network_from_weights(1.0, None, None, te, unet, weights_sd=weights)
     assert len(loaded.unet_loras) == len(want_unet) and len(loaded.text_encoder_loras) == len(want_te)
 

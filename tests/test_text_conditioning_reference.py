@@ -33,6 +33,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
 from tiny_systems import tiny_diffusers_system
+from transformers_versions import float64_clip
 
 from sdadapt.text_chunks import chunk_token_ids
 
@@ -211,6 +212,7 @@ def _sdxl(folder, *, vocab: int = 514):
     return system
 
 
+@float64_clip
 @pytest.mark.parametrize("pad", ["eos", "!"])
 @pytest.mark.parametrize("max_token_length", [75, 150, 225])
 def test_sd1_sd2_conditioning_is_kohyas_encode_tokens(sd_systems, pad, max_token_length):
@@ -234,6 +236,7 @@ def test_sd1_sd2_conditioning_is_kohyas_encode_tokens(sd_systems, pad, max_token
     assert got[-1].abs().sum() > 0  # the dropped caption "" is its encoding, not zeros
 
 
+@float64_clip
 def test_clip_skip_counts_as_a1111_and_kohya_one_more_than_diffusers(sd_systems):
     """``--clip-skip k`` is diffusers' pipeline ``clip_skip=k - 1`` (``1``: diffusers' unset)."""
     system = sd_systems["eos"]
@@ -247,6 +250,7 @@ def test_clip_skip_counts_as_a1111_and_kohya_one_more_than_diffusers(sd_systems)
     system.clip_skip = 1
 
 
+@float64_clip
 def test_sdxl_conditioning_is_kohyas_get_hidden_states_sdxl_and_diffusers_encode_prompt(tmp_path):
     """Both encoders' penultimate states joined TE1 | TE2, the first window's pooled output at its <EOS>,
     at 75 / 150 / 225 tokens; clip skip changes nothing (kohya ignores it for SDXL); at 75 tokens also
@@ -276,6 +280,7 @@ def test_sdxl_conditioning_is_kohyas_get_hidden_states_sdxl_and_diffusers_encode
     assert cond["time_ids"].tolist() == [[size, size, 0.0, 0.0, size, size]] * len(CAPTIONS)
 
 
+@float64_clip
 def test_sdxl_pooled_output_is_at_eos_with_an_added_token_under_a_legacy_config(tmp_path):
     """A textual-inversion token (an id past <EOS>) in the caption: transformers' legacy pooling
     (``eos_token_id == 2``, SDXL base's config) takes the state at the largest id — the new token's;

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from embedding_models import tiny_clip_text, tiny_tokenizer
+from transformers_versions import float64_clip
 
 LENGTH = 32  # the byte-level tiny tokenizer spends one token per character
 
@@ -43,6 +44,7 @@ def _schedule():
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
+@float64_clip
 @pytest.mark.parametrize("vectors", [1, 3])
 def test_textual_inversion_steps_match_diffusers_whole_table_adamw_with_index_no_updates(tmp_path, vectors):
     """k vectors from a one-token initializer, 3 AdamW steps at diffusers' defaults (weight decay 1e-2, eps 1e-8,

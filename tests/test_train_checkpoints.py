@@ -122,7 +122,7 @@ def test_sdxl_lora_from_a_toml_config_with_buckets_samples_log_and_resume(files,
     from sdadapt.diffusers_system import DiffusersSystem
 
     ours, theirs = DiffusersSystem.from_single_file(files["sdxl"]), DiffusersSystem.from_single_file(files["sdxl"])
-    sd, alphas, meta = SDXL.lora_state_dict(str(out), unet_config=theirs.unet.config, local_files_only=True,
+    sd, alphas, meta = SDXL.lora_state_dict(str(out.parent), weight_name=out.name, unet_config=theirs.unet.config, local_files_only=True,
                                             return_lora_metadata=True)
     SDXL.load_lora_into_unet(sd, alphas, theirs.unet, adapter_name="a", metadata=meta)
     sdadapt.load_adapter(ours.unet, state["unet"])

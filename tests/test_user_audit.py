@@ -447,7 +447,9 @@ def test_a_peft_adapter_folder_is_taken_by_lora_as_its_kohya_twin(tmp_path, caps
 
     unet = lora(system.unet, [f"{b}.attentions.0.transformer_blocks.0.attn2.{p}" for b in ("down_blocks.0", "mid_block")
                               for p in ("to_q", "to_k", "to_v")])
-    text = lora(system.text_encoder, ["encoder.layers.0.self_attn.q_proj", "encoder.layers.0.mlp.fc1"])
+    from transformers_versions import CLIP_TEXT_MODEL
+
+    text = lora(system.text_encoder, [f"{CLIP_TEXT_MODEL}encoder.layers.0.self_attn.q_proj", f"{CLIP_TEXT_MODEL}encoder.layers.0.mlp.fc1"])
     for component, state in (("unet", unet), ("text_encoder", text)):
         save_kohya(tmp_path / f"{component}.safetensors", {component: state}, base_model="sd1")
         assert main(["convert", str(tmp_path / f"{component}.safetensors"), "--to", "peft", "--component", component,
