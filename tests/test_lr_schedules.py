@@ -82,6 +82,11 @@ CASES = [
 @pytest.mark.parametrize("name, total, warmup, decay, cycles, timescale, ratio, args", CASES)
 def test_lr_at_with_kohyas_mapping_equals_the_scheduler_kohya_builds(name, total, warmup, decay, cycles, timescale,
                                                                      ratio, args):
+    import inspect
+
+    taken = inspect.signature(pytest.importorskip("transformers.optimization").get_wsd_schedule).parameters
+    if any(arg.split("=")[0] not in taken for arg in args if name == "warmup_stable_decay"):
+        pytest.skip("this transformers' get_wsd_schedule (the reference kohya builds) lacks warmup_type / decay_type")
     lr, text_lr = 1e-3, 3e-4
     options = TrainOptions(images=".", learning_rate=lr, lr_scheduler=name, lr_warmup_steps=warmup, lr_decay_steps=decay,
                            lr_scheduler_num_cycles=cycles, lr_scheduler_timescale=timescale,

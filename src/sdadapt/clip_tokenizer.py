@@ -238,8 +238,11 @@ class CLIPTokenizer:
         root.mkdir(parents=True, exist_ok=True)
         write_vocabulary_files(root, self.encoder, sorted(self.ranks, key=self.ranks.get))  # type: ignore[arg-type]
         pad = self.decoder[self.pad_id]
+        # (clean_up_tokenization_spaces: transformers >= 4.45's and 5's default, said so that 4.44 decodes the same
+        # and does not warn that its default will change)
         config = {"model_max_length": self.model_max_length, "bos_token": _SPECIAL[0], "eos_token": _SPECIAL[1],
-                  "unk_token": _SPECIAL[1], "pad_token": pad, "tokenizer_class": "CLIPTokenizer"}
+                  "unk_token": _SPECIAL[1], "pad_token": pad, "tokenizer_class": "CLIPTokenizer",
+                  "clean_up_tokenization_spaces": False}
         (root / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
         (root / "special_tokens_map.json").write_text(json.dumps(
             {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=1), encoding="utf-8")
@@ -266,7 +269,8 @@ class CLIPTokenizer:
             merges = sorted(self.ranks, key=self.ranks.get)  # (the pairs, highest priority first)
             return TransformersCLIPTokenizer(vocab=dict(self.encoder), merges=merges, unk_token=_SPECIAL[1],
                                              bos_token=_SPECIAL[0], eos_token=_SPECIAL[1],
-                                             pad_token=self.decoder[self.pad_id], model_max_length=self.model_max_length)
+                                             pad_token=self.decoder[self.pad_id], model_max_length=self.model_max_length,
+                                             clean_up_tokenization_spaces=False)  # (as save_folder says)
         with tempfile.TemporaryDirectory(prefix="sdadapt-tokenizer-") as folder:  # (transformers 4: from files)
             return TransformersCLIPTokenizer.from_pretrained(self.save_folder(folder))
 

@@ -230,9 +230,9 @@ def unclip_parts_from_folder(folder: str | os.PathLike, *, dim: int,
             from .formats.pickles import check_folder_pickles
 
             check_folder_pickles(root / "image_encoder")
-            model = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", local_files_only=True,
-                                                                  dtype=torch.float32)
-            return model.requires_grad_(False).eval()
+            # (float32 after loading: transformers before 4.56 takes no dtype=, and 5 deprecates torch_dtype=)
+            model = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", local_files_only=True)
+            return model.float().requires_grad_(False).eval()
     config_file = root / "feature_extractor" / "preprocessor_config.json"
     processor = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return UnclipParts(dim=dim, normalizer=normalizer, noise_alphas_cumprod=schedule if schedule is not None else _cosine_schedule(),

@@ -422,7 +422,8 @@ def clip_image_encoder(folder: str | os.PathLike) -> Callable[[Tensor], Tensor]:
             from ..formats.pickles import check_folder_pickles
 
             check_folder_pickles(encoder_dir)
-            model = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, local_files_only=True, dtype=torch.float32)
+            # (float32 after loading: transformers before 4.56 takes no dtype=, and 5 deprecates torch_dtype=)
+            model = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, local_files_only=True).float()
             loaded["model"] = model.requires_grad_(False).eval()
         model = loaded["model"].to(images.device)
         with torch.no_grad():
