@@ -108,6 +108,24 @@ def test_clip_folder_embeds_with_the_image_tower(blue_folder, tmp_path, capsys):
     assert sdadapt.aesthetic.load_text_projection(tmp_path / "clip").shape == (12, 16)
 
 
+def test_an_fp16_image_tower_folder_embeds_in_float32(blue_folder, tmp_path):
+    """A CLIPVisionModelWithProjection saved in fp16 (as many copies of CLIP are): the embedding is its float32
+    computation (transformers 5 loads the folder as fp16, where the tower's outputs are off by ~1e-3)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=32, patch_size=8, projection_dim=12)
+    model = transformers.CLIPVisionModelWithProjection(config).half().eval()
+    model.save_pretrained(tmp_path / "tower")
+    out = tmp_path / "tower.pt"
+    assert main(["aesthetic-embedding", str(blue_folder), "--clip", str(tmp_path / "tower"), "-o", str(out), "-q"]) == 0
+    pixels = clip_image_preprocess(torch.stack([read_image(f, size=32) for f in sorted(blue_folder.glob("*.png"))]))
+    with torch.no_grad():
+        naive = model.float()(pixel_values=pixels.float()).image_embeds.double().mean(0, keepdim=True)  # (1, 12)
+    got = sdadapt.load_aesthetic_embedding(out)
+    assert got.shape == (1, 12) and torch.allclose(got.double(), naive, atol=1e-5), (got.double() - naive).abs().max()
+
+
 def test_embedding_errors_are_one_line(blue_folder, tmp_path, capsys):
     cases = [
         (["aesthetic-embedding", str(tmp_path / "none"), "-o", str(tmp_path / "a.pt")], 2, "not a folder"),

@@ -63,7 +63,8 @@ def clip_image_encoder(folder: str | os.PathLike, *, device: str = "cpu") -> tup
     else:
         raise WeightFileError(f"--clip {root}: a {kind!r} model, not CLIP with an image tower (model_type 'clip' or "
                               "'clip_vision_model'); a Stable Diffusion checkpoint holds CLIP's text tower only")
-    model.requires_grad_(False).eval().to(device)
+    # (float32 whatever the folder holds: transformers 5 loads an fp16 folder as fp16, 4 as float32)
+    model.float().requires_grad_(False).eval().to(device)
     vision = getattr(model.config, "vision_config", model.config)
     size = int(vision.image_size)
 
