@@ -215,7 +215,7 @@ def unclip_parts_from_folder(folder: str | os.PathLike, *, dim: int,
         ValueError: ``clip_stats`` for an H folder (an embedding width other than ViT-L/14's 768:
             :func:`check_clip_stats_variant`).
     """
-    from .inversion.clip import _unclip_folder_parts
+    from .inversion.clip import _unclip_folder_parts, load_image_encoder
 
     root = Path(folder)
     check_clip_stats_variant(variant_of_width(dim), clip_stats, what=str(root))
@@ -225,14 +225,7 @@ def unclip_parts_from_folder(folder: str | os.PathLike, *, dim: int,
     loader = None
     if (root / "image_encoder").is_dir():
         def loader() -> nn.Module:
-            from transformers import CLIPVisionModelWithProjection
-
-            from .formats.pickles import check_folder_pickles
-
-            check_folder_pickles(root / "image_encoder")
-            # (float32 after loading: transformers before 4.56 takes no dtype=, and 5 deprecates torch_dtype=)
-            model = CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", local_files_only=True)
-            return model.float().requires_grad_(False).eval()
+            return load_image_encoder(root / "image_encoder")
     config_file = root / "feature_extractor" / "preprocessor_config.json"
     processor = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return UnclipParts(dim=dim, normalizer=normalizer, noise_alphas_cumprod=schedule if schedule is not None else _cosine_schedule(),

@@ -58,6 +58,7 @@ __all__ = [
     "image_conditioning",
     "clip_pixel_values",
     "clip_image_encoder",
+    "load_image_encoder",
     "learn_image_vectors",
     "sample_image_vectors",
     "clip_invert",
@@ -415,21 +416,33 @@ def clip_image_encoder(folder: str | os.PathLike) -> Callable[[Tensor], Tensor]:
     def encode(images: Tensor) -> Tensor:
         if "model" not in loaded:
             try:
-                from transformers import CLIPVisionModelWithProjection
-            except ImportError:
-                raise ImportError(f"{encoder_dir}: the CLIP image encoder needs transformers (pip install transformers); "
-                                  "or start from zeros (init='zeros')") from None
-            from ..formats.pickles import check_folder_pickles
-
-            check_folder_pickles(encoder_dir)
-            # (float32 after loading: transformers before 4.56 takes no dtype=, and 5 deprecates torch_dtype=)
-            model = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, local_files_only=True).float()
-            loaded["model"] = model.requires_grad_(False).eval()
+                loaded["model"] = load_image_encoder(encoder_dir)
+            except ImportError as exc:
+                raise ImportError(f"{exc}; or start from zeros (init='zeros')") from None
         model = loaded["model"].to(images.device)
         with torch.no_grad():
             return model(pixel_values=clip_pixel_values(images, config=settings)).image_embeds.float()
 
     return encode
+
+
+def load_image_encoder(folder: str | os.PathLike) -> nn.Module:
+    """A diffusers ``image_encoder/`` folder's ``CLIPVisionModelWithProjection``: local files only, pickles refused
+    first, float32 whatever the folder holds (cast after loading: transformers before 4.56 takes no ``dtype=``, and 5
+    deprecates ``torch_dtype=``), frozen, in eval mode.
+
+    Raises:
+        ImportError: transformers is not installed.
+    """
+    try:
+        from transformers import CLIPVisionModelWithProjection
+    except ImportError:
+        raise ImportError(f"{folder}: the CLIP image encoder needs transformers (pip install transformers)") from None
+    from ..formats.pickles import check_folder_pickles
+
+    check_folder_pickles(folder)
+    model = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
+    return model.float().requires_grad_(False).eval()
 
 
 def _unclip_folder_parts(folder: Path, *, dim: int | None = None) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
