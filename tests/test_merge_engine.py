@@ -183,7 +183,12 @@ def test_components_ema_extra_keys_and_discard(tmp_path):
     merge_file(MergeStep("weighted-sum", (a, b), alpha=0.5, policy=KeyPolicy(ema="merge")), tmp_path / "e.safetensors")
     ema = "model_ema.diffusion_modelinput_blocks00weight"
     want = 0.5 * A[ema].double() + 0.5 * load_file(b)[ema].double()
-    assert torch.allclose(load_file(tmp_path / "e.safetensors")[ema].double(), want, atol=1e-3)
+    merged = load_file(tmp_path / "e.safetensors")
+    assert torch.allclose(merged[ema].double(), want, atol=1e-3)
+    unet_key = U + "out.2.weight"  # ... and the model itself still (it used to be copied from A then)
+    assert torch.allclose(merged[unet_key].double(), 0.5 * A[unet_key].double() + 0.5 * load_file(b)[unet_key].double(),
+                          atol=1e-3)
+    assert not torch.equal(merged[unet_key], A[unet_key].float())
     # the A1111 default drops B-only keys
     report = merge_file(MergeStep("weighted-sum", (a, b), alpha=0.5), tmp_path / "p.safetensors")
     assert "cond_stage_model.only_b" not in load_file(tmp_path / "p.safetensors")

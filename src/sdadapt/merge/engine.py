@@ -538,9 +538,8 @@ class MergedSource:
                 actions[key] = _Action("copy", dtype, shape)
                 report.copied[key] = "integer/bool tensor, never interpolated"
                 continue
-            wanted = component == "ema" if policy.ema == "merge" else component in policy.components
-            if component == "ema" and policy.ema == "copy":
-                wanted = False
+            # (the EMA copy besides the chosen components: ema="merge" merges both, as A1111's 'model' in key)
+            wanted = policy.ema == "merge" if component == "ema" else component in policy.components
             if not wanted:
                 actions[key] = _Action("copy", float_dtype(dtype, False), shape)
                 report.copied[key] = (_AUGMENTOR_REASON if key.startswith(NOISE_AUGMENTOR_PREFIX)
