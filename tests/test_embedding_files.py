@@ -126,6 +126,19 @@ def test_legacy_and_third_party_layouts_load(tmp_path):
     assert e.name == "renamed" and e.step == 7 and e.vectors["text_encoder"].dtype == torch.float16
     with pytest.raises(WeightFileError, match="exactly one tensor"):
         embedding_from_state({"string_to_param": {"*": torch.ones(1, 2), "x": torch.ones(1, 2)}}, name="a")
+    # the original textual-inversion code's files (EmbeddingManager.save): string_to_param an nn.ParameterDict,
+    # which A1111 reads (its load_from_file unwraps _parameters)
+    vectors = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    torch.save({"string_to_token": {"*": torch.tensor(265)},
+                "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors.clone())})},
+               tmp_path / "ldm-style.pt")
+    e = load_embedding(tmp_path / "ldm-style.pt")
+    assert e.name == "ldm-style" and torch.equal(e.vectors["text_encoder"], vectors)
+    assert type(e.vectors["text_encoder"]) is torch.Tensor and not e.vectors["text_encoder"].requires_grad
+    torch.save({"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors), "x": torch.nn.Parameter(
+        vectors)})}, tmp_path / "two.pt")
+    with pytest.raises(WeightFileError, match="exactly one tensor, it holds 2"):
+        load_embedding(tmp_path / "two.pt")
     with pytest.raises(WeightFileError, match="not a textual-inversion embedding"):
         embedding_from_state({"a": torch.ones(1), "b": torch.ones(1)}, name="a", source="two.safetensors")
 

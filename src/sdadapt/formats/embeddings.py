@@ -107,6 +107,7 @@ def from_a1111(data: Mapping, *, name: str, source: str = "<state>") -> Embeddin
         WeightFileError: ``string_to_param`` does not hold exactly one tensor.
     """
     params = data["string_to_param"]
+    params = getattr(params, "_parameters", params)  # (an old file's nn.ParameterDict: its parameters, as A1111)
     tensors = [v for v in params.values()] if isinstance(params, Mapping) else []
     if len(tensors) != 1 or not isinstance(tensors[0], Tensor):
         raise WeightFileError(f"{source}: an A1111 embedding's string_to_param must hold exactly one tensor, it holds {len(tensors)}")
@@ -115,7 +116,8 @@ def from_a1111(data: Mapping, *, name: str, source: str = "<state>") -> Embeddin
     if isinstance(extra, Mapping):
         metadata.update({str(k): str(v) for k, v in extra.items()})
     step = data.get("step")
-    return Embedding(name, {ENCODER_KEY: tensors[0]}, step=step if isinstance(step, int) else None, metadata=metadata)
+    return Embedding(name, {ENCODER_KEY: tensors[0].detach()}, step=step if isinstance(step, int) else None,
+                     metadata=metadata)
 
 
 # ------------------------------------------------------------------------------ safetensors-style
@@ -257,8 +259,12 @@ def embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str] 
 
 
 def _load_pickle(file: Path) -> object:
+    """A ``.pt`` embedding read with ``torch.load(weights_only=True)``, which here also rebuilds
+    ``torch.nn.ParameterDict`` (old embeddings' ``string_to_param``, as the original textual-inversion code saved
+    it; A1111 reads them): a container of parameters whose state is only what weights-only unpickling allows."""
     try:
-        with warnings.catch_warnings(), open(file, "rb") as handle:
+        with warnings.catch_warnings(), open(file, "rb") as handle, \
+                torch.serialization.safe_globals([torch.nn.ParameterDict]):
             warnings.simplefilter("ignore")
             return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError / RuntimeError / EOFError variants
