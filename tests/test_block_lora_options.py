@@ -286,32 +286,32 @@ def test_toml_network_args_and_kohya_keys(tmp_path):
     ("block_dims", "write KEY=VALUE"),
 ])
 def test_unknown_network_args_are_refused(item, message):
-    from sdadapt.cli.train import parse_network_args
+    from sdadapt.network_args import parse_network_args
 
     with pytest.raises(InputError, match=message):
         parse_network_args([item], method_options=_method_options())
 
 
 def test_lycoris_algo_must_name_the_method():
-    from sdadapt.cli.train import _check_lycoris_args
+    from sdadapt.network_args import check_lycoris_args
 
     for method, algo in (("locon", "locon"), ("locon", "lora"), ("lora", "lora"), ("loha", "loha")):
         chosen = {"algo": algo, "rank": 4}
-        _check_lycoris_args(method, chosen)
+        check_lycoris_args(method, chosen)
         assert chosen == {"rank": 4}
     with pytest.raises(InputError, match="train loha"):
-        _check_lycoris_args("lora", {"algo": "loha"})
+        check_lycoris_args("lora", {"algo": "loha"})
     with pytest.raises(InputError, match="train ia3"):
-        _check_lycoris_args("lora", {"algo": "ia3"})
+        check_lycoris_args("lora", {"algo": "ia3"})
     with pytest.raises(InputError, match="train glora"):
-        _check_lycoris_args("lora", {"algo": "glora"})
+        check_lycoris_args("lora", {"algo": "glora"})
     with pytest.raises(InputError, match="not dylora"):
-        _check_lycoris_args("lora", {"algo": "dylora"})
+        check_lycoris_args("lora", {"algo": "dylora"})
     with pytest.raises(InputError, match="train dora"):
-        _check_lycoris_args("lora", {"algo": "lora", "dora_wd": "True"})
-    _check_lycoris_args("dora", {"algo": "lora", "dora_wd": "True"})
-    _check_lycoris_args("dora", {"algo": "LoCon", "dora_wd": "true"})  # LyCORIS reads the algo case-insensitively
-    _check_lycoris_args("loha", {"algo": " LoHa"})
+        check_lycoris_args("lora", {"algo": "lora", "dora_wd": "True"})
+    check_lycoris_args("dora", {"algo": "lora", "dora_wd": "True"})
+    check_lycoris_args("dora", {"algo": "LoCon", "dora_wd": "true"})  # LyCORIS reads the algo case-insensitively
+    check_lycoris_args("loha", {"algo": " LoHa"})
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -711,3 +711,40 @@ def test_injected_lora_modules_are_not_selected_again():
     second = inject(net, by_type(nn.Linear, nn.Conv2d) & ~by_name("grouped"), LoRAConfig(rank=2), name="b")
     assert second.names == LAYERS
     assert all(isinstance(m, LoRAModule) for m in second.modules.values())
+
+
+def test_keep_dtype_lets_adapters_keep_their_dtype_through_model_casts_but_not_device_moves():
+    net, reference = make_net(), make_net()
+    handle = inject(net, ADAPTABLE, LoRAConfig(rank=2, init="gaussian"))
+    twin = inject(reference, ADAPTABLE, LoRAConfig(rank=2, init="gaussian"))
+    for adapter, other in zip(handle.modules.values(), twin.modules.values()):
+        nn.init.normal_(adapter.lora_up, std=0.1)
+        other.load_state_dict(adapter.state_dict())
+    handle.keep_dtype()
+    net.to(torch.bfloat16)
+    net.half()
+    net.to(dtype=torch.float8_e4m3fn)
+    net.to(torch.float32)  # (the base weights took every cast; the adapters none)
+    reference.to(torch.bfloat16).half().to(dtype=torch.float8_e4m3fn).to(torch.float32)
+    assert all(p.dtype == torch.float32 for p in handle.parameters())
+    assert {b.dtype for a in handle.modules.values() for b in a.buffers()} == {torch.float32}
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        kept = net(x)
+        twin.remove()
+        base = reference(x)  # the rounded base alone: the kept adapters still add their unrounded deltas
+    assert not torch.equal(kept, base)
+    net.to("meta")  # a device move still moves them
+    assert {p.device.type for p in handle.parameters()} == {"meta"}
+    assert {p.dtype for p in handle.parameters()} == {torch.float32}
+    net.to_empty(device="cpu")
+    handle.keep_dtype(False)  # off: they follow the model again
+    net.half()
+    assert {p.dtype for p in handle.parameters()} == {torch.float16}
+    handle.keep_dtype()
+    for adapter in handle.modules.values():
+        adapter.to(torch.bfloat16)  # (the adapters' own cast still casts them)
+    assert {p.dtype for p in handle.parameters()} == {torch.bfloat16}
+    handle.remove()
+    with pytest.raises(RuntimeError):
+        handle.keep_dtype()

@@ -441,7 +441,7 @@ def test_lycoris_gui_network_args_at_their_off_values_pass_and_on_are_refused():
     bypass_mode=False train_norm=False factor=-1 decompose_both=False``): off they change nothing;
     ``factor`` / ``decompose_both`` are LoKr's options and ``preset`` chooses the targets
     (tests/test_lycoris_presets.py)."""
-    from sdadapt.cli.train import parse_network_args
+    from sdadapt.network_args import parse_network_args
     from sdadapt.errors import InputError
 
     methods = set(_method_options())

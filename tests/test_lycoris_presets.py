@@ -175,21 +175,19 @@ def test_lokr_factor_and_decompose_both_match_lycoris(factor, decompose_both, ly
 
 
 def test_gui_network_args_parse_and_other_methods_drop_lokr_off_values():
-    from sdadapt.cli.train import (
-        _check_lycoris_args,
-        _method_options,
-        parse_network_args,
-    )
+    from sdadapt.cli.train import _method_options
+    from sdadapt.network_args import check_lycoris_args
+    from sdadapt.network_args import parse_network_args
 
     gui = ["preset=full", "conv_dim=4", "conv_alpha=1", "algo=locon", "factor=-1", "decompose_both=false",
            "use_tucker=False", "rank_dropout_scale=False", "train_norm=false", "use_scalar=False", "bypass_mode=False"]
     chosen = parse_network_args(gui, method_options=set(_method_options()))
     assert chosen == {"targets": "full", "conv_rank": "4", "conv_alpha": "1", "algo": "locon", "factor": "-1",
                       "decompose_both": "false", "use_tucker": "False"}
-    _check_lycoris_args("locon", chosen)
+    check_lycoris_args("locon", chosen)
     assert chosen == {"targets": "full", "conv_rank": "4", "conv_alpha": "1", "use_tucker": "False"}
     lokr = parse_network_args(["algo=lokr", "factor=8", "decompose_both=true"], method_options=set(_method_options()))
-    _check_lycoris_args("lokr", lokr)
+    check_lycoris_args("lokr", lokr)
     assert lokr == {"factor": "8", "decompose_both": "true"}
 
 

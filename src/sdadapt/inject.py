@@ -51,6 +51,11 @@ class AdapterSlot(nn.ModuleDict):
         self.original_weight: Tensor | None = None
         self.original_bias: Tensor | None = None
         self.merged_names: list[str] = []
+        #: the adapters keep their dtype when the model around them is cast (:meth:`AdapterHandle.keep_dtype`)
+        self.keeps_dtype = False
+
+    def _apply(self, fn, recurse: bool = True):  # (what Module.to / .half() / .cuda() run on each tensor)
+        return super()._apply(_device_only(fn) if self.keeps_dtype else fn, recurse)
 
     @torch.no_grad()
     def refresh_weight(self, layer: nn.Module) -> None:
@@ -85,6 +90,19 @@ class AdapterSlot(nn.ModuleDict):
         elif self.original_bias is not None and bias is not None:  # no bias delta merged any more
             bias.copy_(self.original_bias)
             self.original_bias = None
+
+
+def _device_only(fn):
+    """``fn`` (a tensor conversion of ``Module._apply``: ``to``, ``half``, ``cuda``, ``to_empty`` ...) without its
+    casts: run as it is where it keeps a tensor's dtype (read on an empty tensor of that dtype and device), else
+    only its device move."""
+    def moved(tensor: Tensor) -> Tensor:
+        probe = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+        if probe.dtype == tensor.dtype:
+            return fn(tensor)
+        return tensor if probe.device == tensor.device else tensor.to(probe.device)
+
+    return moved
 
 
 def _slot_of(layer: nn.Module, *, create: bool) -> AdapterSlot | None:
@@ -198,6 +216,15 @@ class AdapterHandle:
         for adapter in self.modules.values():
             adapter.set_multiplier(scale)
         self._refresh_merged()
+
+    def keep_dtype(self, keep: bool = True) -> None:
+        """Let the adapters keep their dtype when the model is cast (``model.to(torch.bfloat16)``,
+        ``model.half()``, a float8 base): they still move with it to another device. For a trainer that casts
+        its frozen model after the adapters are in (kohya's ``train_network.py``); the adapters' own
+        ``.to(dtype)`` still casts them. Holds for every adapter on these layers (one slot per layer)."""
+        self._check_alive()
+        for layer in self._layers.values():
+            _slot_of(layer, create=False).keeps_dtype = keep  # type: ignore[union-attr]
 
     def enable(self) -> None:
         self._check_alive()
