@@ -44,14 +44,16 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .network_args import LYCORIS_ALGOS, check_lycoris_args, parse_network_args
+from .network_args import (
+    KOHYA_NETWORK_DEFAULTS,
+    LYCORIS_ALGOS,
+    check_lycoris_args,
+    kohya_conv_alpha,
+    parse_network_args,
+)
 
 __all__ = ["KohyaNetwork", "create_network", "create_network_from_weights"]
 
-#: kohya's ``networks/lora.py`` defaults (``create_network``): rank and alpha when not given
-_KOHYA_RANK, _KOHYA_ALPHA = 4, 1.0
-#: methods whose ``conv_alpha`` default is networks/lora.py's 1 (LyCORIS' algos: the network alpha)
-_KOHYA_LORA_METHODS = ("lora", "locon")
 
 
 @dataclass
@@ -120,12 +122,12 @@ def _network_options(method: str, network_dim: int | None, network_alpha: float 
     chosen: dict[str, Any] = parse_network_args(items, method_options=set(options), source="network_args")
     check_lycoris_args(method, chosen)
     typed = {name: _typed(options[name], str(text)) for name, text in chosen.items()}
-    if "rank" in options:
-        typed["rank"] = int(network_dim) if network_dim is not None else _KOHYA_RANK
-    if "alpha" in options:
-        typed["alpha"] = float(network_alpha) if network_alpha is not None else _KOHYA_ALPHA
+    given_network = {"rank": network_dim, "alpha": network_alpha}
+    for name, (default, _) in KOHYA_NETWORK_DEFAULTS.items():
+        if name in options:
+            typed[name] = options[name].type(given_network[name] if given_network[name] is not None else default)
     if "conv_alpha" in options and "conv_rank" in typed and "conv_alpha" not in typed:
-        typed["conv_alpha"] = 1.0 if method in _KOHYA_LORA_METHODS else typed.get("alpha", _KOHYA_ALPHA)
+        typed["conv_alpha"] = kohya_conv_alpha(method, typed.get("alpha", KOHYA_NETWORK_DEFAULTS["alpha"][0]))
     return typed
 
 

@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["LYCORIS_ALGOS", "check_lycoris_args", "parse_network_args"]
+__all__ = ["KOHYA_NETWORK_DEFAULTS", "LYCORIS_ALGOS", "check_lycoris_args", "kohya_conv_alpha", "parse_network_args"]
+
+#: kohya's LoRA-family network defaults (networks/lora.py create_network), by sdadapt's method option name:
+#: (value, kohya's name)
+KOHYA_NETWORK_DEFAULTS: dict[str, tuple[float, str]] = {"rank": (4, "network_dim"), "alpha": (1.0, "network_alpha")}
+
+
+def kohya_conv_alpha(method: str, alpha: float) -> float:
+    """``conv_alpha`` when ``conv_dim`` is given without it: networks/lora.py's 1 for ``lora`` / ``locon``, the
+    network ``alpha`` for LyCORIS' algos (its ``create_network``)."""
+    return 1.0 if method in ("lora", "locon") else float(alpha)
+
 
 #: network_args spellings -> sdadapt method option names (kohya's conv_dim, LyCORIS' old use_cp, LyCORIS' preset)
 _NETWORK_ARG_NAMES = {"conv_dim": "conv_rank", "use_cp": "use_tucker", "preset": "targets"}

@@ -42,6 +42,8 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+from ..network_args import KOHYA_NETWORK_DEFAULTS, kohya_conv_alpha
+
 __all__ = ["KOHYA_NETWORK_DEFAULTS", "KOHYA_TRAIN_DEFAULTS", "is_kohya_config", "kohya_defaults"]
 
 #: kohya's argparse defaults that differ from sdadapt's, by sdadapt's TrainOptions name: (value, kohya's name, shown as)
@@ -54,14 +56,10 @@ KOHYA_TRAIN_DEFAULTS: dict[str, tuple[Any, str, str]] = {
     "enable_bucket": (False, "enable_bucket", "off"),
     "caption_extension": (".caption", "caption_extension", ".caption"),
 }
-#: kohya's LoRA-family network defaults (networks/lora.py create_network), by sdadapt's method option name
-KOHYA_NETWORK_DEFAULTS: dict[str, tuple[Any, str]] = {"rank": (4, "network_dim"), "alpha": (1.0, "network_alpha")}
 #: kohya's max_train_steps default
 _KOHYA_STEPS = 1600
 #: kohya's bucket sizes (add_dataset_arguments), by sdadapt's name
 _KOHYA_BUCKETS = {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64}
-#: methods whose conv_alpha default is networks/lora.py's 1 (the others follow LyCORIS: the network alpha)
-_KOHYA_LORA_METHODS = ("lora", "locon")
 _TOY_MODELS = ("toy", "toy-image")
 
 
@@ -124,7 +122,7 @@ def kohya_defaults(*, method: str, values: Mapping[str, Any], methods: Mapping[s
             added[name] = value
             shown.append(f"{kohya} {value:g}")
     if "conv_alpha" in method_options and "conv_rank" in methods and "conv_alpha" not in methods:
-        alpha = 1.0 if method in _KOHYA_LORA_METHODS else float(methods.get("alpha", added.get("alpha", 1.0)))
+        alpha = kohya_conv_alpha(method, methods.get("alpha", added.get("alpha", 1.0)))
         added["conv_alpha"] = alpha
         shown.append(f"conv_alpha {alpha:g}")
     note = ("kohya defaults for options the config leaves out: " + ", ".join(shown)
