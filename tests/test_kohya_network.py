@@ -310,7 +310,8 @@ def test_max_norm_regularization_is_kohyas():
 
 def test_other_algos_and_bad_input(tmp_path):
     unet, te = tiny_unet_sd1(), tiny_clip()
-    ia3 = kohya_network.create_network(1.0, 16, 8.0, None, te, unet, algo="ia3")  # (rank and alpha: not (IA)³'s)
+    # (rank, alpha, conv_dim: what LyCORIS' IA3Module ignores too; the kohya_ss GUI writes them for every algo)
+    ia3 = kohya_network.create_network(1.0, 16, 8.0, None, te, unet, algo="ia3", conv_dim="4", conv_alpha="1")
     ia3.apply_to(te, unet, False, True)
     ia3.save_weights(tmp_path / "ia3.safetensors", None, {})
     assert all("weight" in m and "on_input" in m for m in file_modules(tmp_path / "ia3.safetensors").values())
@@ -318,6 +319,8 @@ def test_other_algos_and_bad_input(tmp_path):
         ia3.apply_to(te, unet, False, True)
     with pytest.raises(InputError, match="unknown network arg 'conv_dimm'.*did you mean conv_dim"):
         kohya_network.create_network(1.0, 4, 1.0, None, te, unet, conv_dimm="4")
+    with pytest.raises(InputError, match="factor: not an option of loha"):
+        kohya_network.create_network(1.0, 4, 1.0, None, te, unet, algo="loha", factor="8")
     with pytest.raises(InputError, match="algo=dylora"):
         kohya_network.create_network(1.0, 4, 1.0, None, te, unet, algo="dylora")
     with pytest.raises(InputError, match="rank_dropout='half'"):

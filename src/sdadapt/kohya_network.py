@@ -48,6 +48,7 @@ from .network_args import (
     KOHYA_NETWORK_DEFAULTS,
     LYCORIS_ALGOS,
     check_lycoris_args,
+    drop_lycoris_ignored,
     kohya_conv_alpha,
     parse_network_args,
 )
@@ -69,7 +70,7 @@ class _Models:
 
 def _models(text_encoder: Any, unet: nn.Module | None) -> _Models:
     """kohya's ``text_encoder`` (one model, or SDXL's list of two) and ``unet`` as :class:`_Models`."""
-    encoders = [e for e in (text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder])]
+    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     if len(encoders) > 2:
         raise InputError(f"kohya network: {len(encoders)} text encoders; sdadapt adapts one (SD1/SD2) or two (SDXL)")
     first = encoders[0] if encoders else None
@@ -115,12 +116,18 @@ def _network_options(method: str, network_dim: int | None, network_alpha: float 
     from .methods import METHODS
 
     options = {option.name: option for option in METHODS[method].options}
+    every = {option.name for other in METHODS.values() for option in other.options}
     given = dict(kwargs)
     if neuron_dropout is not None:
         given["dropout"] = neuron_dropout  # (kohya passes --network_dropout as both; the argument wins)
     items = [f"{key}={value}" for key, value in given.items() if value is not None]
-    chosen: dict[str, Any] = parse_network_args(items, method_options=set(options), source="network_args")
+    chosen: dict[str, Any] = parse_network_args(items, method_options=every, source="network_args")
     check_lycoris_args(method, chosen)
+    drop_lycoris_ignored(method, chosen, keep=set(), notes=[])  # (what LyCORIS' (IA)³ / OFT modules ignore too)
+    foreign = sorted(set(chosen) - set(options))
+    if foreign:
+        raise InputError(f"network_args {', '.join(foreign)}: not an option of {method} (sdadapt's "
+                         f"{method} takes {', '.join(sorted(options))})")
     typed = {name: _typed(options[name], str(text)) for name, text in chosen.items()}
     given_network = {"rank": network_dim, "alpha": network_alpha}
     for name, (default, _) in KOHYA_NETWORK_DEFAULTS.items():

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["KOHYA_NETWORK_DEFAULTS", "LYCORIS_ALGOS", "check_lycoris_args", "kohya_conv_alpha", "parse_network_args"]
+__all__ = ["KOHYA_NETWORK_DEFAULTS", "LYCORIS_ALGOS", "LYCORIS_IGNORED", "check_lycoris_args", "drop_lycoris_ignored",
+           "kohya_conv_alpha", "parse_network_args"]
 
 #: kohya's LoRA-family network defaults (networks/lora.py create_network), by sdadapt's method option name:
 #: (value, kohya's name)
@@ -126,3 +127,31 @@ def check_lycoris_args(method: str, chosen: dict) -> None:
         if wants != (method == "dora"):
             raise InputError(f"network_args dora_wd={dora} with {method}: DoRA is its own method here — "
                              + ("`python -m sdadapt train dora`" if wants else "leave dora_wd out"))
+
+
+#: the options a kohya config / network_args carry for every LyCORIS algo (the kohya_ss GUI writes ``network_dim`` /
+#: ``network_alpha``, ``conv_dim`` ... whatever the algo) that a method's LyCORIS modules take and ignore, and why
+LYCORIS_IGNORED: dict[str, tuple[tuple[str, ...], str]] = {
+    "ia3": (("rank", "alpha", "conv_rank", "conv_alpha", "use_tucker", "dropout", "rank_dropout"),
+            ("(IA)³ trains one vector per layer (no rank, alpha, Tucker core or dropout of hidden units), as LyCORIS' "
+             "IA3Module ignores them")),
+    **dict.fromkeys(("diag-oft", "boft"), (
+        ("alpha", "conv_alpha", "use_tucker", "dropout", "rank_dropout"),
+        ("OFT rotates blocks (network_dim is the block size; its alpha is network_args constraint=...); LyCORIS' OFT "
+         "modules ignore them too (all but Diag-OFT's rank_dropout, which sdadapt's OFT does not have)"))),
+}
+
+
+def drop_lycoris_ignored(method: str, chosen: dict, *, keep: set[str], notes: list[str]) -> None:
+    """``train ia3`` / ``diag-oft`` / ``boft`` from a kohya config: drop the options of
+    :data:`LYCORIS_IGNORED` that the method's LyCORIS modules ignore (OFT's ``alpha`` is the
+    ``constraint``), with a note. Those given as flags (``keep``) stay, and are refused as options of
+    other methods. Other methods: nothing."""
+    if method not in LYCORIS_IGNORED:
+        return
+    ignored, reason = LYCORIS_IGNORED[method]
+    dropped = [name for name in ignored if name in chosen and name not in keep]
+    for name in dropped:
+        del chosen[name]
+    if dropped:
+        notes.append(f"ignored {', '.join(dropped)} for {method}: {reason}")

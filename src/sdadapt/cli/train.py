@@ -20,7 +20,7 @@ from typing import Any
 from ..plurals import plural
 from ..sampler_tables import SAMPLER_ALIASES, SAMPLERS, canonical_sampler  # (torch-free, as the parser must be)
 from ..timestep_tables import BIAS_STRATEGIES, DISTRIBUTIONS  # (torch-free)
-from ..network_args import check_lycoris_args, parse_network_args
+from ..network_args import check_lycoris_args, drop_lycoris_ignored, parse_network_args
 from .options import BooleanFlag, add_output_options, numbers, positive_int, progress_bar, torch_dtype
 
 __all__ = ["register", "read_config", "parse_network_args", "steps_or_share", "kohya_network_args_text", "KOHYA_KEYS",
@@ -566,34 +566,6 @@ def _check_network_module(method: str, network_module: object) -> None:
                          "that network's method")
 
 
-#: the options a kohya config / network_args carry for every LyCORIS algo (the kohya_ss GUI writes ``network_dim`` /
-#: ``network_alpha``, ``conv_dim`` ... whatever the algo) that a method's LyCORIS modules take and ignore, and why
-_LYCORIS_IGNORED: dict[str, tuple[tuple[str, ...], str]] = {
-    "ia3": (("rank", "alpha", "conv_rank", "conv_alpha", "use_tucker", "dropout", "rank_dropout"),
-            ("(IA)³ trains one vector per layer (no rank, alpha, Tucker core or dropout of hidden units), as LyCORIS' "
-             "IA3Module ignores them")),
-    **dict.fromkeys(("diag-oft", "boft"), (
-        ("alpha", "conv_alpha", "use_tucker", "dropout", "rank_dropout"),
-        ("OFT rotates blocks (network_dim is the block size; its alpha is network_args constraint=...); LyCORIS' OFT "
-         "modules ignore them too (all but Diag-OFT's rank_dropout, which sdadapt's OFT does not have)"))),
-}
-
-
-def _drop_lycoris_ignored(method: str, chosen: dict, *, keep: set[str], notes: list[str]) -> None:
-    """``train ia3`` / ``diag-oft`` / ``boft`` from a kohya config: drop the options of
-    :data:`_LYCORIS_IGNORED` that the method's LyCORIS modules ignore (OFT's ``alpha`` is the
-    ``constraint``), with a note. Those given as flags (``keep``) stay, and are refused as options of
-    other methods. Other methods: nothing."""
-    if method not in _LYCORIS_IGNORED:
-        return
-    ignored, reason = _LYCORIS_IGNORED[method]
-    dropped = [name for name in ignored if name in chosen and name not in keep]
-    for name in dropped:
-        del chosen[name]
-    if dropped:
-        notes.append(f"ignored {', '.join(dropped)} for {method}: {reason}")
-
-
 # ----------------------------------------------------------------------------------- train
 def _methods() -> dict[str, tuple[Any, ...]]:
     """Every method's name -> its :class:`~sdadapt.method_tables.MethodOption` s, in registration order: the
@@ -835,7 +807,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         chosen.update(parse_network_args(args.network_args, method_options=set(method_options), source="--network-args"))
     chosen.update(given_methods)
     check_lycoris_args(args.method, chosen)
-    _drop_lycoris_ignored(args.method, chosen, keep=set(given_methods), notes=notes)
+    drop_lycoris_ignored(args.method, chosen, keep=set(given_methods), notes=notes)
     config_defaults = "sdadapt"
     alpha_text = _kohya_alpha_text(chosen.get("alpha"))
     network_args_text = None
