@@ -447,3 +447,25 @@ def test_diffusers_convert_state_dict_to_kohya_reads_in_sdadapt(tmp_path):
     assert all(v.dtype == torch.float32 for k, v in components["unet"].items() if k.endswith(".alpha"))
     _check_sdadapt_reproduces(components, lora)
 
+
+
+def test_a_model_level_save_lora_adapter_file_loads_as_one_models_adapter(tmp_path):
+    # diffusers' UNet2DConditionModel.save_lora_adapter: keys without a component, the config unprefixed
+    unet = tiny_unet_sdxl()
+    inputs = unet_inputs(unet, sdxl=True)
+    base = run_unet(unet, inputs)
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                        rank_pattern={"to_k": 2}, alpha_pattern={"to_k": 5}, init_lora_weights=False)
+    torch.manual_seed(1)
+    unet.add_adapter(config, adapter_name="a")
+    want = run_unet(unet, inputs)
+    unet.save_lora_adapter(tmp_path, adapter_name="a")
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    with safe_open(path, "pt") as f:
+        assert not any(k.startswith("unet.") for k in f.keys()) and METADATA in f.metadata()
+    assert sdadapt.formats.describe_file(path)["kind"] == "diffusers-lora"
+    components, _ = load_lora(path)
+    assert list(components) == ["model"]  # (as a peft folder: the caller names the model)
+    fresh = tiny_unet_sdxl()
+    sdadapt.load_adapter(fresh, components["model"])
+    _assert_same(run_unet(fresh, inputs), want, base)

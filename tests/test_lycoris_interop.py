@@ -320,3 +320,34 @@ def test_lycoris_dora_file_equals_reference_formula(wd_on_out, tmp_path):
     assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert torch.allclose(module(x).double(), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_lycoris_wrapper_files_lycoris_prefix_load_as_the_unets(tmp_path):
+    # LyCORIS' own wrapper (create_lycoris + save_weights; SimpleTuner's files): diffusers paths under "lycoris_"
+    import logging
+
+    from tiny_models import run_unet, tiny_unet_sd1, unet_inputs
+
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    for algo in ("lokr", "loha", "lora"):
+        unet = tiny_unet_sd1(seed=2)
+        inputs = unet_inputs(unet)
+        base = run_unet(unet, inputs)
+        network = lycoris.create_lycoris(unet, 1.0, 4, 2.0, algo=algo)
+        network.apply_to()
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for param in network.parameters():
+                param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+        want = run_unet(unet, inputs)
+        path = tmp_path / f"{algo}.safetensors"
+        network.save_weights(str(path), torch.float32, {})
+        keys = list(sdadapt.formats.read_weights(path)[0])
+        assert keys and all(k.startswith("lycoris_") for k in keys)
+        components, _ = sdadapt.load_lora(path)
+        assert list(components) == ["unet"]
+        fresh = tiny_unet_sd1(seed=2)
+        sdadapt.load_adapter(fresh, components["unet"])
+        got = run_unet(fresh, inputs)
+        assert (want - base).abs().max() > 1e-2
+        assert (got - want).abs().max() < 1e-5, algo

@@ -134,6 +134,10 @@ def _suffix(key: str) -> str:
     return key.split(".", 1)[1] if "." in key else ""
 
 
+#: the tensor names of a peft LoRA layer (``<layer>.lora_A.weight`` ...), as diffusers' ``save_lora_adapter`` writes them
+_BARE_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+
+
 def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
     """Classify by keys/metadata; one of :data:`FILE_KINDS`."""
     if not keys:
@@ -166,6 +170,8 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         ("lora" in k) for k in keys
     ):
         return "diffusers-lora"
+    if all(k.endswith(_BARE_PEFT_SUFFIXES) for k in keys):
+        return "diffusers-lora"  # (one model's adapter without a component: diffusers' model-level save_lora_adapter)
     if is_comfy_lora_keys(keys):
         return "comfy-lora"  # (ComfyUI's "Extract and Save Lora": diffusion_model.* / text_encoders.clip_*.*)
     if key_set in ({"aesthetic_embedding"}, {""}):  # sdadapt's .safetensors; the A1111 extension's .pt: a bare tensor

@@ -12,6 +12,9 @@ diffusers strips ``text_model.`` from the tensor keys for transformers-5 ``CLIPT
 no ``text_model``) but passes the metadata to peft unchanged, and peft matches ``target_modules`` and
 patterns as dotted suffixes — so the short names fit transformers 4 and 5 models alike.
 
+diffusers' model-level ``save_lora_adapter`` writes one model's adapter without the component (``<layer>.lora_A.weight``,
+the config unprefixed): read as the component ``"model"``, as a peft folder, whose model the caller names.
+
 Older spellings read too: ``…to_q.lora.down.weight`` / ``…q_proj.lora_linear_layer.up.weight``
 ("new diffusers" format) and the attention-processor era's ``…attn1.processor.to_q_lora.down.weight``
 (UNet) and ``…self_attn.to_q_lora.down.weight`` (text encoder; ``to_out_lora`` is ``out_proj``) —
@@ -273,9 +276,14 @@ def from_diffusers(
             raise WeightFileError(f"{source}: {METADATA_KEY} must be a JSON object, got {type(config_all).__name__}")
     grouped: dict[str, dict[str, dict[str, Tensor]]] = {}
     unknown: list[str] = []
+    # one model's adapter, no component in its keys nor its config (diffusers' model-level save_lora_adapter):
+    # "model", as a peft folder is
+    bare = bool(state) and not any(key.partition(".")[0] in COMPONENTS for key in state)
+    if bare:
+        config_all = {f"model.{k}": v for k, v in config_all.items()}
     for key, value in state.items():
-        component, _, rest = key.partition(".")
-        parsed = _normalise_spelling(rest) if component in COMPONENTS else None
+        component, rest = ("model", key) if bare else key.partition(".")[::2]
+        parsed = _normalise_spelling(rest) if component in (*COMPONENTS, "model") else None
         if parsed is None:
             unknown.append(key)
             continue
@@ -284,7 +292,8 @@ def from_diffusers(
     if unknown:
         raise WeightFileError(
             f"{source}: {len(unknown)} key(s) are not diffusers LoRA keys, e.g. {unknown[:5]}; expected "
-            f"'<component>.<layer>.lora_A.weight' / '.lora_B.weight' with component in {COMPONENTS}."
+            f"'<component>.<layer>.lora_A.weight' / '.lora_B.weight' with component in {COMPONENTS} (or none: one "
+            "model's adapter)."
         )
     out = {}
     for component, layers in grouped.items():

@@ -114,6 +114,9 @@ _PREFIX_TO_COMPONENT = {
     "lora_te": "text_encoder",
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",
+    # LyCORIS' own wrapper (lycoris.create_lycoris + save_weights, SimpleTuner's files): diffusers UNet paths under
+    # LycorisNetwork.LORA_PREFIX "lycoris" (ComfyUI reads them as the UNet's: comfy/lora.py model_lora_keys_unet)
+    "lycoris": "unet",
 }
 
 
@@ -262,8 +265,10 @@ def _refuse_peft_bias_scaling(component: str, state: Mapping[str, Tensor]) -> No
 
 
 def is_kohya_state(state: Mapping[str, Tensor]) -> bool:
-    """True when every key starts with a kohya prefix (``lora_unet_``, ``lora_te*_``; kohya OFT's ``oft_unet_``)."""
-    return bool(state) and all(k.split("_", 2)[0] in ("lora", "oft") and _component_of(k) is not None for k in state)
+    """True when every key starts with a kohya prefix (``lora_unet_``, ``lora_te*_``; kohya OFT's ``oft_unet_``;
+    LyCORIS' wrapper's ``lycoris_``)."""
+    return bool(state) and all(k.split("_", 2)[0] in ("lora", "oft", "lycoris") and _component_of(k) is not None
+                               for k in state)
 
 
 def _component_of(key: str) -> tuple[str, str] | None:
