@@ -164,6 +164,7 @@ def test_saved_file_applies_to_the_outputs_the_network_gave(tmp_path, args):
     network.save_weights(tmp_path / "n.safetensors", None, {"ss_network_module": "sdadapt.kohya_network"})
     components, metadata = sdadapt.load_lora(tmp_path / "n.safetensors")
     assert metadata["ss_network_module"] == "sdadapt.kohya_network"  # kohya's metadata over sdadapt's
+    assert "ss_network_args" not in metadata  # (kohya writes it only with --network_args)
     fresh_unet, fresh_te = tiny_unet_sd1(seed=3), tiny_clip(seed=3)
     sdadapt.apply_lora(fresh_unet, components["unet"])
     sdadapt.apply_lora(fresh_te, components["text_encoder"])
@@ -329,6 +330,11 @@ def test_other_algos_and_bad_input(tmp_path):
     with pytest.raises(InputError, match="apply_to"):
         network.save_weights(tmp_path / "x.safetensors", None, {})
     network.apply_to(te, network._models.unet, False, True)
+    import argparse
+
+    with pytest.raises(InputError, match="--save_model_as ckpt: sdadapt writes safetensors only"):
+        network.prepare_network(argparse.Namespace(save_model_as="ckpt"))  # (kohya calls it before training)
+    network.prepare_network(argparse.Namespace(save_model_as="safetensors"))
     for suffix in (".ckpt", ".pt"):
         with pytest.raises(InputError, match="safetensors only"):
             network.save_weights(tmp_path / f"x{suffix}", None, {})

@@ -218,6 +218,14 @@ class KohyaNetwork(nn.Module):
         self.adaptation = None
 
     # ------------------------------------------------------------------ building
+    def prepare_network(self, args: Any) -> None:
+        """kohya's check of its arguments right after ``create_network``: a pickle output (``--save_model_as ckpt`` /
+        ``pt``) is refused now rather than at the first save (:meth:`save_weights` writes safetensors only)."""
+        save_as = getattr(args, "save_model_as", None)
+        if save_as is not None and str(save_as).lower() != "safetensors":
+            raise InputError(f"--save_model_as {save_as}: sdadapt writes safetensors only (a {save_as} file would be a "
+                             "pickle); use --save_model_as safetensors")
+
     def apply_to(self, text_encoder: Any, unet: nn.Module, apply_text_encoder: bool = True,
                  apply_unet: bool = True) -> None:
         """Inject the adapters into ``unet`` and the text encoder(s) (each only when asked) by sdadapt's hooks.
@@ -361,8 +369,10 @@ class KohyaNetwork(nn.Module):
                              "be a pickle); use --save_model_as safetensors")
         states = {component: handle.state_dict() for component, handle in self._handles().items()}
         unet = self._models.unet if "unet" in states else None
-        save_lora(path, states, format="kohya", base_model=self._models.base_model, dtype=dtype,
-                  metadata={str(k): None if v is None else str(v) for k, v in (metadata or {}).items()},
+        given = {str(k): None if v is None else str(v) for k, v in (metadata or {}).items()}
+        if "ss_network_module" in given:  # kohya's trainer's metadata: its keys as it writes them (no ss_network_args
+            given.setdefault("ss_network_args", None)  # without --network_args)
+        save_lora(path, states, format="kohya", base_model=self._models.base_model, dtype=dtype, metadata=given,
                   layers_per_block=model_layers_per_block(unet))
 
     def is_mergeable(self) -> bool:
