@@ -302,3 +302,14 @@ def test_sd15_locon_count_is_278(sd15):
     config = LoRAConfig(rank=4, conv_rank=8)
     ranks = [config.rank_alpha_for(geometry_of(m, name=n))[0] for n, m in chosen]
     assert ranks.count(4) == 228 and ranks.count(8) == 50
+
+
+def test_paths_with_a_mangled_index_are_not_unet_paths():
+    # diffusers 0.34's save_lora_adapter deletes ".<adapter name>" from keys: adapter "a" writes "down_blocks.1ttentions"
+    from sdadapt.formats.unet_names import attention_up_blocks, diffusers_to_ldm_unet, ldm_to_diffusers_unet
+
+    for path in ("down_blocks.1ttentions.0.transformer_blocks.0ttn1.to_q", "up_blocks.x.resnets.0.conv1",
+                 "down_blocks.0.resnets.y.conv1", "mid_block.resnets.z.conv1"):
+        assert diffusers_to_ldm_unet(path) is None, path
+    assert ldm_to_diffusers_unet("input_blocks.x.1.proj_in") is None
+    assert attention_up_blocks(["up_blocks.1ttentions.0.proj_in", "up_blocks.2.attentions.0.proj_in"]) == {2}

@@ -109,7 +109,7 @@ def attention_up_blocks(diffusers_paths: Iterable[str]) -> set[int]:
     found = set()
     for path in diffusers_paths:
         parts = path.split(".")
-        if len(parts) > 2 and parts[0] == "up_blocks" and parts[2] == "attentions":
+        if len(parts) > 2 and parts[0] == "up_blocks" and parts[1].isdigit() and parts[2] == "attentions":
             found.add(int(parts[1]))
     return found
 
@@ -128,7 +128,7 @@ def diffusers_to_ldm_unet(
         return top
     parts = path.split(".")
     group = layers_per_block + 1
-    if parts[0] == "mid_block" and len(parts) >= 3:
+    if parts[0] == "mid_block" and len(parts) >= 3 and parts[2].isdigit():
         rest = ".".join(parts[3:])
         if parts[1] == "resnets":
             inner = _rename_prefix(rest, _RESNET_DIFFUSERS_TO_LDM) if rest else ""
@@ -136,7 +136,7 @@ def diffusers_to_ldm_unet(
         if parts[1] == "attentions":
             return _join("middle_block.1", rest)
         return None
-    if parts[0] not in ("down_blocks", "up_blocks") or len(parts) < 4:
+    if parts[0] not in ("down_blocks", "up_blocks") or len(parts) < 4 or not (parts[1].isdigit() and parts[3].isdigit()):
         return None
     i, kind, j = int(parts[1]), parts[2], int(parts[3])
     rest = ".".join(parts[4:])
