@@ -80,7 +80,7 @@ def test_ldm_file_to_folder_to_file_is_bit_identical_per_key(sd1_round_trip):
     with safe_open(back, "pt") as handle:
         meta = handle.metadata()
     assert meta["modelspec.architecture"] == "stable-diffusion-v1"
-    assert meta["modelspec.title"] == "back" and "modelspec.prediction_type" not in meta
+    assert meta["modelspec.title"] == "back" and meta["modelspec.prediction_type"] == "epsilon"  # (as kohya writes it)
     assert set(json.loads(meta["sdadapt.configs"])) == {"unet", "text_encoder", "vae"}
 
 
@@ -183,6 +183,12 @@ def test_sdxl_round_trip_and_real_sdxl_pipeline(tmp_path, capsys):
     code, line, _ = _convert(capsys, source, "--to", "diffusers", "-o", tmp_path / "xl")
     assert code == 0 and "of an sdxl model" in line and "text_encoder_2" in line and "max |Δ| 0 (read back)" in line
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", local_files_only=True)
+    # the scheduler diffusers' own converter writes (an SDXL pipeline does not correct DDIM's defaults: with them its
+    # timesteps were 800 ... 0, the last ᾱ 1 and x̂0 clipped)
+    config = pipe.scheduler.config
+    assert (config.steps_offset, config.clip_sample, config.set_alpha_to_one) == (1, False, False)
+    pipe.scheduler.set_timesteps(5)
+    assert pipe.scheduler.timesteps.tolist() == [801, 601, 401, 201, 1]
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the folder holds the model the file was made of
         mine, theirs = parts[name].state_dict(), getattr(pipe, name).state_dict()
         assert set(mine) == set(theirs), name

@@ -302,6 +302,7 @@ def _d2_unet_maps():
         if i < 3:
             layer.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
             layer.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
+    layer.append(("output_blocks.2.2.conv.", "output_blocks.2.1.conv."))  # D2:85, applied after the line above
     layer.append(("middle_block.1.", "mid_block.attentions.0."))
     for j in range(2):
         layer.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
@@ -333,16 +334,11 @@ def _d2_checkpoint(parts):
     return {**unet, **vae, **te1, **te2}
 
 
-def test_sdxl_ldm_file_is_diffusers_sdxl_script_output_but_for_its_upsampler_slip():
-    """sdadapt's SDXL LDM state is D2's, with one documented difference: D2:93 places up_blocks.0's upsampler at
-    SD1's ``output_blocks.2.1.conv`` although SDXL's up block 0 has attention (sgm and kohya, K2:336: ``.2.2.conv``);
-    diffusers' own reader takes either (D3 convert_ldm_unet_checkpoint), so only D2's files carry the slip."""
+def test_sdxl_ldm_file_is_diffusers_sdxl_script_output():
+    """sdadapt's SDXL LDM state is D2's key for key: up_blocks.0's upsampler at ``output_blocks.2.2.conv`` (D2:85's
+    rename of the ``.2.1.conv`` its block loop writes, diffusers PR #6933; sgm and kohya, K2:336, the same)."""
     parts, ldm = _parts_and_ldm("sdxl")
-    theirs = _d2_checkpoint(parts)
-    for p in ("weight", "bias"):
-        slip = theirs.pop(f"model.diffusion_model.output_blocks.2.1.conv.{p}")
-        theirs[f"model.diffusion_model.output_blocks.2.2.conv.{p}"] = slip
-    _assert_same(ldm, theirs)
+    _assert_same(ldm, _d2_checkpoint(parts))
 
 
 def _k2_unet_map():

@@ -245,6 +245,19 @@ def test_an_sd2_file_without_metadata_is_told_by_comfyuis_weight_test(tmp_path, 
     assert read_weights(tmp_path / "out.safetensors")[1]["modelspec.prediction_type"] == "v"
     assert main(["convert", str(eps), "--to", "ldm", "-q", "-o", str(tmp_path / "out_eps.safetensors")]) == 0
     assert "written as epsilon (ComfyUI's weight test says no 768-v model" in capsys.readouterr().out
+    assert read_weights(tmp_path / "out_eps.safetensors")[1]["modelspec.prediction_type"] == "epsilon"
+    # an ε model whose weights look 768-v (a fine-tuned SD2-512): its folder written back as a file says ε, and reads
+    # back so (it used to say nothing: read back by the weight test as v, the convert failed)
+    assert main(["convert", str(said), "--to", "diffusers", "-q", "-o", str(tmp_path / "said")]) == 0
+    assert main(["convert", str(tmp_path / "said"), "--to", "ldm", "-q", "-o", str(tmp_path / "again.safetensors")]) == 0
+    assert read_weights(tmp_path / "again.safetensors")[1]["modelspec.prediction_type"] == "epsilon"
+    assert read_single_file(tmp_path / "again.safetensors").prediction_type == "epsilon"
+    # ModelSpec's SD2 architecture says it too, before the weights do (kohya writes -v2-512 for ε, -768-v for v)
+    base = _sd2_768_layout_file(tmp_path / "512.safetensors", bias_std=0.2,
+                                metadata={"modelspec.architecture": "stable-diffusion-v2-512"})
+    v768 = _sd2_768_layout_file(tmp_path / "768.safetensors", bias_std=0.05,
+                                metadata={"modelspec.architecture": "stable-diffusion-v2-768-v"})
+    assert [read_single_file(f).prediction_type for f in (base, v768)] == ["epsilon", "v_prediction"]
 
 
 def test_a_lora_trained_on_a_ztsnr_model_says_it_trained_on_that_schedule(tiny_sd, tmp_path, capsys):

@@ -60,9 +60,12 @@ __all__ = ["EMPHASIS_MODES", "DiffusersSystem", "ModelFolderError", "check_image
 
 #: the parts :meth:`DiffusersSystem.save_model` writes into a folder
 _WRITTEN = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
-#: the noise schedule of every SD1/SD2/SDXL base model (the DDPM scaled-linear one)
+#: the noise schedule of every SD1/SD2/SDXL base model (the DDPM scaled-linear one), as the scheduler config of a
+#: folder converted from a single file: diffusers' own converter's DDIM settings (steps_offset 1, no x̂0 clip, the
+#: final ᾱ not 1; DDIMScheduler's own defaults are the other way, and an SDXL pipeline does not correct them)
 SD_SCHEDULE = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-               "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+               "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
+               "clip_sample": False, "set_alpha_to_one": False}
 
 
 class ModelFolderError(WeightFileError):
@@ -581,7 +584,8 @@ class DiffusersSystem(nn.Module):
             "modelspec.implementation": implementation.get(self.base_model, "https://github.com/Stability-AI/stablediffusion"),
             "modelspec.title": target.stem,
             "modelspec.resolution": f"{self.image_size}x{self.image_size}",
-            **({"modelspec.prediction_type": "v"} if self.prediction_type == "v_prediction" else {}),
+            # (kohya's ModelSpec says it either way: a reader need not guess an SD2 file's from its weights)
+            "modelspec.prediction_type": "v" if self.prediction_type == "v_prediction" else "epsilon",
             CONFIG_METADATA_KEY: json.dumps(configs),
             **metadata,
         }

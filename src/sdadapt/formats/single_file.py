@@ -93,12 +93,16 @@ class SingleFile:
     def prediction_type(self) -> str:
         """``"v_prediction"`` when the file says so — its ``v_pred`` marker (:mod:`.prediction_markers`; ComfyUI and
         A1111 read the key alone, so it wins), or ModelSpec ``prediction_type`` (kohya's) / ``predict_key``
-        (ComfyUI's) ``v`` —, else ``"epsilon"``; where neither says anything: an SD 2.1 unCLIP file
+        (ComfyUI's) ``v`` —, else ``"epsilon"``; where neither says anything: the ModelSpec architecture of SD2
+        (``stable-diffusion-v2-768-v``: v, ``…-v2-512``: ε, as kohya writes it), an SD 2.1 unCLIP file
         ``"v_prediction"`` (its LDM configs' ``parameterization: "v"``), an SD2 file by ComfyUI's weight test
         (:attr:`sd2_v_by_weights`)."""
         if V_PRED_KEY in self.markers:
             return "v_prediction"
         value = (self.metadata.get("modelspec.prediction_type") or self.metadata.get("modelspec.predict_key", "")).lower()
+        architecture = self.metadata.get("modelspec.architecture", "")
+        if not value and architecture.startswith("stable-diffusion-v2-"):
+            value = "v" if architecture.endswith("-v") else "epsilon"
         if not value and self.unclip is not None:
             return "v_prediction"
         if not value and self.sd2_v_by_weights:
