@@ -358,3 +358,20 @@ def test_docs_page_example_runs_as_it_says(tmp_path, monkeypatch, capsys):
     assert any(float(p.detach().abs().max()) > 0 for p in ups)  # it trained
     out = capsys.readouterr().out
     assert "['textencoder', 'textencoder x16', 'unet', 'unet x16']" in out and "sdadapt.kohya_network" in out
+
+
+def test_an_ldm_named_sdxl_unet_as_kohyas_own_writes_the_same_keys(tmp_path):
+    # kohya's SdxlUNet2DConditionModel names its modules as LDM does (input_blocks.4.1.transformer_blocks...): the
+    # network on such a tree writes the keys it writes for the diffusers-named UNet (which test_sdxl_names checks)
+    from test_targets import ldm_tree
+
+    files = {}
+    for name, unet in (("diffusers", tiny_unet_sdxl()), ("ldm", ldm_tree(tiny_unet_sdxl()))):
+        te1, te2 = tiny_clip(), tiny_clip(seed=1, with_projection=True)
+        network = kohya_network.create_network(1.0, 4, 2.0, None, [te1, te2], unet, conv_dim="2")
+        network.apply_to([te1, te2], unet, False, True)
+        network.save_weights(tmp_path / f"{name}.safetensors", None, {})
+        files[name] = {k: tuple(v.shape) for k, v in read_weights(tmp_path / f"{name}.safetensors")[0].items()}
+    assert files["ldm"] == files["diffusers"]
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.") for k in files["ldm"])
+    assert any(k.startswith("lora_unet_output_blocks_2_2_conv.") for k in files["ldm"])  # (conv_dim: the upsampler)
