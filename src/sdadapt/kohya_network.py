@@ -279,10 +279,9 @@ class KohyaNetwork(nn.Module):
             ``(param groups, their descriptions)``: ``"unet"``, ``"textencoder"`` (SDXL: ``"textencoder1"``,
             ``"textencoder2"``), with ``" x<factor>"`` for scaled groups.
         """
+        self._handles()  # (applied: else the error saying so)
         self.requires_grad_(True)
         adaptation = self.adaptation
-        if adaptation is None:
-            raise InputError("kohya network: call apply_to(text_encoder, unet) before prepare_optimizer_params")
         scales = adaptation.lr_scales or [1.0] * len(adaptation.params)
         groups: dict[tuple[str, float], list[nn.Parameter]] = {}
         rates: dict[tuple[str, float], float | None] = {}
