@@ -183,12 +183,21 @@ def test_sdxl_round_trip_and_real_sdxl_pipeline(tmp_path, capsys):
     code, line, _ = _convert(capsys, source, "--to", "diffusers", "-o", tmp_path / "xl")
     assert code == 0 and "of an sdxl model" in line and "text_encoder_2" in line and "max |Δ| 0 (read back)" in line
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", local_files_only=True)
-    # the scheduler diffusers' own converter writes (an SDXL pipeline does not correct DDIM's defaults: with them its
-    # timesteps were 800 ... 0, the last ᾱ 1 and x̂0 clipped)
-    config = pipe.scheduler.config
-    assert (config.steps_offset, config.clip_sample, config.set_alpha_to_one) == (1, False, False)
-    pipe.scheduler.set_timesteps(5)
+    # the scheduler diffusers' own converter writes for SDXL (convert_from_ckpt.py's scheduler_dict, transcribed; its
+    # from_single_file takes the hub's SDXL config, the same Euler): once a DDIM with DDIM's defaults, which an SDXL
+    # pipeline does not correct (timesteps 800 ... 0, the last ᾱ 1, x̂0 clipped), then diffusers' DDIM settings
+    theirs = diffusers.EulerDiscreteScheduler.from_config({
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "interpolation_type": "linear",
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading"})
+    theirs.register_to_config(clip_sample=False)  # (the converter's, for every scheduler it writes)
+    assert type(pipe.scheduler) is diffusers.EulerDiscreteScheduler
+    assert {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in theirs.config.items() if not k.startswith("_")}
+    for scheduler in (pipe.scheduler, theirs):
+        scheduler.set_timesteps(5)
     assert pipe.scheduler.timesteps.tolist() == [801, 601, 401, 201, 1]
+    assert torch.equal(pipe.scheduler.sigmas, theirs.sigmas)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the folder holds the model the file was made of
         mine, theirs = parts[name].state_dict(), getattr(pipe, name).state_dict()
         assert set(mine) == set(theirs), name

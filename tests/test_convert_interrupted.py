@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
@@ -165,3 +166,43 @@ def test_a_symlinked_leftover_is_unlinked_never_followed(tmp_path):
     (out.parent / f".model-{dead}-old").symlink_to(target, target_is_directory=True)
     cm.recover_interrupted(out)
     assert out.is_symlink() and os.readlink(out) == str(target) and (target / "weights").is_file()
+
+
+def _snapshot(out):
+    return {p.relative_to(out.parent): p.read_bytes() for p in ([out] if out.is_file() else sorted(out.rglob("*")))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("to", ["diffusers", "ldm"])
+@pytest.mark.parametrize("failure", ["read", "prediction"])
+def test_a_failed_read_back_leaves_out_as_it_was(tmp_path, monkeypatch, to, failure):
+    """The output is written and read back beside OUT before it is renamed into place: a failed check (an error
+    reading it, or another prediction type than the model's) makes no OUT (nor the folders it would have made),
+    keeps an existing OUT byte for byte, leaves no temporary, and its message names OUT, not the scratch copy."""
+    from sdadapt.errors import WeightFileError
+
+    source = _half_sd1_file(tmp_path / "m.safetensors")
+    out = tmp_path / "new" / "deeper" / ("model" if to == "diffusers" else "model.safetensors")
+    real = cm._read_back
+
+    def failing(target, *args, **kwargs):
+        if failure == "prediction":
+            return real(target, *args, **kwargs)[0], "v_prediction"
+        raise WeightFileError(f"{target}: unreadable (forced)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cm, "_read_back", failing)
+        with pytest.raises(WeightFileError, match=rf"^{out}: ") as caught:
+            cm.convert_model(source, out, to=to)
+        assert ".model-" not in str(caught.value)
+    assert not (tmp_path / "new").exists()
+    cm.convert_model(source, out, to=to)
+    before = _snapshot(out)
+    with monkeypatch.context() as patch:
+        patch.setattr(cm, "_read_back", failing)
+        with pytest.raises(WeightFileError, match=rf"^{out}: "):
+            cm.convert_model(source, out, to=to, dtype=torch.float32, overwrite=True)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    cm.convert_model(source, out, to=to, dtype=torch.float32, overwrite=True)  # (a passing check replaces it)
+    assert _snapshot(out) != before and sorted(p.name for p in out.parent.iterdir()) == [out.name]

@@ -66,6 +66,15 @@ _WRITTEN = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "token
 SD_SCHEDULE = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
                "clip_sample": False, "set_alpha_to_one": False}
+#: the same schedule as an SDXL (base or refiner) folder's scheduler config: ``EulerDiscreteScheduler``, as diffusers'
+#: converter (``convert_from_ckpt.py``'s SDXL ``scheduler_dict``), its ``from_single_file`` (the hub's
+#: stable-diffusion-xl-base-1.0 / -refiner-1.0 config, these values) and kohya's SDXL ``save_diffusers_checkpoint``
+#: write it — the pipeline's default sampler, Euler at "leading" spacing, not DDIM's
+SDXL_SCHEDULE = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
+                 "clip_sample": False, "set_alpha_to_one": False, "interpolation_type": "linear",
+                 "timestep_spacing": "leading", "use_karras_sigmas": False, "sample_max_value": 1.0,
+                 "skip_prk_steps": True}
 
 
 class ModelFolderError(WeightFileError):
@@ -476,7 +485,7 @@ class DiffusersSystem(nn.Module):
         first, second = _tokenizers(tokenizer, architecture, encoder_config, CLIPTokenizer)
         if architecture == "sdxl":
             extra["tokenizer_2"] = second
-        schedule = {**SD_SCHEDULE, "prediction_type": prediction}
+        schedule = {**(SDXL_SCHEDULE if architecture == "sdxl" else SD_SCHEDULE), "prediction_type": prediction}
         if getattr(checkpoint, "zero_terminal_snr", False):  # (its ztsnr marker: sdadapt.formats.prediction_markers)
             schedule["rescale_betas_zero_snr"] = True
         if stats is not None:  # (diffusers' scheduler config of a Playground v2.5 file)

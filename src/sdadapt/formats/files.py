@@ -43,6 +43,7 @@ from ..errors import (
     OutputError,
     OutputExistsError,
     ResourceError,
+    SdadaptError,
     UnsafeFileError,
     WeightFileError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "staged_outputs",
     "StagedOutputs",
     "remove_stale_temporaries",
+    "raise_naming_output",
     "signals_held",
     "check_finite",
     "check_finite_output",
@@ -161,6 +163,15 @@ def _remove_folders(folders: list[Path]) -> None:
             os.rmdir(folder)
         except OSError:
             continue  # (its parents are not empty either; a sibling another staged write made may be)
+
+
+def raise_naming_output(exc: SdadaptError, staging: Path, target: Path) -> None:
+    """Raise ``exc`` again, a message about an output checked at ``staging`` (its scratch copy) naming ``target``, the
+    output it becomes (a write failure, :class:`OutputError`, keeps the scratch path: that is where it failed)."""
+    text = str(exc)
+    if isinstance(exc, OutputError) or str(staging) not in text:
+        raise exc
+    raise type(exc)(text.replace(str(staging), str(target))) from None
 
 
 def _size_text(size: int) -> str:

@@ -18,9 +18,10 @@ do, for SD1, SD2 (v-prediction too) and SDXL:
   without dots>``) becomes the UNet (diffusers' ``extract_ema=True``), every UNet tensor from it or
   an error (never mixed); a diffusers folder's ``unet_ema/`` likewise;
 * ``vae``: a VAE file or folder baked in (:func:`sdadapt.external_vae.replace_vae`);
-* the output is read back through its consumers' loader (diffusers/transformers ``from_pretrained``
-  for a folder, the single-file reader for a file) and compared with what was written, tensor by
-  tensor (float64; 0 for keep).
+* the output is written beside ``OUT`` first and read back there through its consumers' loader
+  (diffusers/transformers ``from_pretrained`` for a folder, the single-file reader for a file), compared with
+  what was written, tensor by tensor (float64; 0 for keep), and only then renamed into place: a failed check
+  leaves ``OUT`` as it was.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError, OutputError, OutputExistsError, WeightFileError
+from ..errors import InputError, OutputError, OutputExistsError, SdadaptError, WeightFileError
+from ..formats.files import raise_naming_output
 
 __all__ = ["CHECKPOINT_TARGETS", "ModelConversion", "convert_model", "is_model_folder", "recover_interrupted"]
 
@@ -132,7 +134,7 @@ def _check_output(out: Path, *, to: str, overwrite: bool, source: Path, vae: Pat
 
 
 def _staging_name(out: Path, pid: int | str, part: str) -> Path:
-    """The temporary beside ``out`` that :func:`_save` writes (``part``: ``new`` or ``old``)."""
+    """The temporary beside ``out`` that :func:`_write_checked` writes and :func:`_move_into_place` renames (``part``: ``new`` or ``old``)."""
     if out.suffix:
         return out.with_name(f".{out.stem.replace('.', '_')}-{pid}-{part}.safetensors")
     return out.with_name(f".{out.name.replace('.', '_')}-{pid}-{part}")
@@ -160,7 +162,7 @@ def _remove(path: Path) -> None:
 def recover_interrupted(out: Path) -> list[str]:
     """Tidy what a killed ``convert`` left beside ``out`` (``.OUT-<pid>-new`` / ``.OUT-<pid>-old``).
 
-    :func:`_save` replaces a folder with two renames (``OUT -> .OUT-pid-old``, ``.OUT-pid-new -> OUT``);
+    :func:`_move_into_place` replaces a folder with two renames (``OUT -> .OUT-pid-old``, ``.OUT-pid-new -> OUT``);
     a process killed between them leaves no ``OUT`` and the previous model as ``.OUT-pid-old``, the only
     good copy. Leftovers of processes still running are not touched. Then:
 
@@ -207,31 +209,54 @@ def recover_interrupted(out: Path) -> list[str]:
     return lines
 
 
-def _save(system, out: Path, *, dtype: torch.dtype | None, metadata: dict[str, str]) -> None:
-    """``save_model`` to ``out``, atomically replacing an existing one (checked by :func:`_check_output`)."""
-    if not os.path.lexists(out):
-        system.save_model(out, dtype=dtype, metadata=metadata)
-        return
-    if out.suffix:  # a file: write beside it, then one rename over it
-        fresh = _staging_name(out, os.getpid(), "new")
-        try:
-            system.save_model(fresh, dtype=dtype, metadata=metadata)
-            os.replace(fresh, out)
-        finally:
-            if fresh.exists():
-                fresh.unlink()
-        return
-    fresh, old = _staging_name(out, os.getpid(), "new"), _staging_name(out, os.getpid(), "old")
+def _write_checked(system, out: Path, *, to: str, modules: Mapping[str, nn.Module], dtype: torch.dtype | None,
+                   metadata: dict[str, str], log: Callable[[str], None] | None) -> float:
+    """``save_model`` to a temporary beside ``out`` (:func:`_staging_name`), read it back there (:func:`_read_back`,
+    its prediction type checked), and only then put it in ``out``'s place — a file with one rename, a folder
+    replacing an existing one with two (``OUT -> .OUT-pid-old``, ``.OUT-pid-new -> OUT``; :func:`recover_interrupted`
+    mends a run killed between them). A failed write or check leaves ``out`` as it was (an existing one kept, a new
+    one not made, nor the folders it would have made) and no temporary.
+
+    Returns:
+        the read-back's max |Δ|.
+    """
+    made = [folder for folder in out.parents if not folder.exists()]  # (deepest first: removed again on failure)
+    fresh = _staging_name(out, os.getpid(), "new")
     try:
         system.save_model(fresh, dtype=dtype, metadata=metadata)
-        os.replace(out, old)
+        if log is not None:
+            log(f"reading {out} back")
         try:
-            os.replace(fresh, out)
-        except BaseException:
-            os.replace(old, out)
-            raise
-    finally:
-        shutil.rmtree(fresh, ignore_errors=True)
+            delta, prediction = _read_back(fresh, to, modules, dtype=dtype)
+        except SdadaptError as exc:
+            raise_naming_output(exc, fresh, out)
+        if prediction != system.prediction_type:
+            raise WeightFileError(f"{out}: read back, it predicts {prediction}, not {system.prediction_type}")
+        _move_into_place(fresh, out)
+    except BaseException:
+        if os.path.lexists(fresh):
+            _remove(fresh)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # (not empty: something else is in it now)
+        raise
+    return delta
+
+
+def _move_into_place(fresh: Path, out: Path) -> None:
+    """``fresh`` (a checked file or folder beside ``out``) becomes ``out``, replacing an existing one."""
+    if out.suffix or not os.path.lexists(out):  # a file, or a new folder: one rename
+        os.replace(fresh, out)
+        return
+    old = _staging_name(out, os.getpid(), "old")
+    os.replace(out, old)
+    try:
+        os.replace(fresh, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
     if old.is_symlink():  # OUT was a link to a model folder: the link is replaced, the folder it named kept
         old.unlink()
     else:
@@ -590,12 +615,7 @@ def convert_model(
     metadata["modelspec.title"] = target.stem
     if log is not None:
         log(f"writing {target}")
-    _save(system, target, dtype=dtype, metadata=metadata)
-    if log is not None:
-        log(f"reading {target} back")
-    delta, prediction = _read_back(target, to, modules, dtype=dtype)
-    if prediction != system.prediction_type:
-        raise WeightFileError(f"{target}: read back, it predicts {prediction}, not {system.prediction_type}")
+    delta = _write_checked(system, target, to=to, modules=modules, dtype=dtype, metadata=metadata, log=log)
     written_dtypes: dict[str, int] = {}
     counts = {}
     for name, module in modules.items():

@@ -1,13 +1,11 @@
 """One writer per output: an exclusive lock file beside ``OUT`` for the commands that write then read back.
 
 Each write of ``convert`` is atomic (a temporary renamed into place), so a reader never sees half a
-file. Two runs writing one ``OUT`` at once still go wrong between the writes: a whole-checkpoint run
-reads ``OUT`` back after its rename (``jobs.convert_model``: ``_save`` then ``_read_back``), so it can
-compare the *other* run's output and report its |Δ| (or fail on its prediction type); a folder that
+file. Two runs writing one ``OUT`` at once still go wrong between the writes: a folder that
 replaces an existing one takes two renames (``OUT -> .OUT-<pid>-old``, new ``-> OUT``) which the other
 run's renames can split (``FileNotFoundError``, "Directory not empty", a leftover ``-old`` copy); and a
-peft folder's two files, renamed one after the other, can end up one from each run. LoRA files are read
-back from their scratch copy and are not affected by the first. :func:`output_lock` makes the second
+peft folder's two files, renamed one after the other, can end up one from each run (every output is read back
+from its own scratch copy, so each run's check is of its own write). :func:`output_lock` makes the second
 run stop at once, naming the first.
 
 The lock is ``.<OUT name>.sdadapt-lock`` in OUT's folder (made first when missing, as the run would make it:

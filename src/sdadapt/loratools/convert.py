@@ -67,7 +67,7 @@ from ..formats.clip_keys import add_text_model
 from ..formats.detect import describe_file
 from ..formats.comfy_lora import save_comfy
 from ..formats.diffusers import save_diffusers, save_peft
-from ..formats.files import atomic_write, staged_outputs
+from ..formats.files import atomic_write, raise_naming_output, staged_outputs
 from ..formats.kohya import cast_factors, carried_metadata, save_kohya
 from ..formats.layers import COMPONENTS, canonical_state, group_by_layer
 from ..formats.peft_ia3 import resolve_sd_bias_free
@@ -339,7 +339,7 @@ def convert_lora(
                                      "shapes are not known: convert --to kohya keeps every layer)") from exc
             back, _ = load_lora(staging)
         except SdadaptError as exc:
-            _raise_named_as_output(exc, staging, target)
+            raise_naming_output(exc, staging, target)
         if "model" in back:
             component_name = next(iter(written))
             back = {component_name: canonical_state(component_name, back["model"])}
@@ -348,15 +348,6 @@ def convert_lora(
         report.max_delta, report.tensor_compared = delta_difference(written, back, source=str(target))
         _move_checked(staging, target, peft=to == "peft", overwrite=overwrite)
     return report
-
-
-def _raise_named_as_output(exc: SdadaptError, staging: Path, target: Path) -> None:
-    """Raise ``exc`` again, a message about the written file naming OUT rather than its scratch copy
-    (a write failure, :class:`OutputError`, keeps the scratch path: that is where it failed)."""
-    text = str(exc)
-    if isinstance(exc, OutputError) or str(staging) not in text:
-        raise exc
-    raise type(exc)(text.replace(str(staging), str(target))) from None
 
 
 def _move_checked(staging: Path, target: Path, *, peft: bool, overwrite: bool) -> None:
