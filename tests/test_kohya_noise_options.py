@@ -127,6 +127,35 @@ def test_huber_scale_scales_the_constant_and_exponential_schedules_only():
                                torch.tensor([(1 - c) / (1 + sg) ** 2 + c for sg in sigma]))
 
 
+@pytest.mark.parametrize("schedule", ["exponential", "snr"])
+@pytest.mark.parametrize("terminal", [False, True])
+def test_huber_schedules_make_no_float64_tensor(schedule, terminal):
+    """MPS has no float64: the per-step Huber c stays float32 on t's device (kohya's float32 values), a
+    zero-terminal-SNR end (ᾱ_T = 0, σ_T = ∞) included, where ``snr`` gives c."""
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ac = D.alphas_cumprod_of(D.noise_schedule("scaled_linear")).float()
+    if terminal:
+        ac = ac.clone()
+        ac[-1] = 0.0
+    made = []
+
+    class Float64Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend(str(func) for x in pytree.tree_leaves(out)
+                        if isinstance(x, torch.Tensor) and x.dtype == torch.float64)
+            return out
+
+    t = torch.tensor([0, 10, 500, 999])
+    with Float64Outputs():
+        c = D.huber_c_for(t, huber_c=0.1, schedule=schedule, alphas_cumprod=ac)
+    assert made == [] and c.dtype == torch.float32 and bool(torch.isfinite(c).all())
+    if schedule == "snr" and terminal:
+        assert float(c[-1]) == pytest.approx(0.1)
+
+
 # ------------------------------------------------------------------------------ the step's draws
 @pytest.mark.parametrize("random_strength, adaptive", [(False, 0.5), (True, None), (True, -0.2)])
 def test_the_step_draws_kohyas_noise_in_kohyas_order(random_strength, adaptive):

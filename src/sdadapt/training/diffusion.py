@@ -369,18 +369,17 @@ def huber_c_for(
     """Per-sample Huber ``c`` (B,), kohya's ``--huber_schedule`` and ``--huber_scale`` (s):
     ``constant``: ``c·s``; ``exponential``: ``exp(-α t)·s`` with ``α = -ln(c)/T``; ``snr``:
     ``(1-c)/(1+σ_t)² + c`` (kohya does not scale this one). At a zero-terminal-SNR end (ᾱ_T = 0,
-    σ_T = ∞) ``snr`` gives c."""
-    tf = t.double()
+    σ_T = ∞) ``snr`` gives c. float32 on ``t``'s device, as kohya computes it (no float64 there: MPS has none)."""
     if schedule == "constant":
         return torch.full(t.shape, huber_c * scale, dtype=torch.float32, device=t.device)
     if alphas_cumprod is None:
         raise ValueError(f"huber schedule {schedule!r} needs alphas_cumprod")
     if schedule == "exponential":
         alpha = -math.log(huber_c) / alphas_cumprod.shape[0]
-        return (torch.exp(-alpha * tf) * scale).float()
+        return torch.exp(-alpha * t.float()) * scale
     if schedule == "snr":
-        sigma = sigmas_of(alphas_cumprod.double().to(t.device))[t.long()]
-        return ((1 - huber_c) / (1 + sigma) ** 2 + huber_c).float()
+        sigma = sigmas_of(alphas_cumprod.to(device=t.device, dtype=torch.float32)[t.long()])
+        return (1 - huber_c) / (1 + sigma) ** 2 + huber_c
     raise ValueError(f"unknown huber schedule {schedule!r}; use 'constant', 'exponential' or 'snr'")
 
 
