@@ -76,7 +76,29 @@ def test_a_model_of_more_than_1000_timesteps_takes_a_range_past_1000():
     with pytest.raises(ValueError, match=r"--max-timestep 1800: the model has 1000 training timesteps"):
         _check_timesteps(options, 1000)
     with pytest.raises(ValueError, match="need 0 <= min < max"):
-        TrainOptions(images=".", min_timestep=600, max_timestep=600)
+        TrainOptions(images=".", min_timestep=601, max_timestep=600)
+
+
+def test_min_equal_to_max_trains_at_that_one_timestep_as_kohya():
+    """kohya's ``get_timesteps(min, max)`` with ``min == max`` gives ``max`` for every sample (its validation passes
+    use it): the range is ``[max, max + 1)``; the step draws only that timestep, the validation's fixed ones too."""
+    from sdadapt.jobs.train import _check_timesteps
+    from sdadapt.training.step import TrainState, prepare_batch
+    from sdadapt.training.validation import validation_timesteps
+
+    options = TrainOptions(images=".", min_timestep=600, max_timestep=600)
+    assert options.timestep_range(1000) == (600, 601)
+    config = StepConfig(timestep_range=options.timestep_range(1000))
+    ac = torch.linspace(0.999, 0.01, 1000)
+    for step in range(3):
+        batch = prepare_batch({"latents": torch.randn(4, 4, 2, 2), "cond": None}, state=TrainState(seed=step),
+                              config=config, alphas_cumprod=ac)
+        assert batch["t"].tolist() == [600] * 4
+    assert timestep_bounds(config, 1000) == (600, 601)
+    assert validation_timesteps(*timestep_bounds(config, 1000)) == [600] * 4
+    _check_timesteps(options, 1000)
+    with pytest.raises(ValueError, match="--max-timestep 601: the model has 500 training timesteps"):
+        _check_timesteps(options, T)  # (600 is not a timestep of a 500-step model)
 
 
 @pytest.mark.parametrize("strategy, portion", [("later", 0.25), ("earlier", 0.5), ("none", 0.25)])

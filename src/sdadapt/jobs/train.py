@@ -435,11 +435,13 @@ class TrainOptions:
     def timestep_range(self, num_train_timesteps: int = 1000) -> tuple[int, int] | None:
         """``[min_timestep, max_timestep)``, or ``None`` for all of them. The defaults are 0 and the model's
         ``num_train_timesteps`` T (kohya's train step: sd-scripts@48d368fa library/train_util.py:6089-6090, ``max_timestep
-        = noise_scheduler.config.num_train_timesteps`` when not given)."""
+        = noise_scheduler.config.num_train_timesteps`` when not given). ``min == max``: that one timestep,
+        ``[max, max + 1)`` (kohya's ``get_timesteps`` trains at ``max`` then, train_util.py:6062-6068)."""
         if self.min_timestep is None and self.max_timestep is None:
             return None
-        return (0 if self.min_timestep is None else self.min_timestep,
-                num_train_timesteps if self.max_timestep is None else self.max_timestep)
+        low = 0 if self.min_timestep is None else self.min_timestep
+        high = num_train_timesteps if self.max_timestep is None else self.max_timestep
+        return (low, high + 1) if low == high else (low, high)
 
     def timestep_sampling(self) -> TimestepSampling | None:
         """The timestep draw's shape (diffusers' bias or OneTrainer's distribution), ``None`` for kohya's uniform
