@@ -273,6 +273,24 @@ def build_inputs(root: Path) -> dict[str, Path]:
               "lora_unet_down_blocks_0_attentions_0_proj_in\x1b]0;pwned\x07.lora_up.weight": torch.zeros(8, 2, 1, 1)}
     put("escapekeys.safetensors", escape)
     put("escapemeta.safetensors", kohya_lora(5), {"title": "\x1b[2J\x1b]52;c;cHduZWQ=\x07owned", "bell": "\x07" * 5})
+    # LoRA tensors no adapter is built from (one layer changed), and embeddings of vectors no embedding has
+    first = next(iter(LAYERS.values()))[0]
+    for name, key, value in (("int8down", "lora_down.weight", lambda v: v.to(torch.int8)),
+                             ("scalardown", "lora_down.weight", lambda v: torch.tensor(1.0)),
+                             ("down3d", "lora_down.weight", lambda v: v.reshape(*v.shape[:2], -1, 1)[..., 0, :]),
+                             ("alphavector", "alpha", lambda v: torch.tensor([2.0, 3.0])),
+                             ("intdora", "dora_scale", lambda v: torch.ones(v.shape[0] if v is not None else 8, 1,
+                                                                             dtype=torch.int64))):
+        state = kohya_lora(7)
+        state[f"{first}.{key}"] = value(state.get(f"{first}.{key}"))
+        put(f"{name}.safetensors", state)
+    sparse = kohya_lora(7)
+    sparse[f"{first}.lora_down.weight"] = sparse[f"{first}.lora_down.weight"].to_sparse()
+    torch.save(sparse, root / "sparselora.pt")
+    p["sparselora"] = root / "sparselora.pt"
+    put("fp8emb.safetensors", {"emb_params": torch.randn(2, 16).to(torch.float8_e4m3fn)})
+    put("boolemb.safetensors", {"emb_params": torch.ones(2, 16, dtype=torch.bool)})
+    put("emptyemb.safetensors", {"emb_params": torch.ones(0, 16)})
     g = torch.Generator().manual_seed(6)
     diffusers_state = {f"{DIFFUSERS_LAYER}.lora_A.weight": torch.randn(2, 8, generator=g),
                        f"{DIFFUSERS_LAYER}.lora_B.weight": torch.randn(8, 2, generator=g)}
@@ -435,6 +453,21 @@ def cli_cases(root: Path, p: dict[str, Path] | None = None) -> list[Case]:
                                             "nan", "-q"], (2,), [p["lora"]])
     add("combine --scale 1e6", ["combine-loras", p["lora"], p["lora2"], "--scale=1e6", "-q"], (2,), [p["lora"]])
     add("combine bigalpha", ["combine-loras", p["lora"], p["bigalpha"], "-q"], (0, 5), [p["bigalpha"]])
+    # malformed LoRA tensors: a file error (3) from every command that builds adapters or deltas from them
+    for key in ("int8down", "scalardown", "down3d", "alphavector", "intdora", "sparselora"):
+        add(f"merge-lora {key}", ["merge-lora", p["base"], p[key], "-q"], (3,), [p[key]])
+        add(f"convert {key} diffusers", ["convert", p[key], "--to", "diffusers", "-q"], (3,), [p[key]])
+        add(f"convert {key} comfy", ["convert", p[key], "--to", "comfy", "-q"], (3,), [p[key]])
+        add(f"cut-dylora {key}", ["cut-dylora", p[key], "--rank", "1", "-q"], (2, 3), [p[key]])
+        add(f"resize-lora {key}", ["resize-lora", p[key], "--rank", "1", "-q"], (3,), [p[key]])
+    add("convert fp8 embedding", ["convert", p["fp8emb"], "--to", "diffusers", "-q"], (0,), [p["fp8emb"]])
+    for key in ("boolemb", "emptyemb"):
+        add(f"convert {key}", ["convert", p[key], "--to", "a1111", "-q", "-o", root / "out" / f"{key}.pt"], (3,),
+            [p[key]], out=False)
+    add("cut-dylora output is input", ["cut-dylora", p["lora2"], "--rank", "1", "-q", "-o", p["lora2"], "--overwrite"],
+        (2,), [p["lora2"]], out=False)
+    add("resize-lora name too long", ["resize-lora", p["lora"], "--rank", "1", "-q", "-o",
+                                      root / "out" / ("n" * 300 + ".safetensors")], (7,), [p["lora"]], out=False)
     # devices
     for device in ("cuda", "bogus", "cuda:99", "meta"):
         add(f"merge --device {device}", ["merge", "weighted-sum", p["base"], p["other"], "--alpha", "0.5", "--device",
@@ -568,7 +601,7 @@ def nonfinite_keys(path: Path) -> list[str]:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
-    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v.float()).all())]
 
 
 def leftovers(folder: Path) -> list[str]:

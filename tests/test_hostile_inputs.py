@@ -102,6 +102,10 @@ CLI_SAMPLE = [
     "inspect dev-zero", "merge folder", "merge unrelated", "merge empty", "merge wide second",
     "inspect escape metadata", "merge-lora escape keys", "merge output is input", "merge missing out folder", "merge out folder is a file",
     "merge ok", "merge-lora ok",
+    "merge-lora int8down", "convert scalardown comfy", "cut-dylora scalardown", "merge-lora down3d",
+    "convert alphavector diffusers", "merge-lora intdora", "resize-lora sparselora", "merge-lora sparselora",
+    "convert fp8 embedding", "convert boolemb", "convert emptyemb", "cut-dylora output is input",
+    "resize-lora name too long",
 ]
 
 
@@ -153,6 +157,17 @@ def test_messages_say_what_happened(sample_runs):
     assert "nested too deeply" in err("merge --recipe nested-json")
     assert "overflows float16 (max 65504)" in err("merge-lora alpha 1e38 fp16")
     assert "--allow-nonfinite" in err("merge NaN base")
+    # malformed LoRA tensors and embeddings: the file, the layer's key and what is wrong
+    assert "int8down.safetensors: unet " in err("merge-lora int8down") and "lora_down.weight is int8" in err(
+        "merge-lora int8down")
+    assert "is a single number (0-dim)" in err("convert scalardown comfy") and "scalardown" in err("cut-dylora scalardown")
+    assert "alpha is (2,) float32; alpha is one number per layer" in err("convert alphavector diffusers")
+    assert "dora_scale is int64" in err("merge-lora intdora")
+    assert "sparselora.pt: " in err("merge-lora sparselora") and "sparse_coo tensor" in err("resize-lora sparselora")
+    assert "boolemb.safetensors: " in err("convert boolemb") and "got bool" in err("convert boolemb")
+    assert "emptyemb.safetensors: " in err("convert emptyemb") and "(0, 16)" in err("convert emptyemb")
+    assert "is also an input" in err("cut-dylora output is input")
+    assert "File name too long" in err("resize-lora name too long")
     shown = sample_runs["inspect escape metadata"][0].stdout
     assert "\x1b" not in shown and "\x07" not in shown and "\\x1b[2J" in shown
 

@@ -69,7 +69,8 @@ class Embedding:
         for key in (k for k in ENCODER_KEYS if k in keys):
             value = self.vectors[key]
             if not isinstance(value, Tensor) or not value.is_floating_point():
-                raise ValueError(f"embedding {self.name!r}: {key} must be a floating-point tensor, got {type(value).__name__}")
+                got = str(value.dtype).removeprefix("torch.") if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"embedding {self.name!r}: {key} must be a floating-point tensor, got {got}")
             if value.ndim == 1:
                 value = value.unsqueeze(0)  # (dim,) -> (1, dim)
             if value.ndim != 2 or value.shape[0] < 1 or value.shape[1] < 1:

@@ -22,6 +22,7 @@ from .embeddings import EMBEDDING_FORMATS, load_embedding, save_embedding
 from .files import WeightFileError, read_safetensors_header, read_weights, sniff_format, write_safetensors
 from .kohya import from_kohya, load_kohya, save_kohya, to_kohya
 from .layers import LayerNotFoundError, canonical_state, resolve_layers
+from .lora_tensors import check_lora_tensors
 from .model_keys import (
     DIFFUSERS_COMPONENTS,
     KeyMapError,
@@ -95,8 +96,16 @@ def load_lora(
         ``"model"``.
 
     Raises:
-        WeightFileError: unreadable file, or a file that is not a LoRA (says what it is).
+        WeightFileError: unreadable file, a file that is not a LoRA (says what it is), or one whose tensors no
+            adapter is built from (:func:`~sdadapt.formats.lora_tensors.check_lora_tensors`).
     """
+    components, metadata = _read_lora(path, layers_per_block=layers_per_block)
+    check_lora_tensors(components, source=path)
+    return components, metadata
+
+
+def _read_lora(path: str | os.PathLike, *, layers_per_block: int) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
+    """:func:`load_lora`'s reading, by the file's kind."""
     if os.path.isdir(path):  # (the metadata of its adapter_model.safetensors: training metadata carried there)
         weights = os.path.join(path, "adapter_model.safetensors")
         return {"model": load_peft(path)}, (read_safetensors_header(weights)[1] if os.path.isfile(weights) else {})

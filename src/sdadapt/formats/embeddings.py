@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checks import has_nonfinite
 from ..embeddings.embedding import ENCODER_KEY, SDXL_KEYS, Embedding
 from .files import (
     StagedOutputs,
@@ -213,8 +214,18 @@ def embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str] 
     as the key by :func:`to_diffusers`).
 
     Raises:
-        WeightFileError: not an embedding (says what the file holds).
+        WeightFileError: not an embedding (says what the file holds), or vectors no embedding has (integer or bool,
+            no rows, encoders of different counts ...), naming ``source``.
     """
+    try:
+        return _embedding_from_state(obj, name=name, metadata=metadata, source=source)
+    except WeightFileError:
+        raise
+    except ValueError as exc:  # (Embedding's own checks: say which file)
+        raise WeightFileError(f"{source}: {exc}; the file is damaged or was made for another program") from None
+
+
+def _embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str] | None, source: str) -> Embedding:
     meta = dict(metadata or {})
     aesthetic = "; a bare (1, D) tensor, or a file of one 'aesthetic_embedding', is an aesthetic embedding: use it " \
                 "with `generate --aesthetic FILE`"
@@ -310,7 +321,7 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
     else:
         obj, metadata = read_safetensors(file)
     embedding = embedding_from_state(obj, name=_stem_name(file), metadata=metadata, source=str(file))
-    bad = [k for k, v in embedding.vectors.items() if not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in embedding.vectors.items() if has_nonfinite(v)]  # (float8 too: isfinite has no kernel)
     if bad:
         raise WeightFileError(f"{file}: the {', '.join(bad)} vectors contain NaN or inf; the training that made it diverged")
     return embedding
@@ -333,7 +344,7 @@ def save_embedding(path: str | os.PathLike, embedding: Embedding, *, format: str
     """
     target = Path(path)
     obj, metadata = embedding_state(embedding, format=format, suffix=target.suffix, base_model=base_model)
-    bad = [k for k, v in embedding.vectors.items() if not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in embedding.vectors.items() if has_nonfinite(v)]  # (float8 too: isfinite has no kernel)
     if bad:
         raise WeightFileError(f"{target}: embedding {embedding.name!r} has NaN or inf in its {', '.join(bad)} vectors; not written")
     if target.suffix.lower() == ".safetensors":

@@ -220,6 +220,12 @@ def check_output_file(
     target = Path(path)
     if suffix is not None and target.suffix.lower() != suffix:
         raise OutputError(f"{target}: sdadapt writes {suffix} files only; name the output *{suffix}")
+    try:
+        os.lstat(target)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # (a name too long, a path through a file ...: nothing can be written there)
+        raise OutputError(f"{target}: cannot be written ({exc.strerror or exc}); give another output path") from None
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; give a file name such as {target / ('out' + (suffix or ''))}")
     if os.path.lexists(target) and not overwrite:
@@ -811,8 +817,18 @@ def sniff_format(path: str | os.PathLike) -> str:
     little-endian header length followed by ``{``; its first byte is that length's low byte, so
     it can be ``0x80`` or ``"P"`` — which is why "starts with 0x80 -> pickle" alone misreads about
     one safetensors file in 256.
+
+    Raises:
+        WeightFileError: ``path`` cannot be read, or is not a regular file (a pipe's read would block).
     """
-    with _open(Path(path)) as handle:
+    file = Path(path)
+    try:
+        regular = stat.S_ISREG(file.stat().st_mode)
+    except OSError:
+        regular = True  # (_open says why it cannot be read)
+    if not regular:
+        check_input_file(file)  # (names what it is instead)
+    with _open(file) as handle:
         head = handle.read(9)
     if len(head) == 9 and head[8:9] == b"{":
         (header_len,) = struct.unpack("<Q", head[:8])
@@ -1119,6 +1135,11 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
         _flatten(obj, "", tensors, extras)
     except WeightFileError as exc:
         raise WeightFileError(f"{file}: {exc}; not a checkpoint layout sdadapt reads") from None
+    sparse = next((key for key, value in tensors.items() if value.layout != torch.strided), None)
+    if sparse is not None:  # (no weights format holds one; every reader and check assumes dense tensors)
+        raise WeightFileError(f"{file}: {sparse or 'its tensor'} is a "
+                              f"{str(tensors[sparse].layout).removeprefix('torch.')} tensor, and weights files hold "
+                              "dense ones; re-save it with the tensors dense (tensor.to_dense())")
     metadata = {}
     for key, value in extras.items():
         try:

@@ -230,8 +230,8 @@ class BakedCheckpoint:
                 return f"{name}: delta {implied} vs {slot.key} {want}"
             padded = layer
         shape = implied if implied is not None else want
-        geometry = LayerGeometry.from_weight_shape(tuple(shape), has_bias=bias_key in self._shapes)
         try:
+            geometry = LayerGeometry.from_weight_shape(tuple(shape), has_bias=bias_key in self._shapes)
             module = adapter_from_file_tensors(geometry, dict(tensors), name=name)
             module = module if padded is None else ChannelPadAdapter(module, padded)
             has_bias_delta = module.bias_delta() is not None

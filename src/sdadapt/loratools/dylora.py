@@ -133,9 +133,13 @@ def dylora_cut(path: str | os.PathLike, out: str | os.PathLike, *, rank: int, un
     from ..formats.detect import dylora_network
     from ..formats.files import check_output_file, read_weights, write_safetensors
     from ..formats.kohya import _network_args, kohya_hashes
+    from ..formats.lora_tensors import check_lora_tensors
+    from .output import check_not_input
 
+    check_not_input(out, path)
     target = check_output_file(out, overwrite=overwrite)
     state, metadata = read_weights(path)
+    check_lora_tensors({"": state}, source=path)
     metadata = dict(metadata or {})
     network = dylora_network(metadata)
     if unit is None and network is not None:
