@@ -231,3 +231,61 @@ def test_train_draws_a_new_template_at_each_use(tmp_path):
                  "--steps", "6", "--batch-size", "1", "--no-prior", "-q"]) == 0
     prompts = load_custom_diffusion(out).prompts
     assert len(prompts) >= 3 and all(p.replace("<sks>", "{}") in OBJECT_TEMPLATES for p in prompts)
+
+
+# ------------------------------------------------------------------- the template around each draw (A1111's)
+def test_the_caption_options_draw_on_the_own_caption_and_the_template_goes_around_it():
+    """A1111's ``create_text`` shuffles and drops only ``[filewords]``'s tags: the trigger word and the template's
+    words are never moved or dropped. Each draw is the template around the options' draw of the own caption (the
+    same rng use), or ``""`` where that draw is empty (a whole-caption dropout)."""
+    import random
+
+    from sdadapt.training.data import CaptionOptions, ImageRecord
+
+    own = "red, blue, green, small, shiny"
+    record = ImageRecord(None, "a photo of <sks>, " + own, wrapped=("a photo of <sks>, ", own, ""))
+    options = CaptionOptions(shuffle=True, tag_dropout=0.5, dropout=0.1)
+    drawn = [record.draw_caption(options, random.Random(i)) for i in range(2000)]
+    for i, text in enumerate(drawn):
+        inner = options.apply(own, random.Random(i))
+        assert text == ("a photo of <sks>, " + inner if inner else "")
+    kept = [t for t in drawn if t]
+    assert all(t.startswith("a photo of <sks>, ") for t in kept)  # (was: the trigger among the shuffled tags)
+    assert 0.85 < len(kept) / len(drawn) < 0.95  # (the whole-caption dropout's 0.1, and nothing else, empties it)
+    assert len({t for t in kept}) > 50
+    plain = ImageRecord(None, own)  # (no template: drawn as it is)
+    assert plain.draw_caption(options, random.Random(3)) == options.apply(own, random.Random(3))
+
+
+@pytest.mark.parametrize("way", ["wrapped", "filled"])
+def test_trigger_captions_wrap_only_captions_put_into_the_template(way):
+    from sdadapt.jobs import TrainOptions
+    from sdadapt.jobs.train import _trigger_captions
+    from sdadapt.training.data import ImageRecord
+
+    records = [ImageRecord(None, "red, blue"), ImageRecord(None, "a <sks> toy"), ImageRecord(None, "")]
+    options = TrainOptions(images=".", caption_template="a photo of [name], [filewords] by day")
+    _trigger_captions(records, "<sks>", options, trigger_captions_way=way)
+    assert [r.caption for r in records] == ["a photo of <sks>, red, blue by day", "a <sks> toy", ""]
+    assert records[0].wrapped == (("a photo of <sks>, ", "red, blue", " by day") if way == "wrapped" else None)
+    assert records[1].wrapped is None and records[2].wrapped is None  # (its own mention; a template at each use)
+    replaced = [ImageRecord(None, "red, blue")]  # (a template without {caption} replaces the caption: nothing around)
+    _trigger_captions(replaced, "<sks>", TrainOptions(images=".", caption_template="a photo of [name]"))
+    assert replaced[0].caption == "a photo of <sks>" and replaced[0].wrapped is None
+
+
+def test_train_keeps_the_trigger_word_under_tag_dropout_and_records_the_way(tmp_path):
+    """End to end: Custom Diffusion records the captions it trained on; with the tags shuffled and half of them
+    dropped, every one still starts with the template and its trigger word; run.json says how (resume keeps it)."""
+    from sdadapt.formats.custom_diffusion import load_custom_diffusion
+
+    images = _folder(tmp_path / "imgs", n=2, captions=["red, blue, green, small", "square, dark, large, round"])
+    out = tmp_path / "cd.safetensors"
+    assert main(["train", "custom-diffusion", "--images", str(images), "--token", "<sks>", "--model", "toy", "-o", str(out),
+                 "--steps", "8", "--batch-size", "1", "--no-prior", "-q", "--shuffle-caption",
+                 "--caption-tag-dropout-rate", "0.5", "--caption-template", "a photo of [name], [filewords]",
+                 "--save-state"]) == 0
+    prompts = load_custom_diffusion(out).prompts
+    assert len(prompts) >= 4 and all(p.startswith("a photo of <sks>") for p in prompts), prompts
+    record = json.loads((tmp_path / "cd-state" / "run.json").read_text())
+    assert record["trigger_captions"] == "wrapped"

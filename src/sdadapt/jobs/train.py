@@ -38,6 +38,8 @@ from ..training.data import (
     BUCKETS_KOHYA,
     EMPTIES_KEPT,
     FIRST_LINE_CAPTIONS,
+    TRIGGER_FILLED,
+    TRIGGER_WRAPPED,
     dataset_dirs_of,
     kohya_dataset_dirs,
     kohya_folder_names,
@@ -1101,11 +1103,15 @@ def _sdpa_order(value: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple[list[str], tuple[str, ...]]:
+def _trigger_captions(records: list, token: str, options: TrainOptions, *,
+                      trigger_captions_way: str = TRIGGER_WRAPPED) -> tuple[list[str], tuple[str, ...]]:
     """Give every captioned record a caption that mentions ``token`` (in place; :func:`trigger_captions`);
     returns notes saying what was done, and the template captions the uncaptioned records (``""``)
     draw from at each use (:attr:`~sdadapt.training.data.CaptionOptions.templates`; ``()`` when
-    every image has a caption)."""
+    every image has a caption). ``trigger_captions_way`` :data:`~sdadapt.training.data.TRIGGER_WRAPPED`: a caption
+    put into ``--caption-template``'s ``{caption}`` keeps the template around each draw of its own caption
+    (:attr:`~sdadapt.training.data.ImageRecord.wrapped`: the caption options never move or drop the trigger word);
+    :data:`~sdadapt.training.data.TRIGGER_FILLED` (a run recorded before): the filled caption is drawn whole."""
     from ..methods.textual_inversion import DEFAULT_CAPTION_TEMPLATE, TEMPLATE_SETS, caption_template, trigger_captions
 
     own = [r.caption or None for r in records]  # "": no caption (find_images(uncaptioned=True))
@@ -1113,15 +1119,20 @@ def _trigger_captions(records: list, token: str, options: TrainOptions) -> tuple
     made = trigger_captions(own, token, templates=TEMPLATE_SETS[options.templates], seed=options.seed, template=template)
     filled = sum(c is None for c in own)
     templated = sum(c is not None and c != m for c, m in zip(own, made))
+    around = template.format(token=token, caption="\0").split("\0")  # (before, after): the one {caption}
     for record, caption, mine in zip(records, made, own):
         record.caption = caption if mine is not None else ""  # "": a template drawn at each use
+        if trigger_captions_way == TRIGGER_WRAPPED and mine is not None and caption != mine and len(around) == 2:
+            record.wrapped = (around[0], mine, around[1])
     templates = _template_captions(token, options) if filled else ()
     notes = []
     if filled:
         notes.append(f"{filled} image(s) without a caption: one of the {len(templates)} {options.templates} template "
                      f"captions with {token} drawn at each use (e.g. {templates[0]!r})")
     if templated:
-        notes.append(f"{templated} caption(s) without {token}: written as {template!r} (--caption-template)")
+        around = any(r.wrapped is not None for r in records)
+        notes.append(f"{templated} caption(s) without {token}: written as {template!r} (--caption-template)"
+                     + ("; the caption options draw on the caption, never on the template's words" if around else ""))
     return notes, templates
 
 
@@ -1829,6 +1840,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     kohya_order = caption_assembly == ASSEMBLY_KOHYA_2  # (a run recorded "kohya": the template first, and so on)
     # (a run recorded before kohya's buckets keeps its own: no square bucket, round-half-even, its no-upscale)
     bucket_rule = recorded_version(resume_record, "bucket_rule", new=BUCKETS_KOHYA, legacy=BUCKETS_BEFORE)
+    # (a run recorded before drew its --caption-template filled in once, the trigger word among the tags)
+    trigger_way = recorded_version(resume_record, "trigger_captions", new=TRIGGER_WRAPPED, legacy=TRIGGER_FILLED)
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
@@ -1892,7 +1905,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         notes.extend(_several_tokens_captions(records, triggers, options))
         templates = ()
     elif trigger is not None:
-        trigger_notes, templates = _trigger_captions(records, trigger, options)
+        trigger_notes, templates = _trigger_captions(records, trigger, options, trigger_captions_way=trigger_way)
         if not options.templates_replace_captions:  # (else every caption is a template: _replace_captions says so)
             notes.extend(trigger_notes)
     else:
@@ -2303,7 +2316,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
                               dataset=dataset_record, optimizer_defaults=optimizer_defaults,
                               step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
-                              caption_assembly=caption_assembly, bucket_rule=bucket_rule,
+                              caption_assembly=caption_assembly, bucket_rule=bucket_rule, trigger_captions=trigger_way,
                               initial=(initial_step, skip_until),
                               preset_file=preset_file)
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
@@ -2377,7 +2390,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             _write_run_record(outputs.state, method, options, info.step, total, saves=written,
                               dataset=dataset_record, optimizer_defaults=optimizer_defaults,
                               step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
-                              caption_assembly=caption_assembly, bucket_rule=bucket_rule,
+                              caption_assembly=caption_assembly, bucket_rule=bucket_rule, trigger_captions=trigger_way,
                               initial=(initial_step, skip_until),
                               preset_file=preset_file)
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
@@ -2518,7 +2531,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
                       optimizer_defaults: str = train_optimizer.KOHYA_DEFAULTS,
                       step_shares: str = train_schedule.FLOOR_SHARES, caption_lines: str = FIRST_LINE_CAPTIONS,
                       caption_empties: str = EMPTIES_KEPT, caption_assembly: str = ASSEMBLY_KOHYA_2,
-                      bucket_rule: str = BUCKETS_KOHYA,
+                      bucket_rule: str = BUCKETS_KOHYA, trigger_captions: str = TRIGGER_WRAPPED,
                       initial: tuple[int, bool] = (0, False),
                       preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
@@ -2534,7 +2547,9 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
     (:func:`sdadapt.jobs.caption_lines.recorded_caption_empties`); ``caption_assembly``: how a caption is put
     together (:func:`sdadapt.jobs.caption_lines.recorded_caption_assembly`); ``bucket_rule``: how the images
     were bucketed, scaled and cropped (:data:`sdadapt.training.data.BUCKETS_KOHYA`; a record without it planned
-    as :data:`~sdadapt.training.data.BUCKETS_BEFORE`); ``initial``: the
+    as :data:`~sdadapt.training.data.BUCKETS_BEFORE`); ``trigger_captions``: how a trigger-word method's caption
+    template is put around an image's own caption (:data:`sdadapt.training.data.TRIGGER_WRAPPED`; a record without it
+    drew the filled template whole, :data:`~sdadapt.training.data.TRIGGER_FILLED`); ``initial``: the
     step the run started at and whether it skipped the data before it (:mod:`sdadapt.jobs.initial_step`);
     ``preset_file``: the LyCORIS preset file's record as the run read it at its start
     (:func:`_preset_file_record`; a file edited during the run does not change it), read now when not given."""
@@ -2554,6 +2569,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               "caption_empties": caption_empties,  # (a record without it dropped empty captions and tags)
               "caption_assembly": caption_assembly,  # (a record without it: the suffix after the cut, and so on)
               "bucket_rule": bucket_rule,  # (a record without it: no square bucket, round-half-even, its no-upscale)
+              "trigger_captions": trigger_captions,  # (a record without it: the filled template drawn whole)
               **initial_step_record(*initial),
               "gradient_accumulation_steps": options.gradient_accumulation_steps,
               **({"text_encoder_2_lr": options.text_encoder_2_lr} if options.text_encoder_2_lr is not None else {}),

@@ -755,7 +755,7 @@ def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], st
             adaptation's own ``tokenize`` / ``training_model``), the text encoder draws dropout, or
             a caption changes at each use (:func:`~sdadapt.training.text_cache.caption_variants`).
     """
-    from ..training.text_cache import cache_text_conditions, caption_variants, conditioning_depends_on
+    from ..training.text_cache import cache_text_conditions, conditioning_depends_on
 
     what = "cache_text_encoder_outputs (--cache-text-encoder-outputs) encodes each caption once before training"
     own = _own_text_path(adaptation)
@@ -777,7 +777,7 @@ def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], st
                  *(validation[1] if validation is not None else [])]  # (the held-out captions too)
     else:
         texts = [variant for data in (dataset, reg, validation) if data is not None for record in data.records
-                 for variant in caption_variants(record.caption, data.captions if record.captions is None else record.captions)]
+                 for variant in _record_variants(record, data)]
         if prior is not None and reg is None:
             texts += list(prior[1])
     if conditioning_depends_on(system.condition, system.tokenize(texts[:1]), trained):
@@ -788,12 +788,23 @@ def _text_cache(system: System, adaptation: Any, trained: list[nn.Parameter], st
                                      sdpa_backends=step_config.sdpa_backends, per_image_sizes=dataset is not None)
 
     if files is not None and dataset is not None:  # kohya's cache_text_encoder_outputs_to_disk: one file per image
-        entries = [(record.path, caption_variants(record.caption, data.captions if record.captions is None
-                                                  else record.captions)[0])
+        entries = [(record.path, _record_variants(record, data)[0])
                    for data in (dataset, reg, validation) if data is not None for record in data.records
                    if record.path is not None]
         return files(encode, entries, texts)
     return encode(texts)
+
+
+def _record_variants(record: Any, data: Any) -> tuple[str, ...]:
+    """:func:`~sdadapt.training.text_cache.caption_variants` of one record under its options, a trigger template
+    around them as :meth:`~sdadapt.training.data.ImageRecord.draw_caption` puts it."""
+    from ..training.text_cache import caption_variants
+
+    options = data.captions if record.captions is None else record.captions
+    if record.wrapped is None:
+        return caption_variants(record.caption, options)
+    before, own, after = record.wrapped
+    return tuple(before + text + after if text else "" for text in caption_variants(own, options))
 
 
 def _condition_batch(system: System, ids: Tensor | dict[str, Tensor], sizes: Tensor | None) -> Any:
@@ -1131,9 +1142,9 @@ def fit(
             rng = random.Random(f"{seed}/captions/{micro}")
             # the training epoch (class images too, as kohya's one dataset) and optimiser step: kohya's
             # caption_dropout_every_n_epochs and token_warmup_step
-            texts = [(data.captions if r.captions is None else r.captions).apply(  # (a record's own: a dataset TOML subset's)
-                r.caption, rng, epoch=at // per_epoch, step=step_of_micro_batch(at, accumulation=accumulation,
-                                                                  per_epoch=per_epoch)) for r in records]
+            texts = [r.draw_caption(  # (a record's own options: a dataset TOML subset's)
+                data.captions if r.captions is None else r.captions, rng, epoch=at // per_epoch,
+                step=step_of_micro_batch(at, accumulation=accumulation, per_epoch=per_epoch)) for r in records]
             # kohya's flip_aug: a seeded coin per image (its own stream; a resumed run draws the same)
             flips = flip_draws(seed, micro, len(positions)) if data.flip else [False] * len(positions)
             crops = [r.crop for r in records]

@@ -72,6 +72,8 @@ __all__ = [
     "ASSEMBLY_KOHYA",
     "ASSEMBLY_BEFORE",
     "ASSEMBLY_KOHYA_2",
+    "TRIGGER_WRAPPED",
+    "TRIGGER_FILLED",
     "CaptionOptions",
     "expand_wildcards",
     "token_warmup_step_count",
@@ -122,6 +124,14 @@ ASSEMBLY_BEFORE = "before-kohya"
 #: shuffles, drops or warms up, the first line is cut after the prefix / suffix are added (a ``"\n"`` in them
 #: cuts too), and a fine-tuning caption keeps its white space as written (:mod:`sdadapt.training.dataset_config`)
 ASSEMBLY_KOHYA_2 = "kohya-2"
+#: a trigger-word method's caption template around an image's own caption (``--caption-template``, A1111's
+#: ``[name], [filewords]``): the caption options draw on the image's own caption only, and the template is put around
+#: each draw (:attr:`ImageRecord.wrapped`) — as A1111's ``create_text`` shuffles and drops ``[filewords]``'s tags only:
+#: the trigger word and the template's words never move or drop
+TRIGGER_WRAPPED = "wrapped"
+#: what runs recorded before trained on: the template filled in once, its words (the trigger word too) shuffled and
+#: dropped with the caption's tags (``train --resume`` of such a run keeps it)
+TRIGGER_FILLED = "filled"
 
 
 @dataclass(frozen=True)
@@ -363,6 +373,10 @@ class ImageRecord:
         suffix_cut: a fine-tuning entry whose caption (with its tags) had several lines, cut to the first:
             kohya adds ``caption_suffix`` after the last line and then keeps the first, so the suffix never
             reaches this image (the run gives it its options without the suffix, :data:`ASSEMBLY_KOHYA`).
+        wrapped: ``(before, own caption, after)``: a trigger-word method's caption template around the image's own
+            caption (:data:`TRIGGER_WRAPPED`): each draw applies the caption options to the own caption only and
+            puts the template around it (:meth:`draw_caption`); ``caption`` then holds the template filled in once
+            (what reports, checks and ``ss_tag_frequency`` read). ``None``: ``caption`` is drawn as it is.
     """
 
     path: Path | None
@@ -381,6 +395,17 @@ class ImageRecord:
     dataset: int = 0
     tags: str | None = None
     suffix_cut: bool = False
+    wrapped: tuple[str, str, str] | None = None
+
+    def draw_caption(self, options: CaptionOptions, rng: random.Random, *, epoch: int = 0, step: int = 0) -> str:
+        """One draw of this image's caption under ``options`` (:meth:`CaptionOptions.apply`); an image with
+        :attr:`wrapped` ``(before, own, after)``: ``before + draw of own + after``, or ``""`` when that draw is empty
+        (a whole-caption dropout, or every tag dropped)."""
+        if self.wrapped is None:
+            return options.apply(self.caption, rng, epoch=epoch, step=step)
+        before, own, after = self.wrapped
+        text = options.apply(own, rng, epoch=epoch, step=step)
+        return before + text + after if text else ""
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
