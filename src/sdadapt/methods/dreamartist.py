@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..embeddings import Embedding, EmbeddingHandle, initial_embedding, inject_embedding
+from ..formats.a1111_fields import trained_embedding
 from ..formats.embeddings import load_embedding, save_embedding
 from ..formats.files import staged_outputs
 from ..training import diffusion
@@ -209,10 +210,10 @@ class DreamArtist:
         info = dict(metadata or {})
         info["dreamartist_cfg"] = f"{self.cfg_scale:g}" if self.cfg_high is None else f"{self.cfg_scale:g}-{self.cfg_high:g}:{self.cfg_schedule}"
         pos, neg = self.embeddings()
-        with staged_outputs() as stage:
-            save_embedding(negative_path, Embedding(negative_path.stem, neg.vectors, metadata=info), format=fmt,
+        with staged_outputs() as stage:  # (each with A1111's step / sd_checkpoint fields of a training run)
+            save_embedding(negative_path, trained_embedding(negative_path.stem, neg.vectors, metadata=info), format=fmt,
                            base_model=self.base_model, stage=stage)
-            save_embedding(target, Embedding(target.stem, pos.vectors, metadata=info), format=fmt,
+            save_embedding(target, trained_embedding(target.stem, pos.vectors, metadata=info), format=fmt,
                            base_model=self.base_model, stage=stage)
         return target
 

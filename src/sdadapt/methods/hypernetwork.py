@@ -48,10 +48,15 @@ class HypernetworkAdaptation:
 
     def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
         """Write the A1111 file (``.pt``; ``.safetensors`` by suffix). ``metadata`` goes into A1111's
-        ``optional_info`` text (shown by A1111 when it loads the file); the name is the file stem
-        unless one was given."""
+        ``optional_info`` text (shown by A1111 when it loads the file), and a training run's ``ss_steps`` /
+        base-model hash and name become A1111's ``step`` / ``sd_checkpoint`` / ``sd_checkpoint_name``
+        (:func:`~sdadapt.formats.a1111_fields.a1111_training_fields`); the name is the file stem unless one was given."""
+        from ..formats.a1111_fields import a1111_training_fields
+
         if self._name_from_file:
             self.hypernetwork.name = Path(path).stem
+        for field, value in a1111_training_fields(metadata).items():
+            setattr(self.hypernetwork, field, value)
         if metadata:
             self.hypernetwork.optional_info = "; ".join(f"{k}: {v}" for k, v in metadata.items())
         return save_hypernetwork(path, self.hypernetwork)

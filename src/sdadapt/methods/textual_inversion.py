@@ -270,11 +270,14 @@ class TextualInversion:
     def save(self, path: str | os.PathLike, *, metadata: dict[str, str] | None = None, format: str | None = None) -> Path:
         """Write the embedding: ``.safetensors`` as kohya's layout (``emb_params`` + ModelSpec
         metadata; A1111 reads it), ``.pt`` as A1111's dict, or ``format`` explicitly. The trigger
-        A1111 uses is the file stem."""
+        A1111 uses is the file stem. A training run's ``ss_steps`` / base-model hash and name become A1111's
+        ``step`` / ``sd_checkpoint`` / ``sd_checkpoint_name`` (:func:`~sdadapt.formats.a1111_fields.trained_embedding`;
+        A1111's "continue training" starts from that step)."""
+        from ..formats.a1111_fields import trained_embedding
+
         target = Path(path)
         fmt = format or ("kohya" if target.suffix.lower() == ".safetensors" else "a1111")
-        emb = self.handle.embedding(metadata=metadata)
-        emb = Embedding(target.stem, emb.vectors, metadata=emb.metadata)
+        emb = trained_embedding(target.stem, self.handle.embedding().vectors, metadata=metadata)
         return save_embedding(target, emb, format=fmt, base_model=self.base_model)
 
     def remove(self) -> None:
