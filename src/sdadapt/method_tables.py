@@ -23,6 +23,7 @@ __all__ = [
     "EMBEDDING_OPTIONS",
     "EXTRA_SCHEDULES",
     "FULL_OPTIONS",
+    "HYPERNETWORK_OPTIONS",
     "IA3_OPTIONS",
     "LOKR_OPTIONS",
     "LORA_OPTIONS",
@@ -196,13 +197,32 @@ CUSTOM_DIFFUSION_OPTIONS = EMBEDDING_OPTIONS[:2] + (
                  "(default 10; 1 is diffusers' one rate for both)", ("--token-lr-scale",), "X"),
 )
 
+#: the hypernetwork's creation settings (A1111's "Create hypernetwork" fields) and the file to continue training
+HYPERNETWORK_OPTIONS = (
+    MethodOption("layer_structure", str, "hypernetwork: the MLP's width multipliers, first and last 1 (A1111's "
+                 "'Modules layer structure'; default '1, 2, 1')", ("--layer-structure",), "LIST"),
+    MethodOption("activation", str, "hypernetwork: the activation after each hidden Linear, A1111's names (linear, "
+                 "relu, leakyrelu, elu, swish, tanh, sigmoid, prelu, ...; default relu)", ("--activation",), "NAME"),
+    MethodOption("layer_norm", bool, "hypernetwork: a LayerNorm after every Linear (A1111's 'Add layer normalization'; "
+                 "default on)", ("--layer-norm",)),
+    MethodOption("weight_init", str, "hypernetwork: Normal, XavierUniform, XavierNormal, KaimingUniform or KaimingNormal "
+                 "(default Normal)", ("--weight-init",), "NAME"),
+    MethodOption("dropout_structure", str, "hypernetwork: a dropout probability per layer-structure entry, first and "
+                 "last 0 (A1111's 'Dropout structure', e.g. '0, 0.3, 0'; default no dropout)", ("--dropout-structure",),
+                 "LIST"),
+    MethodOption("activate_output", bool, "hypernetwork: the activation after the last Linear too (default off)",
+                 ("--activate-output",)),
+    MethodOption("hypernetwork_file", str, "hypernetwork: continue training this A1111 .pt (or .safetensors twin): its "
+                 "settings and weights, its step counted on (the settings above are then the file's)",
+                 ("--hypernetwork-file",), "FILE"),
+)
 
 #: each built-in method's ``train`` options, in :data:`sdadapt.methods.METHODS`' order (``sorted`` for the
 #: ``train METHOD`` / ``demo --method`` choices); :mod:`sdadapt.methods` registers each with these
 METHOD_OPTIONS: dict[str, tuple[MethodOption, ...]] = {
     "lora": LORA_OPTIONS, "locon": LORA_OPTIONS, "loha": LORA_OPTIONS, "lokr": LOKR_OPTIONS, "glora": LORA_OPTIONS,
     "dora": LORA_OPTIONS, "dylora": DYLORA_OPTIONS, "ia3": IA3_OPTIONS, "diag-oft": OFT_OPTIONS, "boft": OFT_OPTIONS,
-    "full": FULL_OPTIONS, "dreambooth": FULL_OPTIONS, "hypernetwork": (),
+    "full": FULL_OPTIONS, "dreambooth": FULL_OPTIONS, "hypernetwork": HYPERNETWORK_OPTIONS,
     "textual-inversion": EMBEDDING_OPTIONS, "dreamartist": DREAMARTIST_OPTIONS,
     "clip-inversion": EMBEDDING_OPTIONS[:1], "custom-diffusion": CUSTOM_DIFFUSION_OPTIONS,
 }
