@@ -380,3 +380,30 @@ def test_the_lora_file_takes_the_kohya_text_and_what_was_applied_beside_it(tmp_p
     assert json.loads(saved({"dropout": "0.1", "rank_dropout": "0.2"}, {"ss_network_args": None})) == {
         "dropout": "0.1", "rank_dropout": "0.2"}
     assert json.loads(saved({"dropout": "0.1"}, {})) == {"dropout": "0.1"}
+
+
+def test_resize_gives_conv_rank_to_every_conv_layer_1x1_included_as_kohya(tmp_path):
+    """kohya's ``resize_lora.py`` decides "conv" by the factors' four dimensions (``len(lora_down.size()) == 4``):
+    a 1x1 conv (SD1's ``proj_in`` / ``proj_out``) takes ``--new_conv_rank`` as the 3x3 convs do; a Linear ``--rank``.
+    Each keeps alpha/r (kohya's ``new_alpha = alpha · new_rank / old_rank``), so the delta is the truncated SVD."""
+    from sdadapt.formats import load_lora
+
+    proj = "down_blocks.0.attentions.0.proj_in"
+    g = torch.Generator().manual_seed(5)
+    state = _lora_state(8, conv_rank=4, alpha=4)
+    state.update({f"{proj}.lora_down.weight": torch.randn(6, 8, 1, 1, generator=g),
+                  f"{proj}.lora_up.weight": torch.randn(8, 6, 1, 1, generator=g) * 0.1, f"{proj}.alpha": torch.tensor(3.0)})
+    src, out = tmp_path / "src.safetensors", tmp_path / "out.safetensors"
+    save_kohya(src, {"unet": state})
+    resize_lora(src, out, rank=4, conv_rank=2)
+    got = load_lora(out)[0]["unet"]
+    ranks = {layer: int(got[f"{layer}.lora_down.weight"].shape[0]) for layer in (ATTN, CONV, proj)}
+    assert ranks == {ATTN: 4, CONV: 2, proj: 2}
+    assert float(got[f"{proj}.alpha"]) == pytest.approx(3.0 * 2 / 6)
+    # the 1x1 layer's delta: the rank-2 truncation of (alpha/r)·up·down, in float64
+    up, down = state[f"{proj}.lora_up.weight"].double().flatten(1), state[f"{proj}.lora_down.weight"].double().flatten(1)
+    u, s, vh = torch.linalg.svd(up @ down * (3.0 / 6))
+    want = (u[:, :2] * s[:2]) @ vh[:2]
+    mine = (got[f"{proj}.lora_up.weight"].double().flatten(1) @ got[f"{proj}.lora_down.weight"].double().flatten(1)
+            * float(got[f"{proj}.alpha"]) / 2)
+    torch.testing.assert_close(mine, want, atol=1e-6, rtol=1e-5)

@@ -44,9 +44,14 @@ def test_an_sd2_v_files_base_keys_survive_a_copy_for_sd2_v_and_not_for_sd2():
     assert same["modelspec.resolution"] == "640x640"  # (kept: the file is for the model its keys name)
     other = kohya_metadata(_lora(), base_model="sd2", source=source)
     assert other["ss_base_model_version"] == "sd_v2" and other["modelspec.resolution"] == "512x512"
-    assert "modelspec.prediction_type" not in other
+    assert other["modelspec.prediction_type"] == "epsilon"  # (the source's "v" dropped; kohya's for a non-v model)
+    assert same["modelspec.prediction_type"] == "v"
     old = kohya_metadata(_lora(), base_model="sd1", source={"ss_v2": "True", "modelspec.resolution": "768x768"})
     assert old["ss_v2"] == "False" and old["modelspec.resolution"] == "512x512"
+    # kohya's sai_model_spec writes the prediction type for every SD model: "v" with v_parameterization
+    assert kohya_metadata(_lora(), base_model="sdxl", extra={"ss_v_parameterization": "True"})[
+        "modelspec.prediction_type"] == "v"
+    assert kohya_metadata(_lora(), base_model="sdxl")["modelspec.prediction_type"] == "epsilon"
 
 
 def test_a_lycoris_source_keeps_its_network_keys_only_for_a_lora_layout_algo():

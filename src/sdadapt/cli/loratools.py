@@ -244,7 +244,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="the checkpoint the file was made for: gives the layer shapes LoHa/LoKr files cannot "
                         "tell, and DoRA's base weights")
     resize.add_argument("--rank", type=int, default=4, help="new rank (the cap with --dynamic-method; default 4)")
-    resize.add_argument("--conv-rank", type=int, default=None, help="new rank of 3x3 conv layers (default --rank)")
+    resize.add_argument("--conv-rank", type=int, default=None,
+                        help="new rank of conv layers, 1x1 ones too as kohya's resize (default --rank)")
     _dynamic(resize)
     _common(resize, keep="each layer's own")
     resize.set_defaults(run=_cmd_resize)

@@ -222,10 +222,9 @@ def check_output_file(
         raise OutputError(f"{target}: sdadapt writes {suffix} files only; name the output *{suffix}")
     try:
         os.lstat(target)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:  # (a name too long, a path through a file ...: nothing can be written there)
-        raise OutputError(f"{target}: cannot be written ({exc.strerror or exc}); give another output path") from None
+    except OSError as exc:  # (a name longer than the file system holds: nothing can be written there)
+        if exc.errno == errno.ENAMETOOLONG:
+            raise OutputError(f"{target}: cannot be written ({exc.strerror}); give a shorter output name") from None
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; give a file name such as {target / ('out' + (suffix or ''))}")
     if os.path.lexists(target) and not overwrite:

@@ -434,8 +434,6 @@ def kohya_metadata(
         "modelspec.date": modelspec_date(),
         "modelspec.implementation_version": f"sdadapt/{__version__}",
     }
-    if base_model == "sd2-v":
-        meta["modelspec.prediction_type"] = "v"
     if source:
         meta.update(_inherited_metadata(source, meta, base_model=base_model, reshaped=reshaped))
     for key, value in (extra or {}).items():  # (None: the key left out, as a kohya tool that writes none of it)
@@ -443,6 +441,10 @@ def kohya_metadata(
             meta.pop(key, None)
         else:
             meta[key] = value
+    if "modelspec.prediction_type" not in meta and "modelspec.prediction_type" not in (extra or {}):
+        # (kohya's sai_model_spec: "v" with v_parameterization, else "epsilon", for every SD model it writes)
+        v = base_model == "sd2-v" or meta.get("ss_v_parameterization") == "True"
+        meta["modelspec.prediction_type"] = "v" if v else "epsilon"
     return meta
 
 

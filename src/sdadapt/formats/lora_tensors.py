@@ -3,8 +3,8 @@
 ``convert``, ``cut-dylora``, ``resize-lora`` ...) refuses a malformed file alike, naming it, the layer and the fix.
 
 * dense (strided) tensors: a sparse one (possible in a legacy ``.pt``) is no format's;
-* factors and deltas floating point (float32/16, bfloat16, float8) and at least 1-D: an integer or bool factor, or
-  a 0-dim one, is a damaged or hand-made file;
+* the built-in families' factors and deltas (:data:`FACTOR_KEYS`) floating point (float32/16, bfloat16, float8)
+  and at least 1-D: an integer or bool factor, or a 0-dim one, is a damaged or hand-made file;
 * the per-layer scalars — ``alpha`` (kohya, LyCORIS), LyCORIS (IA)³'s ``on_input`` — one number each: integer
   ``alpha`` is read as its value (some writers store it so), a vector is refused.
 """
@@ -19,10 +19,19 @@ from torch import Tensor
 from ..errors import WeightFileError
 from .layers import split_key
 
-__all__ = ["SCALAR_KEYS", "check_lora_tensors"]
+__all__ = ["FACTOR_KEYS", "SCALAR_KEYS", "check_lora_tensors"]
 
 #: the file keys that hold one number per layer (a 0-dim or one-element tensor, of any numeric dtype)
 SCALAR_KEYS = frozenset({"alpha", "on_input"})
+#: the built-in families' factor and delta keys: floating point, at least 1-D (a family registered at run time
+#: keeps its own rules for its own keys)
+FACTOR_KEYS = frozenset({
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "diff", "diff_b", "dora_scale",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "weight", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "w_norm", "b_norm",
+    "oft_blocks", "oft_diag", "rescale",
+})
 
 
 def check_lora_tensors(components: Mapping[str, Mapping[str, Tensor]], *, source: object) -> None:
@@ -47,6 +56,8 @@ def check_lora_tensors(components: Mapping[str, Mapping[str, Tensor]], *, source
                     raise WeightFileError(f"{where} is {tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')};"
                                           f" {suffix} is one number per layer: the file is damaged or was made for "
                                           "another program")
+                continue
+            if suffix not in FACTOR_KEYS:
                 continue
             if not tensor.is_floating_point():
                 raise WeightFileError(f"{where} is {str(tensor.dtype).removeprefix('torch.')}; LoRA factors and deltas "

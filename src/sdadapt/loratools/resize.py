@@ -306,7 +306,7 @@ def resize_lora_state(
     Args:
         state: canonical keys ``"<layer>.<file key>"`` of any family.
         rank: new rank (cap for dynamic methods) for Linear and 1x1 conv layers.
-        conv_rank: the same for kxk convolutions (default ``rank``).
+        conv_rank: the same for convolutions, 1x1 included as kohya's ``resize_lora.py`` (default ``rank``).
         dtype: dtype of the written factors (default: each layer's own).
         base: the base checkpoint's layers — needed where the file cannot tell a layer's shape
             (LoHa; LoKr with a low-rank ``w2``) and for DoRA (its delta depends on ``W``).
@@ -346,8 +346,8 @@ def _resize_one(
     out: dict[str, Tensor] = {}
     if is_plain_lora(tensors):
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-        is_kxk = down.dim() == 4 and down.shape[2] * down.shape[3] > 1
-        target = (conv_rank if conv_rank is not None else rank) if is_kxk else rank
+        # (every conv layer, 1x1 included — SD1's proj_in / proj_out: kohya's resize_lora.py tests len(down.size()) == 4)
+        target = (conv_rank if conv_rank is not None else rank) if down.dim() == 4 else rank
         resized = resize_layer(
             up, down, tensors.get("alpha"), rank=target, method=method, param=param,
             clamp_quantile=clamp_quantile, split=split, dtype=dtype or down.dtype,
@@ -356,7 +356,7 @@ def _resize_one(
         geometry = layer_geometry(tensors, component=component, layer=layer, base=base)
         weight = base.weight(component, layer) if base is not None and needs_base_weight(tensors, name=name) else None
         delta, bias = dense_layer_delta(tensors, geometry, base_weight=weight, name=name)
-        target = (conv_rank if conv_rank is not None else rank) if geometry.is_kxk else rank
+        target = (conv_rank if conv_rank is not None else rank) if geometry.is_conv else rank
         own_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point() and t.dim() > 0), torch.float32)
         resized = dense_lora_factors(
             delta, rank=target, method=method, param=param, clamp_quantile=clamp_quantile, split=split,
@@ -418,8 +418,8 @@ def resize_lora(
 
     Args:
         lora: kohya, LyCORIS or diffusers adapter file.
-        rank: new rank (cap for dynamic ``method``) for Linear/1x1 layers; ``conv_rank`` for kxk
-            convs (default ``rank``).
+        rank: new rank (cap for dynamic ``method``) for Linear layers; ``conv_rank`` for conv layers, 1x1
+            ones included as kohya's ``resize_lora.py`` (SD1's ``proj_in`` / ``proj_out``; default ``rank``).
         base_model: naming of the output; default from the file's metadata/keys.
         dtype: dtype of the written factors (default: each layer's own).
         base: the checkpoint the adapter was made for (LDM single file or diffusers UNet file);
