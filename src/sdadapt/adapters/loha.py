@@ -231,6 +231,8 @@ class LoHaModule(AdapterModule):
             missing += [k for k in ("hada_t1", "hada_t2") if k not in tensors]
         if missing:
             raise ValueError(f"{name}: LoHa tensors {missing} are missing (have {sorted(tensors)})")
+        if not tucker:
+            tensors = _flat_conv_factors(tensors)
         rank = tensors["hada_w1_b"].shape[0]
         if tucker and not geometry.is_conv:  # peft writes 1x1 cores too (use_effective_conv2d)
             raise ValueError(f"{name}: LoHa Tucker cores (hada_t1/t2) need a convolution; the layer's weight is {geometry.weight_shape}")
@@ -254,11 +256,28 @@ class LoHaModule(AdapterModule):
     def weight_shape_from_file_tensors(cls, tensors: dict[str, Tensor]) -> tuple[int, ...] | None:
         """The base weight's shape ``(out, in, *kernel)`` the file tensors imply, or ``None`` (only shapes are read).
 
-        Tucker form: ``(hada_w1_a.shape[1], hada_w1_b.shape[1], *hada_t1.shape[2:])``. Plain form:
-        ``None`` — its factors ``(out, r)`` / ``(r, in·kh·kw)`` are the same for a Linear layer of
+        Tucker form: ``(hada_w1_a.shape[1], hada_w1_b.shape[1], *hada_t1.shape[2:])``; OneTrainer's conv form (4-D
+        factors, :func:`_flat_conv_factors`): ``(out, in, kh, kw)`` from them. Plain form: ``None`` — its factors ``(out, r)`` / ``(r, in·kh·kw)`` are the same for a Linear layer of
         ``in·kh·kw`` inputs and for a kxk convolution stored flattened, so only the base model can tell.
         """
         w1_a, w1_b, t1 = tensors.get("hada_w1_a"), tensors.get("hada_w1_b"), tensors.get("hada_t1")
+        if t1 is None and w1_a is not None and w1_b is not None and w1_a.dim() == 4 and w1_b.dim() == 4:
+            return (int(w1_a.shape[0]), int(w1_b.shape[1]), *(int(k) for k in w1_b.shape[2:]))  # (OneTrainer's conv form)
         if w1_a is None or w1_b is None or t1 is None or w1_a.dim() != 2 or w1_b.dim() != 2:
             return None
         return (int(w1_a.shape[1]), int(w1_b.shape[1]), *(int(k) for k in t1.shape[2:]))
+
+
+def _flat_conv_factors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A conv layer's plain LoHa factors as convolutions — ``hada_w*_a`` (out, r, 1, 1), ``hada_w*_b`` (r, in, kh,
+    kw), OneTrainer's form (``modules/module/LoRAModule.py``: each pair a 1x1 conv after a kxk one) — flattened to
+    LyCORIS' ``(out, r)`` / ``(r, in·kh·kw)``: the same ΔW (a 1x1 conv after a kxk one is that matrix product)."""
+    out = dict(tensors)
+    for key in ("hada_w1_a", "hada_w2_a"):
+        value = tensors[key]
+        if value.dim() == 4 and tuple(value.shape[2:]) == (1, 1):
+            out[key] = value.flatten(1)
+    for key in ("hada_w1_b", "hada_w2_b"):
+        if tensors[key].dim() == 4:
+            out[key] = tensors[key].flatten(1)
+    return out

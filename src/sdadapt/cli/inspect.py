@@ -135,15 +135,17 @@ def _print_summary(summary: dict) -> None:
     print(f"size:       {summary['size_bytes'] / 2**20:.2f} MiB ({summary['size_bytes']} bytes)")
     print(f"dtypes:     {', '.join(f'{k} x{v}' for k, v in summary['dtypes'].items())}")
     fields = ("model", "modules", "components", "family", "algorithms", "ranks", "alphas",  # adapters, checkpoints
-              "bias_deltas", "dylora",
+              "bias_deltas", "dylora", "bundled_embeddings",
               "name", "vectors", "dims", "encoders", "written_by", "step",  # embeddings
               "widths", "layer_structure", "activation_func",  # hypernetworks
               "use")  # the commands that take it
     for field in fields:
         if summary.get(field) is not None:
             value = summary[field]
-            text = ", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
-            print(f"{field + ':':<11} {safe_text(text)}")
+            text = (", ".join(f"{k}: {v}" for k, v in value.items()) if isinstance(value, dict)
+                    else ", ".join(map(str, value)) if field == "bundled_embeddings" else str(value))
+            label = "bundles" if field == "bundled_embeddings" else field  # (embeddings: generate loads them with it)
+            print(f"{label + ':':<11} {safe_text(text)}")
     metadata = summary["metadata"]
     print(f"metadata:   {plural(len(metadata), 'entry', many='entries')}")
     for key in sorted(metadata):

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from torch import Tensor
 
 from ..adapters.registry import file_keys
+from .bundled_embeddings import without_bundled
 from .files import WeightFileError, check_finite, read_weights, write_safetensors
 from .layers import canonical_layer_path, canonical_state, split_key
 from .unet_names import diffusers_to_ldm_unet
@@ -41,17 +42,25 @@ COMFY_PREFIXES: dict[str, str] = {
     "text_encoders.clip_h.transformer.": "text_encoder",
     "text_encoders.clip_g.transformer.": "text_encoder_2",
 }
+#: peft's factor names, which ComfyUI's loader takes beside kohya's (OneTrainer writes its "COMFY" and "ORIGINAL"
+#: LoRA files with them): read as kohya's, written as kohya's
+_PEFT_TENSORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 # the tensor names of a LoRA-family layer, longest first ((IA)³'s bare `weight` / `on_input` left out: a UNet's own
 # `diffusion_model.<module>.weight` is a checkpoint key, and ComfyUI's node writes no (IA)³)
-_TENSORS = tuple(sorted(set(file_keys()) - {"weight", "on_input"}, key=len, reverse=True))
+_TENSORS = tuple(sorted((set(file_keys()) - {"weight", "on_input"}) | set(_PEFT_TENSORS), key=len, reverse=True))
+#: the LDM UNet's top-level modules: OneTrainer's "ORIGINAL" LoRA format names the UNet's layers so, without
+#: ``diffusion_model.`` (its UNet only), read as ComfyUI's ``diffusion_model.`` keys
+_BARE_UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.0.", "out.2.")
 
 
 def _split(key: str) -> tuple[str, str, str] | None:
-    """``(prefix, module path, tensor name)`` of a ComfyUI LoRA key, else ``None``."""
+    """``(prefix, module path, tensor name)`` of a ComfyUI LoRA key (a bare LDM UNet name counts as
+    ``diffusion_model.``'s), else ``None``."""
     prefix = next((p for p in COMFY_PREFIXES if key.startswith(p)), None)
-    if prefix is None:
+    if prefix is None and not key.startswith(_BARE_UNET_ROOTS):
         return None
-    rest = key[len(prefix):]
+    rest = key[len(prefix):] if prefix is not None else key
+    prefix = prefix or "diffusion_model."
     tensor = next((t for t in _TENSORS if rest.endswith("." + t)), None)
     if tensor is None or len(rest) == len(tensor) + 1:
         return None
@@ -93,7 +102,8 @@ def from_comfy(state: Mapping[str, Tensor], *, source: str = "<state>",
             continue
         norm = _is_norm(tensors)  # (a norm's 1-D weight delta and its bias delta: LyCORIS' norm tensors)
         for tensor, value in tensors.items():
-            out.setdefault(component, {})[f"{canonical}.{_NORM_TENSORS[tensor] if norm else tensor}"] = value
+            name = _NORM_TENSORS[tensor] if norm else _PEFT_TENSORS.get(tensor, tensor)
+            out.setdefault(component, {})[f"{canonical}.{name}"] = value
     if unknown:
         raise WeightFileError(
             f"{source}: {len(unknown)} key(s) are not ComfyUI LoRA keys, e.g. {unknown[:5]}; expected "
@@ -173,6 +183,7 @@ def load_comfy(path: str | os.PathLike, *, layers_per_block: int = 2) -> tuple[d
         WeightFileError: unreadable or truncated file, keys that are not ComfyUI LoRA keys, NaN/inf weights.
     """
     state, metadata = read_weights(path)
+    state = without_bundled(state)  # (bundled embeddings: sdadapt.formats.bundled_embeddings)
     check_finite(state, source=str(path))
     return from_comfy(state, source=str(path), layers_per_block=layers_per_block), metadata
 

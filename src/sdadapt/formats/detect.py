@@ -36,6 +36,8 @@ FILE_KINDS = (
     "unknown",
 )
 
+#: OneTrainer's output-embedding keys (beside its input ones)
+_ONETRAINER_OUTPUTS = frozenset({"emp_params_out", "clip_l_out", "clip_g_out"})
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "encoder.down.", "encoder.conv_in.", "text_model.", "encoder.layers.", "input_blocks.")
 
 
@@ -140,6 +142,7 @@ _BARE_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vect
 
 def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
     """Classify by keys/metadata; one of :data:`FILE_KINDS`."""
+    keys = [k for k in keys if not k.startswith("bundle_emb.")] or keys  # (a LoRA's bundled embeddings: not its kind)
     if not keys:
         return "unknown"
     if metadata.get("format") == "sdadapt-toy/1":  # the shipped toy model and its fine-tunes (save_toy)
@@ -176,8 +179,11 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         return "comfy-lora"  # (ComfyUI's "Extract and Save Lora": diffusion_model.* / text_encoders.clip_*.*)
     if key_set in ({"aesthetic_embedding"}, {""}):  # sdadapt's .safetensors; the A1111 extension's .pt: a bare tensor
         return "aesthetic-embedding"
-    if any(k.startswith("string_to_param") for k in keys) or key_set in ({"emb_params"}, {"clip_l", "clip_g"}):
-        return "embedding"
+    if any(k.startswith("string_to_param") for k in keys) or key_set in ({"emb_params"}, {"emp_params"},
+                                                                          {"clip_l", "clip_g"}):
+        return "embedding"  # (emp_params: OneTrainer's SD1/SD2 saver)
+    if key_set & _ONETRAINER_OUTPUTS and key_set <= _ONETRAINER_OUTPUTS | {"emp_params", "clip_l", "clip_g"}:
+        return "embedding"  # (OneTrainer's output embeddings: load_embedding says why they cannot be used)
     if any(k.split(".", 1)[0].isdigit() and (".linear." in k or ".linear1." in k) for k in keys):
         return "hypernetwork"  # A1111: "<width>.<0|1>.linear.<i>.*" (old files: linear1/linear2)
     if any(k.startswith(_CHECKPOINT_MARKERS) for k in keys) or any(k.startswith("state_dict.") for k in keys):
@@ -329,6 +335,8 @@ def _adapter_summary(
     file: Path, shapes: dict[str, tuple[int, ...]], tensors, kind: str, metadata: Mapping[str, str] | None = None
 ) -> dict:
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    bundled = sorted({key.split(".", 2)[1] for key in shapes if key.startswith("bundle_emb.") and key.count(".") >= 2})
+    shapes = {key: shape for key, shape in shapes.items() if not key.startswith("bundle_emb.")}  # (not layers)
     for key, shape in shapes.items():
         layer, _, suffix = (key.partition(".") if kind in KOHYA_LAYOUT_KINDS else _split_comfy(key)
                             if kind == "comfy-lora" else _split_diffusers(key))
@@ -395,6 +403,8 @@ def _adapter_summary(
                   **{f"none ({_UNRANKED[a]})": n for a, n in rankless.items()}, **rotations},
         "alphas": dict(alphas),
         **({"bias_deltas": biases} if (biases := sum("diff_b" in parts for parts in modules.values())) else {}),
+        # (embeddings the file bundles: generate loads them with the LoRA, as A1111; sdadapt.formats.bundled_embeddings)
+        **({"bundled_embeddings": bundled} if bundled else {}),
     }
 
 

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..model_args import as_module, check_components
 from ..patterns import own_pattern_entries, peft_pattern_value
+from .bundled_embeddings import without_bundled
 from .files import (
     check_safetensors_name,
     WeightFileError,
@@ -329,6 +330,7 @@ def save_diffusers(
 def load_diffusers(path: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, str]]:
     """Read a diffusers LoRA file: ``({component: canonical state}, metadata)``."""
     state, metadata = read_weights(path)
+    state = without_bundled(state)  # (bundled embeddings: sdadapt.formats.bundled_embeddings)
     check_finite(state, source=str(path))
     return from_diffusers(state, metadata, source=str(path)), metadata
 

@@ -67,6 +67,11 @@ EMBEDDING_FORMATS = ("a1111", "kohya", "diffusers")
 #: A1111's constant ``string_to_token`` value (the id of ``*`` in CLIP's vocabulary)
 A1111_TOKEN = 265
 _A1111_FIELDS = ("sd_checkpoint", "sd_checkpoint_name")
+#: the key of a one-tensor embedding that is no token: kohya's / A1111's ``emb_params``, OneTrainer's ``emp_params``
+#: (its SD1/SD2 ``StableDiffusionEmbeddingSaver``)
+_PARAM_KEYS = ("emb_params", "emp_params")
+#: OneTrainer's output embeddings (vectors that replace the text encoder's outputs; the input ones are zeros)
+_OUTPUT_KEYS = frozenset({"emp_params_out", "clip_l_out", "clip_g_out"})
 _SUFFIXES = {"a1111": (".pt", ".safetensors", ".bin"), "kohya": (".safetensors", ".pt"), "diffusers": (".safetensors", ".bin")}
 _DIFFUSERS_DEFAULT_STEM = "learned_embeds"
 _ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
@@ -239,6 +244,13 @@ def _embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str]
         raise WeightFileError(f"{source}: not a textual-inversion embedding{aesthetic}")
     if "string_to_param" in obj:
         return from_a1111(obj, name=name, source=source)
+    outputs = sorted(k for k in obj if isinstance(k, str) and k in _OUTPUT_KEYS)
+    if outputs:
+        raise WeightFileError(
+            f"{source}: a OneTrainer output embedding ({', '.join(outputs)}): its vectors replace the text encoder's "
+            "*outputs* for the token (its input vectors are zeros), which no input embedding can represent — A1111, "
+            "ComfyUI and diffusers cannot use it either; train it in OneTrainer without 'output embedding' for a file "
+            "that loads everywhere")
     step = meta.pop("step", None)
     step_value = int(step) if step is not None and step.lstrip("-").isdigit() else None
     if step is not None and step_value is None:
@@ -259,9 +271,9 @@ def _embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str]
             "or clip_l + clip_g (SDXL). Run `python -m sdadapt inspect FILE` to see what it is."
         )
     (key, value), = tensors.items()
-    if name == _DIFFUSERS_DEFAULT_STEM and key != "emb_params":
+    if name == _DIFFUSERS_DEFAULT_STEM and key not in _PARAM_KEYS:
         name = key  # diffusers' default file name says nothing; its token is the key
-    if key != "emb_params" and key != name:
+    if key not in _PARAM_KEYS and key != name:
         meta["token"] = key  # a diffusers token that differs from the trigger
     meta.pop("name", None)
     if value.ndim not in (1, 2):
@@ -375,8 +387,8 @@ def embedding_summary(file: Path, shapes: Mapping[str, tuple[int, ...]], metadat
     elif len(keys) == 1:
         (key,) = keys
         blocks = {ENCODER_KEY: shapes[key]}
-        if key == "emb_params":
-            writer = "kohya / A1111 (emb_params)"
+        if key in _PARAM_KEYS:
+            writer = "kohya / A1111 (emb_params)" if key == "emb_params" else "OneTrainer (emp_params)"
         else:
             writer = f"diffusers ({{token: tensor}}, token {key!r})"
     else:
@@ -388,7 +400,7 @@ def embedding_summary(file: Path, shapes: Mapping[str, tuple[int, ...]], metadat
     elif metadata.get("format") == "pt":
         writer += ", diffusers training script" if "diffusers" in writer else ""
     name = file.stem
-    if name == _DIFFUSERS_DEFAULT_STEM and len(keys) == 1 and "emb_params" not in keys:
+    if name == _DIFFUSERS_DEFAULT_STEM and len(keys) == 1 and not keys & set(_PARAM_KEYS):
         name = next(iter(keys))
     counts = {shape[0] if len(shape) == 2 else 1 for shape in blocks.values()}
     return {

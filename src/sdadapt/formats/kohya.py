@@ -41,6 +41,7 @@ from torch import Tensor
 from ..adapters.registry import algorithm_of_keys, file_keys, file_rank, lycoris_algo_of_keys
 from ..errors import InputError
 from ..model_args import check_components
+from .bundled_embeddings import without_bundled
 from .files import (
     WeightFileError,
     check_finite,
@@ -641,5 +642,6 @@ def load_kohya(
         WeightFileError: unreadable/truncated file, non-kohya keys, NaN/inf weights.
     """
     state, metadata = read_weights(path)
+    state = without_bundled(state)  # (bundled embeddings: sdadapt.formats.bundled_embeddings)
     check_finite(state, source=str(path))
     return from_kohya(state, source=str(path), layers_per_block=layers_per_block), metadata

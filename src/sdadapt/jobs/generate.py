@@ -1344,6 +1344,18 @@ def run_generate(
                 continue
             say(f"embedding {handles[-1].name!r} from {path}")
             embedding_files[handles[-1].name] = Path(path)
+    # (the embeddings a LoRA file bundles — OneTrainer's, A1111's bundle_emb.*: loaded with it, as A1111's networks.py
+    # does, unless an embedding of that name is loaded already: A1111 keeps the one it has)
+    from ..formats.bundled_embeddings import bundled_embeddings
+
+    for path in dict.fromkeys([Path(p) for p, _ in parsed] + [item.file for items in tag_passes for item in items]):
+        for embedding in bundled_embeddings(path) if path.is_file() else ():
+            if embedding.name.lower() in {handle.name.lower() for handle in handles}:
+                say(f"embedding {embedding.name!r} bundled in {path}: one of that name is loaded already; kept that one")
+                continue
+            handles.append(_inject_embedding(system, embedding, path=f"{path} (bundled)"))
+            say(f"embedding {handles[-1].name!r} bundled in {path}")
+            embedding_files[handles[-1].name] = path
     if refiner is not None and not model_refiner and not all(getattr(handle, "matched_by_ids", False)
                                                              for handle in handles):
         # (the texts go to both models as written: an embedding spelled out as placeholder tokens for the base's
@@ -2342,13 +2354,16 @@ def _token_ids(system) -> Callable[[str], list[int]]:
 
 def _inject_embedding_file(system, path: Path):
     """Load a textual-inversion file and inject it (SDXL: both encoders)."""
-    try:
-        from ..embeddings import inject_embedding
-        from ..embeddings.tokens import TriggerTakenError
-        from ..formats.embeddings import load_embedding
-    except ImportError:  # pragma: no cover - the embeddings package ships with sdadapt
-        raise ImportError("--embedding needs sdadapt.embeddings") from None
-    embedding = load_embedding(path)
+    from ..formats.embeddings import load_embedding
+
+    return _inject_embedding(system, load_embedding(path), path=path)
+
+
+def _inject_embedding(system, embedding, *, path: Path | str):
+    """Inject ``embedding`` (read from ``path``: a file, or a LoRA file that bundles it) into the text encoder(s)."""
+    from ..embeddings import inject_embedding
+    from ..embeddings.tokens import TriggerTakenError
+
     if getattr(system, "text_encoder_2", None) is not None:
         encoders = (system.text_encoder, system.text_encoder_2)
         tokenizers = (system.tokenizer, system.tokenizer_2)
