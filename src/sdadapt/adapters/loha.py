@@ -257,8 +257,9 @@ class LoHaModule(AdapterModule):
         """The base weight's shape ``(out, in, *kernel)`` the file tensors imply, or ``None`` (only shapes are read).
 
         Tucker form: ``(hada_w1_a.shape[1], hada_w1_b.shape[1], *hada_t1.shape[2:])``; OneTrainer's conv form (4-D
-        factors, :func:`_flat_conv_factors`): ``(out, in, kh, kw)`` from them. Plain form: ``None`` — its factors ``(out, r)`` / ``(r, in·kh·kw)`` are the same for a Linear layer of
-        ``in·kh·kw`` inputs and for a kxk convolution stored flattened, so only the base model can tell.
+        factors, :func:`_flat_conv_factors`): ``(out, in, kh, kw)`` from them. Plain form: ``None`` — its factors
+        ``(out, r)`` / ``(r, in·kh·kw)`` are the same for a Linear layer of ``in·kh·kw`` inputs and for a kxk
+        convolution stored flattened, so only the base model can tell.
         """
         w1_a, w1_b, t1 = tensors.get("hada_w1_a"), tensors.get("hada_w1_b"), tensors.get("hada_t1")
         if t1 is None and w1_a is not None and w1_b is not None and w1_a.dim() == 4 and w1_b.dim() == 4:

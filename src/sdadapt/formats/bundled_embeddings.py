@@ -40,9 +40,13 @@ def bundled_embeddings(path: str | os.PathLike) -> list[Embedding]:
         WeightFileError: the file cannot be read, or a group is no embedding (names the file and the group).
     """
     from .embeddings import embedding_from_state
-    from .files import read_weights
+    from .files import read_safetensors_header, read_safetensors_tensors, read_weights, sniff_format
 
-    state, _ = read_weights(path)
+    if sniff_format(path) == "safetensors":  # (only the bundled tensors read: the LoRA is read by its loader)
+        keys = [key for key in read_safetensors_header(path)[0] if key.startswith(BUNDLE_PREFIX)]
+        state = read_safetensors_tensors(path, keys) if keys else {}
+    else:
+        state = read_weights(path)[0]
     groups: dict[str, dict] = {}
     for key, value in state.items():
         if not key.startswith(BUNDLE_PREFIX):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_rank
+from .bundled_embeddings import BUNDLE_PREFIX
 from .files import _check_is_file, read_safetensors_header, read_safetensors_scalars, sniff_format
 from .comfy_lora import COMFY_PREFIXES, is_comfy_lora_keys
 from .kohya import _component_of, _network_args, is_kohya_state
@@ -142,7 +143,7 @@ _BARE_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vect
 
 def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
     """Classify by keys/metadata; one of :data:`FILE_KINDS`."""
-    keys = [k for k in keys if not k.startswith("bundle_emb.")] or keys  # (a LoRA's bundled embeddings: not its kind)
+    keys = [k for k in keys if not k.startswith(BUNDLE_PREFIX)] or keys  # (a LoRA's bundled embeddings: not its kind)
     if not keys:
         return "unknown"
     if metadata.get("format") == "sdadapt-toy/1":  # the shipped toy model and its fine-tunes (save_toy)
@@ -335,8 +336,8 @@ def _adapter_summary(
     file: Path, shapes: dict[str, tuple[int, ...]], tensors, kind: str, metadata: Mapping[str, str] | None = None
 ) -> dict:
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    bundled = sorted({key.split(".", 2)[1] for key in shapes if key.startswith("bundle_emb.") and key.count(".") >= 2})
-    shapes = {key: shape for key, shape in shapes.items() if not key.startswith("bundle_emb.")}  # (not layers)
+    bundled = sorted({key.split(".", 2)[1] for key in shapes if key.startswith(BUNDLE_PREFIX) and key.count(".") >= 2})
+    shapes = {key: shape for key, shape in shapes.items() if not key.startswith(BUNDLE_PREFIX)}  # (not layers)
     for key, shape in shapes.items():
         layer, _, suffix = (key.partition(".") if kind in KOHYA_LAYOUT_KINDS else _split_comfy(key)
                             if kind == "comfy-lora" else _split_diffusers(key))
