@@ -469,3 +469,42 @@ def test_a_model_level_save_lora_adapter_file_loads_as_one_models_adapter(tmp_pa
     fresh = tiny_unet_sdxl()
     sdadapt.load_adapter(fresh, components["model"])
     _assert_same(run_unet(fresh, inputs), want, base)
+
+
+@pytest.mark.parametrize("spelling", ["attn_procs", "comfy_processor"])
+def test_older_diffusers_attention_spellings_load_as_the_same_adapter(tmp_path, spelling):
+    """Two spellings ComfyUI's loader maps: diffusers' ``save_attn_procs`` files (UNet only, no ``unet.`` prefix,
+    ``attn1.processor.to_q_lora.up.weight``; they were called a checkpoint) and ``unet.<path>.processor.to_q.lora.up
+    .weight`` (the processor kept in the layer name: applying it failed). Both are the adapter peft's names give."""
+    unet = tiny_unet_sd1()
+    inputs = unet_inputs(unet)
+    base = run_unet(unet, inputs)
+    attention = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    g = torch.Generator().manual_seed(3)
+    width = unet.get_submodule(f"{attention}.to_q").in_features
+    factors = {proj: (torch.randn(2, width, generator=g), torch.randn(width, 2, generator=g))
+               for proj in ("to_q", "to_k", "to_v", "to_out")}
+    state, canonical = {}, {}
+    for proj, (down, up) in factors.items():
+        module = f"{attention}.{proj}.0" if proj == "to_out" else f"{attention}.{proj}"
+        canonical.update({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up})
+        if spelling == "attn_procs":
+            state.update({f"{attention}.processor.{proj}_lora.down.weight": down,
+                          f"{attention}.processor.{proj}_lora.up.weight": up})
+        else:
+            state.update({f"unet.{attention}.processor.{proj}.lora.down.weight": down,
+                          f"unet.{attention}.processor.{proj}.lora.up.weight": up})
+    path = tmp_path / "old.safetensors"
+    save_file(state, str(path))
+    assert sdadapt.formats.describe_file(path)["kind"] == "diffusers-lora"
+    components, _ = load_lora(path)
+    (component, got), = components.items()
+    assert component == ("model" if spelling == "attn_procs" else "unet")
+    assert {k: v for k, v in got.items() if not k.endswith(".alpha")}.keys() == canonical.keys()
+    assert all(torch.equal(got[k], v) for k, v in canonical.items())
+    mine = tiny_unet_sd1()
+    sdadapt.load_adapter(mine, got)
+    reference = tiny_unet_sd1()
+    sdadapt.load_adapter(reference, {**canonical, **{k: v for k, v in got.items() if k.endswith(".alpha")}})
+    assert torch.equal(run_unet(mine, inputs), run_unet(reference, inputs))
+    assert not torch.equal(run_unet(mine, inputs), base)

@@ -137,8 +137,12 @@ def _suffix(key: str) -> str:
     return key.split(".", 1)[1] if "." in key else ""
 
 
-#: the tensor names of a peft LoRA layer (``<layer>.lora_A.weight`` ...), as diffusers' ``save_lora_adapter`` writes them
-_BARE_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+#: the tensor names of a peft LoRA layer (``<layer>.lora_A.weight`` ...), as diffusers' ``save_lora_adapter`` writes them,
+#: and of diffusers' older UNet-only files (``save_attn_procs``: ``…processor.to_q_lora.up.weight``, ``….lora.up.weight``,
+#: ``….lora_linear_layer.up.weight``, no ``unet.`` prefix), which ComfyUI's loader reads too
+_BARE_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", "_lora.down.weight",
+                       "_lora.up.weight", ".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight",
+                       ".lora_linear_layer.up.weight")
 
 
 def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:

@@ -90,6 +90,16 @@ _OLD_ATTENTION = re.compile(r"(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(dow
 _OLD_CLIP_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
+def _without_processor(layer: str) -> str:
+    """An attention projection named through its processor (``attn1.processor.to_q``, ``…processor.to_out``: the
+    spelling ComfyUI's loader maps, ``unet.<path>.processor.to_q.lora.up.weight``) -> the module's path
+    (``attn1.to_q``, ``attn1.to_out.0``)."""
+    if ".processor.to_" not in layer:
+        return layer
+    layer = layer.replace(".processor.to_", ".to_")
+    return layer + ".0" if layer.endswith(".to_out") else layer
+
+
 def _config_for(state: Mapping[str, Tensor], *, strip_prefix: str = "") -> dict:
     """peft ``LoraConfig`` fields that reproduce each layer's rank and alpha exactly.
 
@@ -201,9 +211,9 @@ def _normalise_spelling(key: str) -> tuple[str, str] | None:
         return f"{parent}.{proj}", "lora_down.weight" if match.group(3) == "down" else "lora_up.weight"
     for down, up in _DOWN_UP_SPELLINGS:
         if key.endswith(down):
-            return key[: -len(down)], "lora_down.weight"
+            return _without_processor(key[: -len(down)]), "lora_down.weight"
         if key.endswith(up):
-            return key[: -len(up)], "lora_up.weight"
+            return _without_processor(key[: -len(up)]), "lora_up.weight"
     if key.endswith(".alpha"):
         return key[: -len(".alpha")], "alpha"
     for magnitude in (".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
