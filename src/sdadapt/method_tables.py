@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "CUSTOM_DIFFUSION_OPTIONS",
+    "DORA_OPTIONS",
     "DREAMARTIST_OPTIONS",
     "DYLORA_OPTIONS",
     "EMBEDDING_OPTIONS",
@@ -197,6 +198,12 @@ CUSTOM_DIFFUSION_OPTIONS = EMBEDDING_OPTIONS[:2] + (
                  "(default 10; 1 is diffusers' one rate for both)", ("--token-lr-scale",), "X"),
 )
 
+#: DoRA's options: the LoRA family's + the magnitude's axis (LyCORIS' network_args wd_on_output)
+DORA_OPTIONS = LORA_OPTIONS + (
+    MethodOption("wd_on_output", bool, "DoRA: normalise each output row (default, LyCORIS since 2025-04, peft, "
+                 "diffusers); --no-wd-on-output: each input column, the axis A1111 and InvokeAI apply",
+                 ("--wd-on-output",)),
+)
 #: the hypernetwork's creation settings (A1111's "Create hypernetwork" fields) and the file to continue training
 HYPERNETWORK_OPTIONS = (
     MethodOption("layer_structure", str, "hypernetwork: the MLP's width multipliers, first and last 1 (A1111's "
@@ -221,7 +228,7 @@ HYPERNETWORK_OPTIONS = (
 #: ``train METHOD`` / ``demo --method`` choices); :mod:`sdadapt.methods` registers each with these
 METHOD_OPTIONS: dict[str, tuple[MethodOption, ...]] = {
     "lora": LORA_OPTIONS, "locon": LORA_OPTIONS, "loha": LORA_OPTIONS, "lokr": LOKR_OPTIONS, "glora": LORA_OPTIONS,
-    "dora": LORA_OPTIONS, "dylora": DYLORA_OPTIONS, "ia3": IA3_OPTIONS, "diag-oft": OFT_OPTIONS, "boft": OFT_OPTIONS,
+    "dora": DORA_OPTIONS, "dylora": DYLORA_OPTIONS, "ia3": IA3_OPTIONS, "diag-oft": OFT_OPTIONS, "boft": OFT_OPTIONS,
     "full": FULL_OPTIONS, "dreambooth": FULL_OPTIONS, "hypernetwork": HYPERNETWORK_OPTIONS,
     "textual-inversion": EMBEDDING_OPTIONS, "dreamartist": DREAMARTIST_OPTIONS,
     "clip-inversion": EMBEDDING_OPTIONS[:1], "custom-diffusion": CUSTOM_DIFFUSION_OPTIONS,

@@ -415,6 +415,9 @@ def kohya_metadata(
             args["rescaled"] = "True"
         if any("dora" in a for a in algorithms):
             args["dora_wd"] = "True"
+            scales = [v for state in components.values() for k, v in state.items() if k.endswith(".dora_scale")]
+            if scales and all(v.dim() >= 2 and v.shape[0] == 1 and v.shape[1] > 1 for v in scales):
+                args["wd_on_output"] = "False"  # (every magnitude per input column: LyCORIS' network arg)
         if any("tucker" in a for a in algorithms):
             args["use_tucker"] = "True"
     from .. import __version__

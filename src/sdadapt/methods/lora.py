@@ -482,12 +482,13 @@ def prepare_glora(system, *, rank: int = 4, alpha: float | None = None, conv_ran
 
 def prepare_dora(system, *, rank: int = 8, alpha: float | None = None, conv_rank: int | None = None,
                  conv_alpha: float | None = None, text_encoder: bool = True, targets: str | None = None,
-                 unet: bool = True, **network_args: Any) -> AdapterAdaptation:
-    """DoRA: LoRA r8 direction + a trained per-output-row magnitude (LyCORIS ``dora_scale`` file)."""
+                 unet: bool = True, wd_on_output: bool = True, **network_args: Any) -> AdapterAdaptation:
+    """DoRA: LoRA r8 direction + a trained magnitude (LyCORIS ``dora_scale`` file) per output row, or with
+    ``wd_on_output=False`` (LyCORIS' network arg) per input column — the axis A1111 and InvokeAI apply."""
     _check(rank, conv_rank)
 
     def make(**options):
-        return DoRAConfig(inner=LoRAConfig(**options))
+        return DoRAConfig(inner=LoRAConfig(**options), wd_on_out=bool(wd_on_output))
 
     return _on_kohya_layers(system, make, "dora", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                             text_encoder=text_encoder, targets=targets, network=network_args, unet=unet)
