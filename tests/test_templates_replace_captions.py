@@ -14,7 +14,6 @@ from test_trigger_captions import _folder
 
 from sdadapt.cli import main
 from sdadapt.methods.textual_inversion import OBJECT_TEMPLATES, STYLE_TEMPLATES
-from sdadapt.training.data import CaptionOptions
 
 
 def kohya_process_caption(caption: str, *, replacements: dict, prefix: str = "", suffix: str = "",
@@ -54,16 +53,19 @@ TEMPLATES = [t.format("<sks>") for t in OBJECT_TEMPLATES]
 
 
 def _drawn(monkeypatch) -> list[tuple[str, str]]:
-    """Every ``(caption as stored, caption drawn)`` the dataset hands the text encoder from now on."""
-    seen: list[tuple[str, str]] = []
-    apply = CaptionOptions.apply
+    """Every ``(caption as stored, caption drawn)`` the dataset hands the text encoder from now on (each record's
+    draw, a caption template around its own caption included: ``ImageRecord.draw_caption``)."""
+    from sdadapt.training.data import ImageRecord
 
-    def recording(self, caption, rng, **kw):
-        out = apply(self, caption, rng, **kw)
-        seen.append((caption, out))
+    seen: list[tuple[str, str]] = []
+    draw = ImageRecord.draw_caption
+
+    def recording(self, options, rng, **kw):
+        out = draw(self, options, rng, **kw)
+        seen.append((self.caption, out))
         return out
 
-    monkeypatch.setattr(CaptionOptions, "apply", recording)
+    monkeypatch.setattr(ImageRecord, "draw_caption", recording)
     return seen
 
 

@@ -235,7 +235,9 @@ def test_class_images_in_the_batch_are_kohyas_per_sample_loss_weights_with_min_s
 
 def test_fit_puts_as_many_class_images_as_instance_images_into_each_batch_at_the_prior_weight(monkeypatch):
     """``fit(images, captions, prior=(class_images, class_captions, w))``: each step's batch is B instance rows then
-    B class rows with ``loss_weight`` ones then ``w`` (kohya's reg images, equal counts), no second forward."""
+    B class rows, no second forward, with ``loss_weight`` 2 then ``2·w``: the mean over the 2B samples is
+    ``instance + w · class``, DreamBooth's loss (diffusers' ``train_dreambooth.py``), as a dataset's class batch
+    gives it (it was ``½(instance + w · class)`` here, half the dataset path's for the same ``prior``)."""
     import sys
 
     from sdadapt.methods import FitConfig, fit, prepare_lora
@@ -261,7 +263,7 @@ def test_fit_puts_as_many_class_images_as_instance_images_into_each_batch_at_the
         adaptation.remove()
     (rows, weights, prior), = seen
     assert rows == 4 and prior is None
-    assert weights.tolist() == [1.0, 1.0, 0.25, 0.25]
+    assert weights.tolist() == [2.0, 2.0, 0.5, 0.5]
 
 
 def test_prior_weight_defaults_to_the_references_1():

@@ -1228,7 +1228,7 @@ def _replace_captions(records: list, reg_records: list, token: str, options: Tra
     templates = _template_captions(token, options)
     own = sum(bool(r.caption) for r in records)
     for record in [*records, *reg_records]:
-        record.caption = ""
+        record.caption, record.wrapped = "", None  # (no caption template around it either)
     notes.append(f"--templates-replace-captions: all {len(records)} training image(s)"
                  + (f" and {len(reg_records)} class image(s)" if reg_records else "")
                  + f" train on one of the {len(templates)} {options.templates} template captions with {token} drawn "

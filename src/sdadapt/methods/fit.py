@@ -863,10 +863,10 @@ def fit(
             (:func:`~sdadapt.training.pixel_augment.draw_resize`): each use rescaled, its caption prefixed
             (an empty one kept empty) and its loss the mean over the image's latent region only
             (:func:`~sdadapt.training.diffusion.region_loss_mask`).
-        prior: DreamBooth prior preservation: ``(class_images, class_captions, weight)``. With
-            tensors each step adds as many class samples as instance samples, their loss weighted
-            by ``weight``; with a dataset the class batch runs as a second forward, loss
-            ``instance + weight · class`` (DreamBooth's formulation). Or ``(reg_dataset, weight)``
+        prior: DreamBooth prior preservation: ``(class_images, class_captions, weight)``, loss
+            ``instance + weight · class`` (DreamBooth's formulation, diffusers' ``train_dreambooth.py``): with tensors
+            each step joins as many class samples as instance samples into one forward (per-sample weights 2 and
+            2·weight over the 2B samples: that mean); with a dataset the class batch runs as a second forward. Or ``(reg_dataset, weight)``
             with ``images`` a dataset: a :class:`~sdadapt.training.data.Dataset` of the user's
             class images (kohya's ``--reg_data_dir``, :mod:`sdadapt.training.reg_data`; latents
             encoded), drawn bucket by bucket in epochs of its own, one class batch per micro-batch.
@@ -1079,10 +1079,12 @@ def fit(
     if dataset is None:
         g = torch.Generator().manual_seed(config.seed + 1)
 
-        # the prior's per-sample loss weights are the same every step: made once, on the device
+        # the prior's per-sample loss weights are the same every step: made once, on the device. 2 and 2·w over the
+        # 2B samples of the joined batch: mean = instance + w · class, DreamBooth's loss — the dataset path's (its
+        # class batch a second forward), diffusers' train_dreambooth.py (chunked, then instance + w · prior)
         prior_weights = None if prior is None else torch.cat([
-            torch.ones(config.batch_size, device=latents.device),
-            torch.full((config.batch_size,), float(prior[2]), device=latents.device)])
+            torch.full((config.batch_size,), 2.0, device=latents.device),
+            torch.full((config.batch_size,), 2.0 * float(prior[2]), device=latents.device)])
 
         def batch_of(idx: Tensor, pidx: Tensor | None) -> dict[str, Any]:
             """The batch of the images ``idx`` (B,) and, with a prior, the class images ``pidx`` (B,)
