@@ -107,6 +107,8 @@ def test_the_a1111_dict_is_what_a1111_writes_and_reads_back():
     assert no_extra["sd_checkpoint"] is None and "sdadapt_metadata" not in no_extra
     tensors, meta = to_kohya(e)
     assert list(tensors) == ["emb_params"] and meta["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    # (kohya's sai_model_spec: Stability-AI's implementation for every textual-inversion file, SD1 too)
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert to_kohya(Embedding("x", {"text_encoder": torch.ones(1, 1024)}))[1]["modelspec.architecture"].startswith("stable-diffusion-v2")
     sdxl = Embedding("x", {"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)})
     assert set(to_kohya(sdxl)[0]) == {"clip_l", "clip_g"} and to_kohya(sdxl)[1]["ss_base_model_version"] == "sdxl_base_v1-0"

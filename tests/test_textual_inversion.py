@@ -272,3 +272,36 @@ def test_sdxl_system_trains_clip_l_and_clip_g_rows_together(tmp_path):
     torch.testing.assert_close(plain, sized)
     fit(system, da, images, captions, config=FitConfig(steps=1, batch_size=2, learning_rate=1e-2))
     da.remove()
+
+
+def test_sdxl_norm_penalty_holds_each_encoders_rows_at_its_own_tables_scale():
+    """``norm_weight`` on SDXL: clip_l's rows are pulled to CLIP-L's mean row norm, clip_g's to CLIP-G's (one
+    averaged target pulled both away from their tables); rows started from a word sit at their table's scale."""
+    pytest.importorskip("diffusers")
+    from tiny_checkpoints import tiny_sdxl_parts
+
+    from sdadapt.clip_tokenizer import CLIPTokenizer
+    from sdadapt.diffusers_system import DiffusersSystem
+    from sdadapt.methods.textual_inversion import norm_penalty
+
+    parts = tiny_sdxl_parts()
+    with torch.no_grad():
+        parts["text_encoder_2"].get_input_embeddings().weight.mul_(3.0)  # (the two tables' scales differ)
+    tokenizers = [CLIPTokenizer.load(None, pad=pad).to_transformers() for pad in ("eos", "!")]
+    system = DiffusersSystem(parts["unet"], parts["vae"], parts["text_encoder"], tokenizers[0], {},
+                             text_encoder_2=parts["text_encoder_2"], tokenizer_2=tokenizers[1]).requires_grad_(False)
+    ti = prepare_textual_inversion(system, token="<sks>", vectors=2, init_word="dog", norm_weight=0.5)
+    try:
+        want, means = 0.0, {}
+        for key, encoder in (("clip_l", parts["text_encoder"]), ("clip_g", parts["text_encoder_2"])):
+            table = encoder.get_input_embeddings().weight.detach().double()
+            means[key] = float(table.norm(dim=-1).mean())
+            rows = ti.handle.rows[key].rows.detach().double()
+            want += float(((rows.norm(dim=-1) - means[key]) ** 2).mean())
+        got = float(ti.extra_loss(None, None))
+        assert got == pytest.approx(0.5 * want, rel=1e-4)
+        shared = sum(means.values()) / 2  # (the one averaged target it used: far from both, a much larger penalty)
+        before = 0.5 * sum(float(norm_penalty(ti.handle.rows[key].rows, shared)) for key in means)
+        assert before > 10 * got
+    finally:
+        ti.remove()

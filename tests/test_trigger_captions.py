@@ -289,3 +289,12 @@ def test_train_keeps_the_trigger_word_under_tag_dropout_and_records_the_way(tmp_
     assert len(prompts) >= 4 and all(p.startswith("a photo of <sks>") for p in prompts), prompts
     record = json.loads((tmp_path / "cd-state" / "run.json").read_text())
     assert record["trigger_captions"] == "wrapped"
+
+
+def test_text_encoder_rates_are_said_to_do_nothing_for_a_trigger_word(tmp_path, capsys):
+    """The trigger's rows live in hooks, not in the encoders: --text-encoder-lr reaches nothing (kohya's and diffusers'
+    textual inversion train them at one rate); the run says so rather than ignoring it silently."""
+    images = _folder(tmp_path / "imgs", n=1, captions=["a <sks> circle"])
+    assert main(["train", "textual-inversion", "--images", str(images), "--token", "<sks>", "--model", "toy", "-o",
+                 str(tmp_path / "t.pt"), "--steps", "1", "--batch-size", "1", "--text-encoder-lr", "0"]) == 0
+    assert "--text-encoder-lr 0.0: not used by textual-inversion" in capsys.readouterr().err

@@ -158,7 +158,8 @@ def to_kohya(embedding: Embedding, *, base_model: str | None = None) -> tuple[di
         "ss_num_vectors_per_token": str(embedding.count),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{_ARCHITECTURES[base]}/textual-inversion",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if base == "sdxl" else "diffusers",
+        # (kohya's sai_model_spec writes Stability-AI's implementation for every textual-inversion file, SD1 too)
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": embedding.name,
         "modelspec.resolution": {"sdxl": "1024x1024", "sd2-v": "768x768"}.get(base, "512x512"),
         "modelspec.date": modelspec_date(),  # (kohya's local time, no offset: formats.kohya)

@@ -1910,6 +1910,14 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             notes.extend(trigger_notes)
     else:
         templates = ()
+    if trigger is not None:  # (the trigger's token rows live in hooks, not in the encoders: one rate, as kohya's TI)
+        unused = [f"{flag} {value}" for flag, value in (("--text-encoder-lr", options.text_encoder_lr),
+                                                        ("--text-encoder-2-lr", options.text_encoder_2_lr))
+                  if value is not None]
+        if unused:
+            notes.append(f"{', '.join(unused)}: not used by {method}: the trigger's token rows train at the learning "
+                         "rate" + (" times --token-lr-scale" if method == "custom-diffusion" else "")
+                         + ", as kohya's and diffusers' textual inversion train them (one rate)")
     # (the caption options' notes only where the run's options are every training subset's)
     agreed = data_config is None or all(name in data_config.options for name in (
         "shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "token_warmup_step", "token_warmup_min"))

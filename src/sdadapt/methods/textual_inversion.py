@@ -218,10 +218,12 @@ def _trained_modules(system) -> list[nn.Module]:
     return [m for _, m in system_models(system)]
 
 
-def _table_norm(text_encoder) -> float:
-    encoders = text_encoder.values() if isinstance(text_encoder, dict) else [text_encoder]
-    norms = [find_token_embedding(e)[1].weight.detach().float().norm(dim=-1).mean() for e in encoders]
-    return float(torch.stack(norms).mean())
+def _table_norms(text_encoder) -> dict[str, float]:
+    """Each token table's mean row norm, by the embedding handle's row key (``text_encoder``; SDXL ``clip_l`` and
+    ``clip_g``: their tables' scales differ, so each encoder's rows keep their own)."""
+    encoders = text_encoder if isinstance(text_encoder, dict) else {ENCODER_KEY: text_encoder}
+    return {key: float(find_token_embedding(e)[1].weight.detach().float().norm(dim=-1).mean())
+            for key, e in encoders.items()}
 
 
 class TextualInversion:
@@ -239,7 +241,7 @@ class TextualInversion:
         encoders, tokenizers, _ = system_text_parts(system)
         self.system, self.token, self.base_model = system, embedding.name, system.base_model
         self.norm_weight = norm_weight
-        self._target_norm = _table_norm(encoders)
+        self._target_norms = _table_norms(encoders)
         self._frozen = _Frozen(_trained_modules(system))
         try:
             self.handle: EmbeddingHandle = inject_embedding(encoders, tokenizers, embedding, trainable=True)
@@ -257,7 +259,8 @@ class TextualInversion:
         return self.system.tokenize([self.handle.expand(c) for c in captions])
 
     def _norm_loss(self, prepared, prediction: Tensor) -> Tensor:
-        return self.norm_weight * sum(norm_penalty(p, self._target_norm) for p in self.params)
+        rows = self.handle.rows.items()
+        return self.norm_weight * sum(norm_penalty(r.rows, self._target_norms[key]) for key, r in rows)
 
     def expand(self, prompt: str) -> str:
         """A prompt as the system's tokenizer must see it (see :meth:`EmbeddingHandle.expand`)."""
