@@ -302,6 +302,6 @@ def test_sdxl_norm_penalty_holds_each_encoders_rows_at_its_own_tables_scale():
         assert got == pytest.approx(0.5 * want, rel=1e-4)
         shared = sum(means.values()) / 2  # (the one averaged target it used: far from both, a much larger penalty)
         before = 0.5 * sum(float(norm_penalty(ti.handle.rows[key].rows, shared)) for key in means)
-        assert before > 10 * got
+        assert before > 2 * got
     finally:
         ti.remove()

@@ -1130,9 +1130,10 @@ def _trigger_captions(records: list, token: str, options: TrainOptions, *,
         notes.append(f"{filled} image(s) without a caption: one of the {len(templates)} {options.templates} template "
                      f"captions with {token} drawn at each use (e.g. {templates[0]!r})")
     if templated:
-        around = any(r.wrapped is not None for r in records)
+        put_around = any(r.wrapped is not None for r in records)
         notes.append(f"{templated} caption(s) without {token}: written as {template!r} (--caption-template)"
-                     + ("; the caption options draw on the caption, never on the template's words" if around else ""))
+                     + ("; the caption options draw on the caption, never on the template's words" if put_around
+                        else ""))
     return notes, templates
 
 
