@@ -16,22 +16,18 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ..adapters.registry import file_keys
 from ..errors import WeightFileError
 from .layers import split_key
 
 __all__ = ["FACTOR_KEYS", "SCALAR_KEYS", "check_lora_tensors"]
 
-#: the file keys that hold one number per layer (a 0-dim or one-element tensor, of any numeric dtype)
-SCALAR_KEYS = frozenset({"alpha", "on_input"})
-#: the built-in families' factor and delta keys: floating point, at least 1-D (a family registered at run time
-#: keeps its own rules for its own keys)
-FACTOR_KEYS = frozenset({
-    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "diff", "diff_b", "dora_scale",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "weight", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "w_norm", "b_norm",
-    "oft_blocks", "oft_diag", "rescale",
-})
+#: the file keys that hold one number per layer (a 0-dim or one-element tensor, of any numeric dtype): ``alpha``,
+#: LyCORIS (IA)³'s ``on_input``, sdadapt's (IA)³ ``scales_bias`` flag
+SCALAR_KEYS = frozenset({"alpha", "on_input", "scales_bias"})
+#: the built-in families' factor and delta keys (the registry's file keys when sdadapt is imported, less the scalars):
+#: floating point, at least 1-D (a family registered later keeps its own rules for its own keys)
+FACTOR_KEYS = frozenset(file_keys()) - SCALAR_KEYS
 
 
 def check_lora_tensors(components: Mapping[str, Mapping[str, Tensor]], *, source: object) -> None:
