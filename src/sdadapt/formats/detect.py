@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..adapters.registry import algorithm_of_keys, file_rank
 from .bundled_embeddings import BUNDLE_PREFIX
+from .embeddings import OUTPUT_KEYS, PARAM_KEYS
 from .files import _check_is_file, read_safetensors_header, read_safetensors_scalars, sniff_format
 from .comfy_lora import COMFY_PREFIXES, is_comfy_lora_keys
 from .kohya import _component_of, _network_args, is_kohya_state
@@ -37,8 +38,6 @@ FILE_KINDS = (
     "unknown",
 )
 
-#: OneTrainer's output-embedding keys (beside its input ones)
-_ONETRAINER_OUTPUTS = frozenset({"emp_params_out", "clip_l_out", "clip_g_out"})
 _CHECKPOINT_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "down_blocks.", "encoder.down.", "encoder.conv_in.", "text_model.", "encoder.layers.", "input_blocks.")
 
 
@@ -184,10 +183,10 @@ def detect_kind(keys: list[str], metadata: Mapping[str, str]) -> str:
         return "comfy-lora"  # (ComfyUI's "Extract and Save Lora": diffusion_model.* / text_encoders.clip_*.*)
     if key_set in ({"aesthetic_embedding"}, {""}):  # sdadapt's .safetensors; the A1111 extension's .pt: a bare tensor
         return "aesthetic-embedding"
-    if any(k.startswith("string_to_param") for k in keys) or key_set in ({"emb_params"}, {"emp_params"},
-                                                                          {"clip_l", "clip_g"}):
+    if (any(k.startswith("string_to_param") for k in keys) or key_set == {"clip_l", "clip_g"}
+            or len(key_set) == 1 and key_set <= set(PARAM_KEYS)):
         return "embedding"  # (emp_params: OneTrainer's SD1/SD2 saver)
-    if key_set & _ONETRAINER_OUTPUTS and key_set <= _ONETRAINER_OUTPUTS | {"emp_params", "clip_l", "clip_g"}:
+    if key_set & OUTPUT_KEYS and key_set <= OUTPUT_KEYS | {*PARAM_KEYS, "clip_l", "clip_g"}:
         return "embedding"  # (OneTrainer's output embeddings: load_embedding says why they cannot be used)
     if any(k.split(".", 1)[0].isdigit() and (".linear." in k or ".linear1." in k) for k in keys):
         return "hypernetwork"  # A1111: "<width>.<0|1>.linear.<i>.*" (old files: linear1/linear2)

@@ -52,6 +52,8 @@ from .kohya import modelspec_date
 __all__ = [
     "A1111_TOKEN",
     "EMBEDDING_FORMATS",
+    "OUTPUT_KEYS",
+    "PARAM_KEYS",
     "embedding_from_state",
     "embedding_state",
     "embedding_summary",
@@ -69,9 +71,9 @@ A1111_TOKEN = 265
 _A1111_FIELDS = ("sd_checkpoint", "sd_checkpoint_name")
 #: the key of a one-tensor embedding that is no token: kohya's / A1111's ``emb_params``, OneTrainer's ``emp_params``
 #: (its SD1/SD2 ``StableDiffusionEmbeddingSaver``)
-_PARAM_KEYS = ("emb_params", "emp_params")
+PARAM_KEYS = ("emb_params", "emp_params")
 #: OneTrainer's output embeddings (vectors that replace the text encoder's outputs; the input ones are zeros)
-_OUTPUT_KEYS = frozenset({"emp_params_out", "clip_l_out", "clip_g_out"})
+OUTPUT_KEYS = frozenset({"emp_params_out", "clip_l_out", "clip_g_out"})
 _SUFFIXES = {"a1111": (".pt", ".safetensors", ".bin"), "kohya": (".safetensors", ".pt"), "diffusers": (".safetensors", ".bin")}
 _DIFFUSERS_DEFAULT_STEM = "learned_embeds"
 _ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
@@ -245,7 +247,7 @@ def _embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str]
         raise WeightFileError(f"{source}: not a textual-inversion embedding{aesthetic}")
     if "string_to_param" in obj:
         return from_a1111(obj, name=name, source=source)
-    outputs = sorted(k for k in obj if isinstance(k, str) and k in _OUTPUT_KEYS)
+    outputs = sorted(k for k in obj if isinstance(k, str) and k in OUTPUT_KEYS)
     if outputs:
         raise WeightFileError(
             f"{source}: a OneTrainer output embedding ({', '.join(outputs)}): its vectors replace the text encoder's "
@@ -272,9 +274,9 @@ def _embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str]
             "or clip_l + clip_g (SDXL). Run `python -m sdadapt inspect FILE` to see what it is."
         )
     (key, value), = tensors.items()
-    if name == _DIFFUSERS_DEFAULT_STEM and key not in _PARAM_KEYS:
+    if name == _DIFFUSERS_DEFAULT_STEM and key not in PARAM_KEYS:
         name = key  # diffusers' default file name says nothing; its token is the key
-    if key not in _PARAM_KEYS and key != name:
+    if key not in PARAM_KEYS and key != name:
         meta["token"] = key  # a diffusers token that differs from the trigger
     meta.pop("name", None)
     if value.ndim not in (1, 2):
@@ -388,7 +390,7 @@ def embedding_summary(file: Path, shapes: Mapping[str, tuple[int, ...]], metadat
     elif len(keys) == 1:
         (key,) = keys
         blocks = {ENCODER_KEY: shapes[key]}
-        if key in _PARAM_KEYS:
+        if key in PARAM_KEYS:
             writer = "kohya / A1111 (emb_params)" if key == "emb_params" else "OneTrainer (emp_params)"
         else:
             writer = f"diffusers ({{token: tensor}}, token {key!r})"
@@ -401,7 +403,7 @@ def embedding_summary(file: Path, shapes: Mapping[str, tuple[int, ...]], metadat
     elif metadata.get("format") == "pt":
         writer += ", diffusers training script" if "diffusers" in writer else ""
     name = file.stem
-    if name == _DIFFUSERS_DEFAULT_STEM and len(keys) == 1 and not keys & set(_PARAM_KEYS):
+    if name == _DIFFUSERS_DEFAULT_STEM and len(keys) == 1 and not keys & set(PARAM_KEYS):
         name = next(iter(keys))
     counts = {shape[0] if len(shape) == 2 else 1 for shape in blocks.values()}
     return {
