@@ -13,6 +13,7 @@ from pathlib import PurePath
 from torch import Tensor
 
 from ..embeddings.embedding import Embedding
+from .files import WEIGHT_SUFFIXES
 
 __all__ = ["a1111_training_fields", "trained_embedding"]
 
@@ -31,8 +32,7 @@ def a1111_training_fields(metadata: Mapping[str, str] | None) -> dict[str, objec
         fields["sd_checkpoint"] = digest[:10]
     name = str(metadata.get("ss_sd_model_name", "")).strip()
     if name:
-        fields["sd_checkpoint_name"] = PurePath(name).stem if PurePath(name).suffix in (
-            ".safetensors", ".ckpt", ".pt", ".bin", ".pth") else PurePath(name).name
+        fields["sd_checkpoint_name"] = PurePath(name).stem if PurePath(name).suffix in WEIGHT_SUFFIXES else PurePath(name).name
     return fields
 
 

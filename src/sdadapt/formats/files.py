@@ -75,9 +75,12 @@ __all__ = [
     "check_finite",
     "check_finite_output",
     "sniff_format",
+    "WEIGHT_SUFFIXES",
 ]
 
 _LEGACY_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
+#: the suffixes of a weight file: safetensors and the pickled (legacy) ones
+WEIGHT_SUFFIXES = (".safetensors", *_LEGACY_SUFFIXES)
 #: a temporary file of ours older than this is stale even if its writer cannot be identified
 _STALE_AFTER_S = 3600.0
 
@@ -791,7 +794,7 @@ def _folder_message(folder: Path, what: str) -> str:
                 f"single-file checkpoint (.safetensors/.ckpt), or one component's file such as "
                 f"{folder / 'unet' / 'diffusion_pytorch_model.safetensors'} (that component only)")
     try:
-        inside = sorted(p.name for p in folder.iterdir() if p.suffix in {".safetensors", ".ckpt", ".pt", ".bin", ".pth"})
+        inside = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     except OSError:
         inside = []
     if inside:
