@@ -109,6 +109,10 @@ class DoRAConfig:
             raise ValueError("DoRAConfig.inner cannot itself be a DoRAConfig")
         if getattr(self.inner, "init", None) == "pissa":
             raise ValueError("DoRAConfig: a PiSSA-initialised inner LoRA is not supported; use init='kaiming' or 'gaussian'")
+        if getattr(self.inner, "dropout", 0.0):
+            raise ValueError("DoRAConfig: the inner LoRA's dropout (on its rank activations) never runs, DoRA forms ΔW as "
+                             "a weight (LyCORIS ignores it too); use rank_dropout (whole output rows of ΔW dropped at "
+                             "each training step, as LyCORIS' DoRA) or leave it out")
 
 
 class DoRAModule(AdapterModule):
@@ -186,8 +190,14 @@ class DoRAModule(AdapterModule):
         return self.inner.delta_weight()
 
     def adapted_weight(self, base_weight: Tensor) -> Tensor:
-        """(out, in, *k): ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖`` at strength 1."""
+        """(out, in, *k): ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖`` at strength 1. Training with the inner LoRA's
+        ``rank_dropout`` p: each output row of ΔW is dropped with probability p, one draw per step for the whole
+        batch and no rescaling (LyCORIS' DoRA, ``LoConModule.make_weight``)."""
         delta = self.inner.delta_weight()
+        drop = getattr(self.inner, "rank_dropout", 0.0)
+        if self.training and drop > 0:
+            keep = (torch.rand(delta.shape[0], device=delta.device) > drop).to(delta.dtype)
+            delta = delta * keep.view(-1, *[1] * (delta.dim() - 1))
         base = base_weight.to(delta.dtype).reshape(delta.shape)
         return dora_weight(base, delta, self.dora_scale.to(delta.dtype), wd_on_out=self.wd_on_out)
 
