@@ -21,11 +21,18 @@ from torch import Tensor
 from .formats.files import atomic_write
 
 __all__ = ["to_uint8", "write_png", "read_image", "read_image_channels", "scale_image", "image_grid", "load_image_folder", "ImageFolderError",
-           "IMAGE_SUFFIXES", "check_image_folder", "read_png_text", "OUTPUT_SUFFIXES", "check_output_suffix",
+           "IMAGE_SUFFIXES", "is_image_file", "check_image_folder", "read_png_text", "OUTPUT_SUFFIXES", "check_output_suffix",
            "check_save_settings", "encode_image", "write_image", "numbered"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".avif")  # (what write_image writes: A1111's samples formats)
+
+
+def is_image_file(path: Path) -> bool:
+    """A training image of a folder: a file with one of :data:`IMAGE_SUFFIXES` (any case) whose name does not start
+    with ``.`` — hidden files, such as the ``._name.png`` resource forks macOS leaves on exFAT / SMB copies, are
+    not images (kohya's ``glob_images`` never matches them either)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -361,7 +368,7 @@ def load_image_folder(folder: str | os.PathLike, *, size: int, default_caption: 
     without one take ``default_caption`` (the ``--prompt``), else it is an error naming them.
     """
     root = check_image_folder(folder)
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.iterdir() if is_image_file(p))
     if not files:
         raise ImageFolderError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
     images, captions, missing = [], [], []

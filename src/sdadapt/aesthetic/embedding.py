@@ -112,10 +112,10 @@ def aesthetic_embedding(
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
     """The image files of ``folder`` (sorted; the suffixes :data:`sdadapt.images.IMAGE_SUFFIXES`)."""
-    from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder
+    from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder, is_image_file
 
     root = check_image_folder(folder)
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.iterdir() if is_image_file(p))
     if not files:
         raise ImageFolderError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
     return files

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from ..images import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES, is_image_file
 from ..training.data import ImageRecord, image_size, kohya_folder_name
 from ..training.reg_data import RegImages
 
@@ -83,7 +83,7 @@ class Concept:
 
 def _images_in(folder: Path) -> list[Path]:
     """The image files directly in ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def read_concepts_list(path: str | os.PathLike, *, tokens: Sequence[str] = (), prior: bool = True) -> tuple[Concept, ...]:

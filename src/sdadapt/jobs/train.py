@@ -829,6 +829,16 @@ def _bucket_plan(options: TrainOptions, *, native: int, multiple: int, where: st
         raise ValueError(f"{where}--bucket-reso-steps {step_size} must be a multiple of {multiple} for this model")
     if options.enable_bucket and (height % step_size or width % step_size):
         raise ValueError(f"{where}--resolution {width}x{height} must be a multiple of the bucket step {step_size}")
+    low, high = options.min_bucket_reso, options.max_bucket_reso
+    # (kohya's adjust_min_max_bucket_reso_by_steps: the limits moved onto the step, then held to the resolution)
+    if options.enable_bucket and low is not None and low - low % step_size > min(height, width):
+        raise ValueError(f"{where}--min-bucket-reso (min_bucket_reso) {low} is above the resolution's shorter side "
+                         f"{min(height, width)}: no bucket could hold a {width}x{height} image's area (kohya refuses it "
+                         f"too); give at most {min(height, width)}")
+    if options.enable_bucket and high is not None and high + (-high) % step_size < max(height, width):
+        raise ValueError(f"{where}--max-bucket-reso (max_bucket_reso) {high} is below the resolution's longer side "
+                         f"{max(height, width)}: no bucket could hold a {width}x{height} image's area (kohya refuses it "
+                         f"too); give at least {max(height, width)}")
     return height, width, step_size
 
 

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..images import IMAGE_SUFFIXES, read_image, read_png_text, to_uint8, write_png
+from ..images import is_image_file, read_image, read_png_text, to_uint8, write_png
 
 if TYPE_CHECKING:
     from .data_parallel import DataParallel
@@ -71,7 +71,7 @@ def class_image_files(folder: str | os.PathLike) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         return []
-    files = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for p in root.iterdir() if is_image_file(p)]
 
     def key(path: Path) -> tuple[int, int, str]:
         match = _INDEXED.match(path.name)

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder, read_image, scale_image
+from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder, is_image_file, read_image, scale_image
 from ..resampling import interpolation_for
 from .loss_masks import LossMaskSource, mask_like_image
 from .pixel_augment import PixelAugment
@@ -436,7 +436,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = None,
-                  other: list[str] | None = None) -> str | None:
+                  other: list[str] | None = None, unread: list[str] | None = None) -> str | None:
     """The text of ``file``'s caption file (``extension``, else ``.txt``, else ``.caption``), or ``None``.
 
     As kohya's ``read_caption``, a path of five ``_``-separated parts or more (a face position,
@@ -446,7 +446,12 @@ def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = No
     file's name: the last four ``_`` of the path are cut, so a name with fewer than four ``_`` in a folder
     whose name has ``_`` (``10_my_cat/a_b_c.png``) points into the folder's parent (``10.txt`` beside
     ``10_my_cat``), as kohya reads it. The ``.txt`` / ``.caption`` files are sdadapt's (kohya's ``read_caption``
-    reads ``extension`` only): when one of them is read, ``file``'s name is appended to ``other``."""
+    reads ``extension`` only): when one of them is read, ``file``'s name is appended to ``other``; when the
+    ``extension`` file (``.txt`` or ``.caption``) is read and the other of the two is there too, to ``unread``."""
+    if unread is not None and extension in (".txt", ".caption") and file.with_suffix(extension).is_file():
+        twin = file.with_suffix(".caption" if extension == ".txt" else ".txt")
+        if twin.is_file():
+            unread.append(f"{file.name} <- {file.with_suffix(extension).name}, not {twin.name}")
     tokens = os.path.splitext(str(file))[0].split("_")
     base = "_".join(tokens[:-4])
     stripped = Path(base + extension) if len(tokens) >= 5 and base else None
@@ -630,11 +635,15 @@ def find_images(
     other: list[str] = []
     tokened: list[str] = []
     blank: list[str] = []
+    hidden: list[str] = []
+    unread: list[str] = []
     joined = 0
     for folder, count, class_tokens, label in sets:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        hidden.extend(f"{label}/{p.name}" if label != "." else p.name for p in folder.iterdir()
+                      if p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if is_image_file(p))
         for file in files:
-            text = _caption_text(file, caption_extension, borrowed=borrowed, other=other)
+            text = _caption_text(file, caption_extension, borrowed=borrowed, other=other, unread=unread)
             if text is not None and not multiline and caption_lines == JOINED_CAPTIONS:
                 joined += sum(1 for line in text.splitlines() if line.strip()) > 1
             caption = _caption_of(text, lines=multiline, rule=caption_lines, empties=empties)
@@ -660,6 +669,13 @@ def find_images(
                      f"another caption file ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); kohya reads "
                      f"{caption_extension} files only (it would give them the class tokens, else \"\"): pass "
                      "--caption-extension (kohya's caption_extension) to name the files")
+    if hidden:  # (kohya's glob_images skips them too)
+        notes.append(f"{base}: {len(hidden)} hidden file(s) named like images skipped ({', '.join(sorted(hidden)[:3])}"
+                     f"{', ...' if len(hidden) > 3 else ''}; e.g. macOS ._name resource forks), as kohya skips them")
+    if unread:
+        notes.append(f"{base}: {len(unread)} image(s) have both a .txt and a .caption file; their {caption_extension} "
+                     f"file is read ({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}): pass "
+                     "--caption-extension (kohya's caption_extension; kohya's own default is .caption) to read the other")
     if tokened:  # (kohya warns "No caption file found for N images ... If class token exists, it will be used")
         notes.append(f"{base}: {len(tokened)} image(s) without a {caption_extension} file train on their folder's class "
                      f"tokens ({', '.join(tokened[:3])}{', ...' if len(tokened) > 3 else ''}), as kohya's")

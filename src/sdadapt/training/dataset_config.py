@@ -45,7 +45,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import InputError
-from ..images import IMAGE_SUFFIXES, ImageFolderError
+from ..images import IMAGE_SUFFIXES, ImageFolderError, is_image_file
 from ..plurals import plural
 from .data import (
     ASSEMBLY_BEFORE,
@@ -433,6 +433,15 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
             return value
         return fallback[name] if name in fallback else _KOHYA_DEFAULTS.get(name)
 
+    def unset(name: str, flag: str, tables: Sequence[tuple[str, dict]]) -> None:
+        """Note (once) a key the file leaves to the run whose value there is not kohya's default: kohya's command line
+        defaults differ from sdadapt's (``.caption`` files, batch size 1, no buckets)."""
+        if look(name, tables)[1] is None and name in fallback and fallback[name] not in (None, _KOHYA_DEFAULTS[name]):
+            note = (f"{name} is not in the file: the run's {fallback[name]!r} ({flag}) applies, where kohya's default "
+                    f"would be {_KOHYA_DEFAULTS[name]!r}; write {name} in the TOML to train as kohya would either way")
+            if note not in notes:
+                notes.append(note)
+
     blocks: list[dict[str, Any]] = []
     kinds: list[bool] = []
     subsets: list[SubsetConfig] = []
@@ -469,6 +478,8 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
             if look(name, dataset_tables)[1] is not None or len(datasets) > 1:  # (several: each block's own, resolved)
                 options[name] = resolve(name, dataset_tables)
         resolve("network_multiplier", dataset_tables)  # (refused when set)
+        for name, flag in (("batch_size", "--batch-size"), ("enable_bucket", "--enable-bucket")):
+            unset(name, flag, dataset_tables)
         _interpolation(resolve("resize_interpolation", dataset_tables), where=f"{source}: {block}")
         blocks.append(options)
 
@@ -492,6 +503,8 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
                 continue
             seen.add(identity)
             extension = str(resolve("caption_extension", tables) or ".caption") if not finetuning else ".caption"
+            if not finetuning:
+                unset("caption_extension", "--caption-extension", tables)
             if extension and not extension.startswith("."):
                 extension = "." + extension  # (kohya adds the dot)
             is_reg = bool(table.get("is_reg", False))
@@ -696,13 +709,13 @@ def subset_records(subset: SubsetConfig, *, uncaptioned: bool = False, source: s
         if folder is None or not folder.is_dir():
             raise ImageFolderError(f"{where}: image_dir {folder} is not a folder (a relative path is read from the "
                                    "current folder, as kohya)")
-        if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        if not any(is_image_file(p) for p in folder.iterdir()):
             # (kohya's DreamBoothDataset: "ignore subset with image_dir=...: no images found"; it is in no
             # ss_dataset_dirs / ss_datasets entry, its folder's ss_tag_frequency entry is empty) — but a folder
             # whose images sit in sub-folders (kohya's train_data_dir / reg_data_dir layout given as image_dir) is
             # a mistake a skip would hide (a reg subset would train without its class images)
             inner = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(
-                q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES for q in p.iterdir()))
+                is_image_file(q) for q in p.iterdir()))
             if inner:
                 raise ImageFolderError(f"{where}: image_dir {folder} holds no images itself; its sub-folders "
                                        f"{', '.join(inner[:5])}{' ...' if len(inner) > 5 else ''} do: a subset is one "
