@@ -241,6 +241,14 @@ def adapter_from_file_tensors(
             reverse), or tensors that do not fit — naming ``name``.
     """
     family = family_of_keys(tensors, name=name)
+    if family.name == "full" and geometry.is_norm:
+        # a full delta of a GroupNorm / LayerNorm layer (ComfyUI's LoRA extraction writes ``diff`` / ``diff_b`` for every
+        # 1-D weight): the same offsets as LyCORIS' w_norm / b_norm, as ComfyUI, Forge and SD.Next apply it
+        diff = tensors.get("diff")
+        if diff is None:
+            diff = torch.zeros(geometry.out_features, dtype=tensors["diff_b"].dtype, device=tensors["diff_b"].device)
+        tensors = {"w_norm": diff, **({"b_norm": tensors["diff_b"]} if "diff_b" in tensors else {})}
+        family = family_of_keys(tensors, name=name)
     mismatch = _layer_kind_mismatch(family, geometry)
     if mismatch:
         raise ValueError(f"{name}: {mismatch} The file was made for another model.")
