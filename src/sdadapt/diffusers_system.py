@@ -858,9 +858,11 @@ class DiffusersSystem(nn.Module):
         context = torch.cat([states_1, states_2], dim=-1)
         if time_ids is None:
             # made on the device (no host copy: this runs inside a captured CUDA-graph step too)
-            time_ids = context.new_full((ids.shape[0], 6), float(self.image_size))
+            time_ids = context.new_full((ids.shape[0], 6), float(self.image_size), dtype=torch.float32)
             time_ids[:, 2:4] = 0.0  # (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
-        return {"context": context, "text_embeds": pooled, "time_ids": time_ids.to(context)}
+        # float32 whatever the text states' dtype: bfloat16 rounds sizes above 256 (1365 -> 1368); the UNet embeds the
+        # ids in float32 and casts the embedding, as kohya's get_size_embeddings
+        return {"context": context, "text_embeds": pooled, "time_ids": time_ids.to(device=context.device, dtype=torch.float32)}
 
     def _refiner_condition(self, ids: Tensor, weights: Tensor | None, time_ids: Tensor | None) -> dict[str, Tensor]:
         """The SDXL refiner's :meth:`condition`: (B, L) OpenCLIP-G ids -> ``{"context": (B, L, 1280)`` penultimate
@@ -879,10 +881,10 @@ class DiffusersSystem(nn.Module):
         if weights is not None:
             states = _weigh_states(states, weights)
         if time_ids is None:  # (orig_h, orig_w, crop_top, crop_left, aesthetic_score)
-            time_ids = states.new_full((ids.shape[0], 5), float(self.image_size))
+            time_ids = states.new_full((ids.shape[0], 5), float(self.image_size), dtype=torch.float32)
             time_ids[:, 2:4] = 0.0
             time_ids[:, 4] = self.aesthetic_score
-        return {"context": states, "text_embeds": pooled, "time_ids": time_ids.to(states)}
+        return {"context": states, "text_embeds": pooled, "time_ids": time_ids.to(device=states.device, dtype=torch.float32)}
 
     def denoiser(self):
         """``model(x_t, t, cond) -> prediction`` over :meth:`condition`'s output."""

@@ -359,7 +359,7 @@ class KohyaTextFiles:
                 contexts.append(fresh.values["context"][row].cpu())  # type: ignore[union-attr]
                 pooled_rows.append(fresh.values["text_embeds"][row].cpu())  # type: ignore[union-attr]
         values = {"context": torch.stack(contexts), "text_embeds": torch.stack(pooled_rows)}
-        time_ids_dtype = fresh.time_ids_dtype if fresh is not None else context_dtype
+        time_ids_dtype = fresh.time_ids_dtype if fresh is not None else torch.float32  # (DiffusersSystem.condition's)
         return TextConditionCache({text: i for i, text in enumerate(texts)}, values, time_ids_dtype)
 
     def report(self) -> list[str]:

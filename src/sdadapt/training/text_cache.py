@@ -18,7 +18,8 @@ warm-up, wildcards, templates drawn per use) cannot be cached: :func:`caption_va
 them, as kohya refuses ``shuffle_caption`` / ``caption_tag_dropout_rate`` / ``token_warmup_step``.
 
 **Size conditioning (SDXL).** A size-conditioned system's ``condition({"ids", "time_ids"})`` returns
-a dict whose ``"time_ids"`` entry is the given ``time_ids`` cast to its other tensors' dtype: the cache
+a dict whose ``"time_ids"`` entry is the given ``time_ids`` in float32 (exact sizes; bfloat16 would round
+them): the cache
 keeps the other entries (``context`` (L, 2048), ``text_embeds`` (1280,)) and each lookup puts the
 batch's own ``time_ids`` (each image's size, crop and flip) back in, as kohya keeps the pooled output
 and builds the size embedding per batch.
