@@ -980,3 +980,36 @@ def test_conditions_that_do_not_batch_are_one_announced_call():
     assert seen == [(0, 0), (1, 0), (2, 0)]
 
 
+
+
+@pytest.mark.parametrize("mid", [False, True])
+def test_a_lora_layer_with_a_bias_delta_moves_by_the_block_weight_once(mid):
+    """A LoRA (or LoCon-Tucker) layer carrying a ``diff_b`` at block weight w: the extension scales its up factor
+    (``lbw()``), so ΔW moves by w and the bias delta keeps the tag's multiplier. Each factor was scaled before
+    (w³ ΔW, w⁴ with ``lora_mid``). Float64 reference written out: m·w·(α/r)·up @ down, and m·diff_b."""
+    from sdadapt.adapters.base import LayerGeometry
+    from sdadapt.adapters.registry import file_layer_delta
+    from sdadapt.formats.layers import group_by_layer
+    from sdadapt.jobs.generate_lbw import lbw_groups
+
+    g = torch.Generator().manual_seed(4)
+    layer = "down_blocks.1.resnets.0.conv1"
+    if mid:  # (LoCon Tucker: down 1x1, mid kxk, up 1x1)
+        factors = {"lora_down.weight": torch.randn(2, 3, 1, 1, generator=g, dtype=torch.float64),
+                   "lora_mid.weight": torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64),
+                   "lora_up.weight": torch.randn(4, 2, 1, 1, generator=g, dtype=torch.float64)}
+        delta = torch.einsum("ia,abkl,bj->ijkl", factors["lora_up.weight"][:, :, 0, 0],
+                             factors["lora_mid.weight"], factors["lora_down.weight"][:, :, 0, 0])
+    else:
+        factors = {"lora_down.weight": torch.randn(2, 3, 3, 3, generator=g, dtype=torch.float64),
+                   "lora_up.weight": torch.randn(4, 2, 1, 1, generator=g, dtype=torch.float64)}
+        delta = (factors["lora_up.weight"].reshape(4, 2) @ factors["lora_down.weight"].reshape(2, -1)).reshape(4, 3, 3, 3)
+    state = {f"{layer}.{k}": v for k, v in {**factors, "alpha": torch.tensor(1.0, dtype=torch.float64),
+                                             "diff_b": torch.randn(4, generator=g, dtype=torch.float64)}.items()}
+    half = tuple(0.5 if 0 < i < 13 else 1.0 for i in range(26))  # the IN blocks at 0.5
+    (scale, merged), = lbw_groups(state, "unet", 0.8, half, sdxl=False)
+    tensors = group_by_layer(merged)[layer]
+    got_w, got_b = file_layer_delta(tensors, LayerGeometry(4, 3, (3, 3), padding=(1, 1), has_bias=True),
+                                    scale=scale, dtype=torch.float64)
+    torch.testing.assert_close(got_w, 0.8 * 0.5 * 0.5 * delta, rtol=1e-12, atol=1e-12)  # (alpha 1 / rank 2)
+    torch.testing.assert_close(got_b, 0.8 * state[f"{layer}.diff_b"], rtol=1e-12, atol=1e-12)

@@ -47,7 +47,7 @@ adds nothing either).
     """
     if block_weights is None:
         return [(multiplier, dict(state))]
-    from ..adapters.registry import family_of_keys
+    from ..adapters.registry import family_of_keys, scale_file_tensors
     from ..formats.layers import group_by_layer
     from ..loratools.block_weights import lbw_layer_weight
 
@@ -59,10 +59,12 @@ adds nothing either).
                              f"factor by the block weight {weight:g} before DoRA's normalisation, which is not done "
                              "here; give its blocks weight 1, or bake the file with merge-lora --block-weights")
         if weight != 1.0 and any(key in _UNWEIGHTED_BIAS for key in tensors):
-            # the extension scales only the weight's delta of a full / norm layer: its bias delta keeps the tag's
-            # multiplier (at block weight 0 too), so the layer merges at the multiplier with its weight delta scaled
-            groups.setdefault(multiplier, {}).update(
-                {f"{layer}.{k}": v if k in _UNWEIGHTED_BIAS else v * weight for k, v in tensors.items()})
+            # the extension scales only the weight's delta (a LoRA's up factor, a full layer's diff, a norm's w_norm):
+            # the bias delta keeps the tag's multiplier (at block weight 0 too), so the layer merges at the
+            # multiplier with its weight delta scaled — through the family's linear tensor, once (not every factor)
+            rest = {k: v for k, v in tensors.items() if k not in _UNWEIGHTED_BIAS}
+            scaled = scale_file_tensors(rest, weight, name=f"{component}:{layer}") if rest else {}
+            groups.setdefault(multiplier, {}).update({f"{layer}.{k}": v for k, v in {**tensors, **scaled}.items()})
             continue
         if weight == 0.0:
             continue
