@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from .soft_inpainting import SoftInpainting
 
 __all__ = ["SD_GUIDANCE", "SamplePrompt", "SAMPLERS", "default_guidance", "default_sampler", "generate",
-           "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults"]
+           "given_start_noise", "kohya_clip_sample", "parse_sample_prompts", "unknown_words", "with_defaults",
+           "fit_sample_prompt", "SAMPLE_STEPS_RANGE"]
 
 #: the classifier-free guidance scale of a system whose ``sample`` names no number of its own: Stable Diffusion's
 #: (diffusers' ``StableDiffusionPipeline.__call__`` ``guidance_scale=7.5``; the System protocol's ``sample``)
@@ -676,6 +677,31 @@ def kohya_clip_sample(sampler: str) -> float | None:
         ValueError: an unknown sampler name.
     """
     return 1.0 if samplers.canonical_sampler(sampler) == "heun" else None
+
+
+#: kohya's bounds of a sample prompt's steps (sample_image_inference: ``max(1, min(1000, steps))``)
+SAMPLE_STEPS_RANGE = (1, 1000)
+
+
+def fit_sample_prompt(prompt: SamplePrompt, *, multiple: int) -> tuple[SamplePrompt, list[str]]:
+    """``prompt`` as kohya's ``sample_image_inference`` takes it, checked before training starts: steps held to
+    :data:`SAMPLE_STEPS_RANGE` and each given side rounded down to a multiple of the model's ``multiple`` (kohya:
+    of 8, at least 64), at least one ``multiple`` — instead of failing at the first sample point, after training
+    steps. Returns the prompt and a note for each change."""
+    notes: list[str] = []
+    changes: dict[str, int] = {}
+    low, high = SAMPLE_STEPS_RANGE
+    if prompt.steps is not None and not low <= prompt.steps <= high:
+        changes["steps"] = min(high, max(low, prompt.steps))
+        notes.append(f"sample prompt {prompt.prompt!r}: --s {prompt.steps} held to {changes['steps']} steps (kohya "
+                     f"holds a sample's steps to {low}..{high})")
+    for name in ("width", "height"):
+        side = getattr(prompt, name)
+        if side is not None and (side % multiple or side < multiple):
+            changes[name] = max(multiple, side - side % multiple)
+            notes.append(f"sample prompt {prompt.prompt!r}: --{name[0]} {side} rounded down to {changes[name]} (this model "
+                         f"makes sides that are multiples of {multiple}; kohya rounds down to a multiple of 8)")
+    return (replace(prompt, **changes) if changes else prompt), notes
 
 
 def with_defaults(prompt: SamplePrompt, *, seed: int, steps: int, guidance: float | None) -> SamplePrompt:

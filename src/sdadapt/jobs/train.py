@@ -2003,6 +2003,12 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     notes.extend(_clip_skip_notes(options, getattr(system, "architecture", None)))  # (kohya's SDXL / v2 warnings)
     native = int(system.image_size)
     multiple = int(getattr(system, "size_multiple", 4))
+    if samples:  # (the model's size multiple is known now: a prompt's size or steps must not stop the run mid-way)
+        from ..sampling import fit_sample_prompt
+
+        fitted = [fit_sample_prompt(sample, multiple=multiple) for sample in samples]
+        samples = [sample for sample, _ in fitted]
+        notes.extend(note for _, said in fitted for note in said)
     # each [[datasets]] block of a dataset TOML bucketed alone at its own size (kohya's datasets); else the run's options
     plans = [(opts, *_bucket_plan(opts, native=native, multiple=multiple,
                                   where=f"--dataset-config {options.dataset_config}: datasets[{i}]: "))
