@@ -156,8 +156,25 @@ def test_text_encoder_only_refusals():
         prepare_lora(system, unet=False, text_encoder=False)
     with pytest.raises(InputError, match="UNet options"):
         prepare_lora(system, unet=False, down_lr_weight="sine")
-    with pytest.raises(InputError, match="loraplus_unet_lr_ratio"):
-        prepare_lora(system, unet=False, loraplus_unet_lr_ratio=4)
+
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_a_loraplus_ratio_of_a_part_not_trained_is_unused_as_kohya(part):
+    """GUIs write every LoRA+ field into network_args; kohya keeps a ratio of a part it does not train and never reads
+    it (networks/lora.py: apply_to empties that part's modules). The run trains, with a note; the rates of what
+    trains are plain LoRA's (or the other part's ratio's)."""
+    ratio = "loraplus_unet_lr_ratio" if part == "unet" else "loraplus_text_encoder_lr_ratio"
+    options = {"unet": False} if part == "unet" else {"text_encoder": False}
+    plain = prepare_lora(_system(), rank=2, **options)
+    plus = prepare_lora(_system(), rank=2, **options, **{ratio: 4})
+    assert plus.lr_scales in (None, [1.0] * len(plus.params)) and len(plus.params) == len(plain.params)
+    assert any(n.startswith(f"{ratio} (") and "not used" in n for n in plus.notes), plus.notes
+    assert plus.network_args[ratio] == "4"  # (kohya keeps it in ss_network_args)
+    other = "loraplus_text_encoder_lr_ratio" if part == "unet" else "loraplus_unet_lr_ratio"
+    both = prepare_lora(_system(), rank=2, **options, **{ratio: 4, other: 2})
+    want = [2.0 if name == "lora_up" else 1.0 for *_, name, _ in both._entries()]
+    assert both.lr_scales == want
 
 
 # ------------------------------------------------------------------ base weights

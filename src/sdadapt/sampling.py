@@ -115,7 +115,8 @@ def _prompt_line(text: str, where: str) -> SamplePrompt:
         try:
             options[name] = kind(value.strip()) if kind is not str else value.strip()
         except ValueError:
-            raise InputError(f"{where}: --{key} needs a {kind.__name__}, got {value.strip()!r}") from None
+            raise InputError(f"{where}: --{key} needs {'a whole number' if kind is int else 'a number'}, got "
+                             f"{value.strip()!r}") from None
     if not prompt:
         raise InputError(f"{where}: a line with options but no prompt")
     if "sampler" in options:

@@ -322,12 +322,10 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
     plus = {n: network[n] for n in LORAPLUS_ARGS if network.get(n) is not None}
     if plus:
         unet_ratio, text_ratio = loraplus_ratios(**plus)
-        if not unet and "loraplus_unet_lr_ratio" in plus:
-            raise InputError("loraplus_unet_lr_ratio with --no-unet (network_train_text_encoder_only): no UNet modules "
-                             "train; leave it out")
-        if not text_encoder and "loraplus_text_encoder_lr_ratio" in plus:
-            raise InputError("loraplus_text_encoder_lr_ratio with --no-text-encoder (network_train_unet_only): no text "
-                             "encoder modules train; leave it out")
+        unused = [f"{name} ({flag}: no {part} modules train)" for name, flag, part, off in (
+            ("loraplus_unet_lr_ratio", "--no-unet", "UNet", not unet),
+            ("loraplus_text_encoder_lr_ratio", "--no-text-encoder", "text-encoder", not text_encoder))
+            if off and name in plus]  # (GUIs write every LoRA+ field; kohya keeps the ratio and never reads it)
         rest = {n: v for n, v in network.items() if n not in LORAPLUS_ARGS}
         adaptation = _adaptation(system, make, family, rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
                                  text_encoder=text_encoder, targets=targets, default=default, network=rest, unet=unet)
@@ -338,6 +336,7 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
             adaptation.remove()
             raise
         adaptation.network_args.update(_network_args(plus))  # kohya keeps them in ss_network_args
+        adaptation.notes = list(adaptation.notes) + [f"{u}: not used, as kohya leaves it unused" for u in unused]
         return adaptation
     if not unet:
         if not text_encoder:
