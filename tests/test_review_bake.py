@@ -54,3 +54,29 @@ def test_merge_lora_scales_a_full_delta_bias_by_the_strength(tmp_path):
     got = load_file(tmp_path / "out.safetensors")
     torch.testing.assert_close(got[f"{key}.weight"].double(), weight.double() + 0.5 * diff.double())
     torch.testing.assert_close(got[f"{key}.bias"].double(), bias.double() + 0.5 * diff_b.double())
+
+
+def test_merge_lora_keeps_what_the_model_is_not_the_bases_title_or_hashes(tmp_path):
+    """The baked checkpoint holds other bytes than its base: the base's ``modelspec.title``, hashes and training keys
+    describe the base (kohya's merge_lora.py writes fresh ModelSpec); the fields that say what model it is stay, as a
+    merge keeps them (sdadapt.merge.model_metadata.INHERITED_FIELDS)."""
+    from safetensors import safe_open
+
+    from sdadapt.merge.model_metadata import INHERITED_FIELDS
+
+    state = load_file(tiny_sd1_file(tmp_path / "sd1.safetensors"))
+    base_meta = {"modelspec.title": "Base Model", "modelspec.hash_sha256": "0xdeadbeef", "sshs_model_hash": "ab",
+                 "modelspec.architecture": "stable-diffusion-v1", "modelspec.prediction_type": "epsilon",
+                 "modelspec.resolution": "512x512", "ss_steps": "100", "format": "pt"}
+    save_file(state, str(tmp_path / "base.safetensors"), base_meta)
+    g = torch.Generator().manual_seed(5)
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.diff": 0.01 * torch.randn(
+        state["model.diffusion_model.input_blocks.1.1.proj_in.weight"].shape, generator=g)},
+        str(tmp_path / "full.safetensors"))
+    merge_loras_into_checkpoint(tmp_path / "base.safetensors", [tmp_path / "full.safetensors"],
+                                tmp_path / "out.safetensors")
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as handle:
+        meta = handle.metadata()
+    assert {k: v for k, v in meta.items() if k != "sdadapt.merge_lora"} == {
+        k: v for k, v in base_meta.items() if k in INHERITED_FIELDS}
+    assert "full.safetensors" in meta["sdadapt.merge_lora"]

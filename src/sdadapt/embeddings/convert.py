@@ -71,7 +71,9 @@ def embedding_format(path: str | os.PathLike) -> str:
 
 
 def _target_metadata(metadata: dict[str, str], target: str) -> dict[str, str]:
-    kept = dict(metadata)
+    from ..formats.kohya import STALE_METADATA
+
+    kept = {k: v for k, v in metadata.items() if k not in STALE_METADATA or k == "format"}  # (hashes of the old bytes)
     if target != "kohya":
         kept = {k: v for k, v in kept.items() if not k.startswith(_KOHYA_PREFIXES)}
     if target != "diffusers":

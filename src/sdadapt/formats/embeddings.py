@@ -47,7 +47,7 @@ from .files import (
     sniff_format,
     write_safetensors,
 )
-from .kohya import modelspec_date
+from .kohya import STALE_METADATA, modelspec_date
 
 __all__ = [
     "A1111_TOKEN",
@@ -89,12 +89,19 @@ def _sdxl_tensors(embedding: Embedding) -> dict[str, Tensor]:
     return {k: embedding.vectors[k] for k in SDXL_KEYS}
 
 
+def _carried(embedding: Embedding) -> dict[str, str]:
+    """The metadata an embedding's file carries over: its own less :data:`~sdadapt.formats.kohya.STALE_METADATA` —
+    the sshs / modelspec hashes of the bytes it was read from (a converted or re-cast file's are others; training
+    stamps the written file's own), the writer's version and container keys."""
+    return {k: v for k, v in embedding.metadata.items() if k not in STALE_METADATA}
+
+
 # ------------------------------------------------------------------------------ A1111 .pt dict
 def to_a1111(embedding: Embedding) -> dict:
     """The dict A1111's ``Embedding.save`` writes (``torch.save`` it); SDXL: ``{"clip_l", "clip_g"}``."""
     if embedding.is_sdxl:
         return _sdxl_tensors(embedding)
-    meta = dict(embedding.metadata)
+    meta = _carried(embedding)
     out: dict = {
         "string_to_token": {"*": A1111_TOKEN},
         "string_to_param": {"*": _single(embedding)},
@@ -133,7 +140,7 @@ def _a1111_safetensors(embedding: Embedding) -> tuple[dict[str, Tensor], dict[st
     meta = {"name": embedding.name}
     if embedding.step is not None:
         meta["step"] = str(embedding.step)
-    meta.update(embedding.metadata)
+    meta.update(_carried(embedding))
     tensors = _sdxl_tensors(embedding) if embedding.is_sdxl else {"emb_params": _single(embedding)}
     return tensors, meta
 
@@ -164,12 +171,13 @@ def to_kohya(embedding: Embedding, *, base_model: str | None = None) -> tuple[di
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": embedding.name,
         "modelspec.resolution": {"sdxl": "1024x1024", "sd2-v": "768x768"}.get(base, "512x512"),
+        "modelspec.prediction_type": "v" if base == "sd2-v" else "epsilon",  # (kohya's build_metadata writes it too)
         "modelspec.date": modelspec_date(),  # (kohya's local time, no offset: formats.kohya)
         "modelspec.implementation_version": f"sdadapt/{__version__}",
     }
     if embedding.step is not None:
         meta["step"] = str(embedding.step)
-    meta.update(embedding.metadata)
+    meta.update(_carried(embedding))
     tensors = _sdxl_tensors(embedding) if embedding.is_sdxl else {"emb_params": _single(embedding)}
     return tensors, meta
 
@@ -180,7 +188,7 @@ def to_diffusers(embedding: Embedding) -> tuple[dict[str, Tensor], dict[str, str
     meta = {"format": "pt"}
     if embedding.step is not None:
         meta["step"] = str(embedding.step)
-    meta.update(embedding.metadata)
+    meta.update(_carried(embedding))
     token = meta.pop("token", embedding.name)
     tensors = _sdxl_tensors(embedding) if embedding.is_sdxl else {token: _single(embedding)}
     return tensors, meta

@@ -3007,6 +3007,7 @@ def _training_metadata(spec, options: TrainOptions, config: FitConfig, dataset, 
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(time.time()),
         "ss_output_name": final.stem,
+        "modelspec.title": final.stem,  # (every save, the step ones too: kohya's output_name; --metadata-title wins)
         "ss_learning_rate": str(config.schedule_base_lr or config.learning_rate),  # kohya's --learning_rate
         "ss_unet_lr": str(config.learning_rate),
         "ss_text_encoder_lr": _text_encoder_lr_metadata(config),

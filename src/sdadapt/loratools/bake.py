@@ -46,6 +46,7 @@ from ..checks import cast_checked, check_result, finite_numbers, nonfinite_scan
 from ..errors import InputError
 from ..formats import WeightFileError
 from ..formats.layers import group_by_layer
+from ..merge.model_metadata import inherited_metadata
 from .block_weights import expand_block_weights, lora_block_weight_fn
 from .checkpoint_layers import LayerSlot, checkpoint_layers, detect_base_model, unet_layers_per_block
 from .output import (
@@ -141,7 +142,9 @@ class BakedCheckpoint:
         except BaseException:
             self._source.close()
             raise
-        self.metadata = dict(self._source.metadata or {})
+        # the fields that say what model it is (as a merge keeps them: sdadapt.merge.model_metadata); the base's title,
+        # hashes and training keys describe other bytes (kohya's merge_lora.py writes fresh metadata too)
+        self.metadata, _ = inherited_metadata([(self.path.name, dict(self._source.metadata or {}))])
         self.metadata["sdadapt.merge_lora"] = json.dumps(
             {
                 "base": self.path.name,
