@@ -13,6 +13,7 @@ sdadapt has no option for (their image would differ).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -66,7 +67,28 @@ def parse_infotext(text: str) -> dict[str, str]:
             fields[f"{key}-1"], fields[f"{key}-2"] = size.group(1), size.group(2)
         else:
             fields[key] = value
+    if "Hypernet" in fields:  # (A1111's: an infotext from before extra networks names it in a field, not a tag)
+        prompt += f"<hypernet:{fields['Hypernet']}:{fields.get('Hypernet strength', '1.0')}>"
+    _restore_old_hires_fix(fields)
     return {"Prompt": prompt, "Negative prompt": negative, **fields}
+
+
+def _restore_old_hires_fix(fields: dict[str, str]) -> None:
+    """A1111's ``restore_old_hires_fix_params`` (in place): an infotext of the old hires fix (before v1.0, "First pass
+    size: WxH", ``0x0`` for its default) made a first pass of that size and a hires pass to "Size"; as the hires fix
+    of now: "Size" the first pass, "Hires resize" the final size. ``0x0``: A1111's
+    ``old_hires_fix_first_pass_dimensions``, the 512² area at the final aspect, sides rounded up to 64."""
+    try:
+        first_w, first_h = int(fields["First pass size-1"]), int(fields["First pass size-2"])
+        width, height = int(fields.get("Size-1", 512)), int(fields.get("Size-2", 512))
+    except (KeyError, ValueError):
+        return
+    if first_w == 0 or first_h == 0:
+        scale = math.sqrt(512 * 512 / (width * height)) if width and height else 1.0
+        first_w, first_h = math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
+    del fields["First pass size-1"], fields["First pass size-2"]
+    fields["Size-1"], fields["Size-2"] = str(first_w), str(first_h)
+    fields["Hires resize-1"], fields["Hires resize-2"] = str(width), str(height)
 
 
 def read_infotext(path: str | os.PathLike) -> str:
