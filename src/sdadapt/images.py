@@ -26,6 +26,7 @@ __all__ = ["to_uint8", "write_png", "read_image", "read_image_channels", "scale_
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".avif")  # (what write_image writes: A1111's samples formats)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def is_image_file(path: Path) -> bool:
@@ -33,7 +34,6 @@ def is_image_file(path: Path) -> bool:
     with ``.`` — hidden files, such as the ``._name.png`` resource forks macOS leaves on exFAT / SMB copies, are
     not images (kohya's ``glob_images`` never matches them either)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageFolderError(ValueError):
