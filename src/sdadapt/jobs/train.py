@@ -2420,8 +2420,12 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                               preset_file=preset_file)
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
         if info.step in sample_points:
-            info.use_weights()  # (a schedule-free optimiser's averaged weights, as kohya samples)
-            write_samples(info.step)
+            if options.ema_save == "weights":  # the weights the saves hold: the EMA (diffusers' validation, OneTrainer)
+                with info.averaged():  # (a schedule-free optimiser's averaged weights too, as kohya samples)
+                    write_samples(info.step)
+            else:
+                info.use_weights()
+                write_samples(info.step)
 
     if 0 in sample_points and main:  # --sample-at-first
         write_samples(0)
@@ -2587,6 +2591,7 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               "total_steps": total, "batch_size": options.batch_size, "seed": options.seed,
               **({"world_size": data_parallel.launched_world_size()} if data_parallel.launched_world_size() > 1 else {}),
               "images": str(options.images), "method_options": options.method_options,
+              **({"ema_decay": options.ema_decay} if options.ema_decay is not None else {}),
               "optimizer": options.optimizer, "optimizer_args": _optimizer_args_record(options),
               **({"optimizer_defaults": optimizer_defaults} if optimizer_defaults != train_optimizer.LEGACY_DEFAULTS else {}),
               **({"step_shares": step_shares} if step_shares != train_schedule.LEGACY_SHARES else {}),
@@ -2898,7 +2903,8 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
     if not record_file.is_file() or not (folder / "state.json").is_file():
         raise ValueError(f"--resume {folder}: not a training state folder (it needs run.json, state.json and state.safetensors)")
     record = json.loads(record_file.read_text())
-    state_step = json.loads((folder / "state.json").read_text()).get("step")
+    saved_state = json.loads((folder / "state.json").read_text())
+    state_step = saved_state.get("step")
     if state_step != record.get("step"):
         raise ValueError(f"--resume {folder}: run.json (step {record.get('step')}) and state.json (step {state_step}) disagree; "
                          "the save was interrupted")
@@ -2906,6 +2912,13 @@ def _check_resume(folder: Path, method: str, options: TrainOptions, *, dataset: 
         ("method", method), ("model", str(options.model)), ("optimizer", options.optimizer),
         ("batch_size", options.batch_size), ("seed", options.seed),
         ("gradient_accumulation_steps", options.gradient_accumulation_steps)) if record.get(name) != value]
+    saved_ema = saved_state.get("ema_updates") is not None  # (the EMA's averages are in the state: state.json says so)
+    if saved_ema != (options.ema_decay is not None) or (saved_ema and "ema_decay" in record
+                                                        and record["ema_decay"] != options.ema_decay):
+        # (absent in records written before it was recorded: the decay given now is used, as before)
+        mismatches.append(f"--ema-decay {record.get('ema_decay') if saved_ema else None!r} (now {options.ema_decay!r}; "
+                          + ("the saved state holds the EMA's averages" if saved_ema else "the saved state has no EMA")
+                          + ")")
     if record.get("world_size", 1) != data_parallel.launched_world_size():  # (the global batch is batch × processes)
         mismatches.append(f"processes {record.get('world_size', 1)} (now {data_parallel.launched_world_size()}; the "
                           "global batch is --batch-size × processes: resume with as many, e.g. torchrun --nproc-per-node)")

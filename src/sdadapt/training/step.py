@@ -655,6 +655,13 @@ def load_training_state(
     missing = [k for k in named_params if f"param.{k}" not in tensors]
     if missing:
         raise ValueError(f"{target}: parameters {missing[:5]} are not in the saved state")
+    saved_ema = meta.get("ema_updates") is not None
+    if saved_ema != (state.ema is not None) or (saved_ema and any(f"ema.{i}" not in tensors
+                                                                  for i in range(len(state.ema.shadow)))):
+        raise ValueError(f"{target}: the state was saved {'with' if saved_ema else 'without'} an EMA of the weights and "
+                         f"this run has {'one' if state.ema is not None else 'none'}: resume "
+                         + ("with the EMA decay it trained with (--ema-decay / FitConfig.ema_decay), whose averages it "
+                            "holds" if saved_ema else "without --ema-decay (FitConfig.ema_decay), or start a new run"))
     with torch.no_grad():
         for name, param in named_params.items():
             param.copy_(tensors[f"param.{name}"])
