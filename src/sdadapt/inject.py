@@ -198,8 +198,14 @@ class AdapterHandle:
                     f"{tuple(own[key].shape)}; was it trained with another rank?"
                 )
         with torch.no_grad():
-            for key, value in state.items():
-                own[key].copy_(value)
+            for layer, adapter in self.modules.items():
+                tensors = {key: state[f"{layer}.{key}"] for key in adapter.file_tensors()}
+                load_file_tensors = getattr(adapter, "load_file_tensors", None)
+                if load_file_tensors is not None:  # (DyLoRA: its file tensors are concatenations of its row parameters)
+                    load_file_tensors(tensors)
+                else:
+                    for key, value in tensors.items():
+                        own[f"{layer}.{key}"].copy_(value)
         for adapter in self.modules.values():
             adapter.refresh_scale()
         self._refresh_merged()
