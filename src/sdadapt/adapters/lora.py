@@ -275,6 +275,9 @@ class LoRAModule(AdapterModule):
         # a file's bias delta beside the factors (ComfyUI's extraction with bias_diff): added to the bias at the
         # strength alone, not at alpha / r (ComfyUI's loader patches the bias apart); None for trained LoRAs
         self.diff_b: nn.Parameter | None = None
+        # PiSSA's starting factors, set by init_from_base (not saved): what file_tensors() subtracts
+        self.register_buffer("pissa_up0", None, persistent=False)
+        self.register_buffer("pissa_down0", None, persistent=False)
         # stored alpha follows the file convention scale = alpha / r; scale (alpha / r · multiplier) is
         # cached, not saved: one multiply per call on the hot path
         self._register_alpha_scale(scale * rank, scale, device)
@@ -345,15 +348,46 @@ class LoRAModule(AdapterModule):
         with torch.no_grad():
             self.lora_up.copy_(up.reshape(self.lora_up.shape))
             self.lora_down.copy_(down)
+        # the starting factors (not saved): the file form of a PiSSA adapter is its change to the original weight
+        self.pissa_up0, self.pissa_down0 = self.lora_up.detach().clone(), self.lora_down.detach().clone()
         return residual
 
     def file_tensors(self) -> dict[str, Tensor]:
+        """The file's tensors. A PiSSA adapter (:meth:`init_from_base`) trains over the residual base, so its file is
+        its change to the original weight, ``s·(up·down − up₀·down₀)``, as peft's
+        ``path_initial_model_for_weight_conversion`` writes it: ``up = [up, −up₀]``, ``down = [down; down₀]``, rank
+        2r at the same scale (``alpha`` doubled) — a plain LoRA of the original model for any loader."""
         tensors = {"lora_down.weight": self.lora_down, "lora_up.weight": self.lora_up, "alpha": self.alpha}
+        if self.pissa_up0 is not None:
+            tensors = {"lora_down.weight": torch.cat([self.lora_down, self.pissa_down0]),
+                       "lora_up.weight": torch.cat([self.lora_up, -self.pissa_up0], dim=1), "alpha": self.alpha * 2}
         if self.lora_mid is not None:
             tensors["lora_mid.weight"] = self.lora_mid
         if self.diff_b is not None:
             tensors["diff_b"] = self.diff_b
         return tensors
+
+    @torch.no_grad()
+    def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy :meth:`file_tensors`' form back in: a PiSSA adapter takes its trained half of the rank-2r factors
+        (the other half must be its starting factors, to the file dtype's rounding); others copy as they are."""
+        if self.pissa_up0 is None:  # (file_tensors() are the live tensors)
+            own = self.file_tensors()
+            for key, value in tensors.items():
+                own[key].copy_(value)
+            return
+        r = self.rank
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        tol = {"rtol": 4 * torch.finfo(down.dtype).eps, "atol": 4 * torch.finfo(down.dtype).eps}
+        if (tuple(down.shape) != (2 * r, *self.lora_down.shape[1:]) or tuple(up.shape) != (up.shape[0], 2 * r, *up.shape[2:])
+                or not torch.allclose(down[r:].to(self.pissa_down0), self.pissa_down0, **tol)
+                or not torch.allclose(-up[:, r:].to(self.pissa_up0), self.pissa_up0, **tol)):
+            raise ValueError(f"PiSSA adapter (rank {r}): the state is not this adapter's — its file form has rank {2 * r}, "
+                             "the trained factors and then the adapter's own starting factors")
+        self.lora_down.copy_(down[:r])
+        self.lora_up.copy_(up[:, :r])
+        if self.diff_b is not None and "diff_b" in tensors:
+            self.diff_b.copy_(tensors["diff_b"])
 
     @classmethod
     def from_config(

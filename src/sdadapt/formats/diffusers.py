@@ -379,6 +379,9 @@ def _from_peft_file_names(state: Mapping[str, Tensor], config: Mapping | None, *
         return from_peft_ia3(state, config if isinstance(config, Mapping) else None, source=source)
     if is_peft_lycoris(state, config if isinstance(config, Mapping) else None):
         return from_peft_lycoris(state, config if isinstance(config, Mapping) else None, source=source)
+    if config is not None and not isinstance(config, Mapping):
+        raise WeightFileError(f"{source}: adapter_config.json must be a JSON object, got {type(config).__name__}")
+    _check_peft_lora_config(config or {}, source=source)
     layers: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, value in state.items():
@@ -390,11 +393,31 @@ def _from_peft_file_names(state: Mapping[str, Tensor], config: Mapping | None, *
         layers.setdefault(parsed[0], {})[parsed[1]] = value
     if unknown:
         raise WeightFileError(f"{source}: {len(unknown)} key(s) are not peft LoRA keys, e.g. {unknown[:5]}")
-    if config is not None and not isinstance(config, Mapping):
-        raise WeightFileError(f"{source}: adapter_config.json must be a JSON object, got {type(config).__name__}")
-    if config and config.get("peft_type", "LORA") != "LORA":
-        raise WeightFileError(f"{source}: peft_type {str(config.get('peft_type'))[:40]!r} is not LORA")
     return _with_alphas(layers, config, source=source)
+
+
+#: peft's ``init_lora_weights`` that change the base weight as they make the factors (PiSSA / CorDA: the principal
+#: part moved into the factors, OLoRA: a QR of W, LoftQ: a quantised base, LoRA-GA: W − s·B₀A₀)
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def _check_peft_lora_config(config: Mapping, *, source: str) -> None:
+    """Refuse a peft LoRA config whose factors are not the change to the base model: another tuner (``peft_type``),
+    or an ``init_lora_weights`` that changed the base weight when the factors were made (peft rebuilds that base
+    when it loads the folder; the factors alone, added to the original weight, are wrong — with no error)."""
+    peft_type = str(config.get("peft_type", "LORA"))
+    if peft_type != "LORA":
+        why = (" (peft's OFT / BOFT rotate a layer's input, W·Rᵀ; LyCORIS' and kohya's, which sdadapt reads, rotate its "
+               "output rows: no exact conversion without the base weight)" if peft_type in ("OFT", "BOFT") else "")
+        raise WeightFileError(f"{source}: peft_type {peft_type[:40]!r}: sdadapt reads peft's LORA, LOHA, LOKR and IA3 "
+                              f"adapters{why}")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        raise WeightFileError(
+            f"{source}: init_lora_weights {init!r}: peft made these factors by changing the base weight too (W − s·B₀A₀), "
+            "and rebuilds that base when it loads the folder; the factors alone on the original model are not the "
+            "adapter. Save it in peft with save_pretrained(..., path_initial_model_for_weight_conversion=<the folder "
+            "saved right after get_peft_model>): a plain LoRA of the original model (rank 2r), which reads here exactly")
 
 
 def save_peft(
