@@ -239,6 +239,8 @@ class DiffusersSystem(nn.Module):
         pipeline = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
         if self.is_refiner:
             pipeline = "StableDiffusionXLImg2ImgPipeline"
+        elif getattr(getattr(unet, "config", None), "in_channels", 4) == 9:  # (an inpainting UNet: latents, mask, image)
+            pipeline = "StableDiffusionXLInpaintPipeline" if self.is_sdxl else "StableDiffusionInpaintPipeline"
         self.model_index = {  # what save_model writes (the loaded folder's entries win)
             "_class_name": pipeline,
             "unet": ["diffusers", "UNet2DConditionModel"],
@@ -631,6 +633,10 @@ class DiffusersSystem(nn.Module):
             (tmp / "scheduler").mkdir()
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
             index = {k: v for k, v in self.model_index.items() if k.startswith("_") or k in _WRITTEN}
+            if "_diffusers_version" not in index:  # (diffusers' pipeline loaders read it: a KeyError without)
+                import diffusers
+
+                index["_diffusers_version"] = diffusers.__version__
             if self.is_refiner:  # (StableDiffusionXLImg2ImgPipeline's registered config of the refiner)
                 index.update({k: self.model_index[k] for k in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")
                               if k in self.model_index})

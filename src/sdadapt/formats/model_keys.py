@@ -265,13 +265,20 @@ def key_plan(
     return builder.plan, builder.report()
 
 
+#: LDM keys of training that no model runs: the autoencoder's loss module (LPIPS, discriminator, logvar), kept by a
+#: careless VAE bake, and the old textual-inversion repository's embedding manager
+_TRAINING_LEFTOVERS = ("first_stage_model.loss.", "embedding_manager.")
+
+
 def _plan_to_diffusers(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder) -> None:
     groups: dict[str, dict] = {prefix: {} for prefix in LDM_PARTS}
-    ema, schedule, text_tower, augmentor = [], [], [], []
+    ema, schedule, text_tower, augmentor, leftovers = [], [], [], [], []
     unclip = unclip_variant(shapes) is not None
     for key, shape in shapes.items():
         prefix = next((p for p in LDM_PARTS if key.startswith(p)), None)
-        if unclip and key in _LDM_CLASS_EMBEDDING:  # (unCLIP's label_emb: diffusers' class_embedding)
+        if key.startswith(_TRAINING_LEFTOVERS):
+            leftovers.append(key)
+        elif unclip and key in _LDM_CLASS_EMBEDDING:  # (unCLIP's label_emb: diffusers' class_embedding)
             builder.add(_LDM_CLASS_EMBEDDING[key], KeySource((key,), shape), by=key)
         elif prefix is not None:
             groups[prefix][key] = shape
@@ -296,6 +303,8 @@ def _plan_to_diffusers(shapes: dict[str, tuple[int, ...]], builder: PlanBuilder)
         " unless extract_ema=True — the live model.diffusion_model.* weights are converted",
     )
     builder.drop(schedule, "noise-schedule buffers of the LDM wrapper; diffusers keeps them in the scheduler config")
+    builder.drop(leftovers, "training leftovers no model runs: the VAE's training loss (first_stage_model.loss.*, A1111 "
+                 "filters loss keys too) and an old textual-inversion embedding manager (embedding_manager.*)")
     for prefix, part in groups.items():
         if part:
             component, family = LDM_PARTS[prefix]
