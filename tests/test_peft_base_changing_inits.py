@@ -60,3 +60,11 @@ def test_a_peft_oft_folder_says_why_it_is_not_read(tmp_path):
     wrapped.save_pretrained(str(tmp_path / "oft"))
     with pytest.raises(WeightFileError, match="peft_type 'OFT'.*rotate"):
         load_lora(tmp_path / "oft")
+
+
+@pytest.mark.parametrize("option", [{"modules_to_save": ["conv_out"]}, {"bias": "lora_only"}])
+def test_whole_tensors_beside_the_lora_are_named(tmp_path, option):
+    wrapped = peft.get_peft_model(tiny_unet_sd1(), peft.LoraConfig(r=2, target_modules=["to_q"], **option))
+    wrapped.save_pretrained(str(tmp_path / "p"))
+    with pytest.raises(WeightFileError, match=next(iter(option))):
+        load_lora(tmp_path / "p")

@@ -127,6 +127,7 @@ def _config_for(state: Mapping[str, Tensor], *, strip_prefix: str = "") -> dict:
         "use_dora": any(split_key(key)[1] == "dora_scale" for key in state),
         "lora_dropout": 0.0,
         "bias": "none",
+        **({"lora_bias": True} if any(split_key(key)[1] == "diff_b" for key in state) else {}),  # (peft ≥ 0.14's)
         "init_lora_weights": True,
     }
 
@@ -148,6 +149,10 @@ def _peft_keys(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
             out[f"{prefix}{layer}.lora_B.weight"] = value
         elif suffix == "dora_scale":
             out[f"{prefix}{layer}.lora_magnitude_vector"] = _peft_magnitude(key, value, state.get(f"{layer}.lora_up.weight"))
+        elif suffix == "diff_b" and f"{layer}.lora_down.weight" in state:  # peft's lora_bias: lora_B.bias · scale
+            rank = state[f"{layer}.lora_down.weight"].shape[0]
+            alpha = state.get(f"{layer}.alpha")
+            out[f"{prefix}{layer}.lora_B.bias"] = value / ((float(alpha) if alpha is not None else rank) / rank)
         elif suffix != "alpha":
             raise ValueError(f"{key}: diffusers/peft LoRA files hold only LoRA tensors, not {suffix!r}; save other "
                              "families as kohya/LyCORIS files (format='kohya')"
@@ -216,6 +221,8 @@ def _normalise_spelling(key: str) -> tuple[str, str] | None:
             return _without_processor(key[: -len(up)]), "lora_up.weight"
     if key.endswith(".alpha"):
         return key[: -len(".alpha")], "alpha"
+    if key.endswith(".lora_B.bias"):  # (peft's lora_bias=True: merged as bias += lora_B.bias · scale)
+        return key[: -len(".lora_B.bias")], "lora_up.bias"
     for magnitude in (".lora_magnitude_vector", ".lora_magnitude_vector.weight"):
         if key.endswith(magnitude):
             return key[: -len(magnitude)], "dora_scale"
@@ -258,6 +265,8 @@ def _with_alphas(layers: dict[str, dict[str, Tensor]], config: Mapping | None, *
         out[f"{layer}.lora_down.weight"] = tensors["lora_down.weight"]
         out[f"{layer}.lora_up.weight"] = tensors["lora_up.weight"]
         out[f"{layer}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if "lora_up.bias" in tensors:  # peft's lora_bias: the bias moves by lora_B.bias · scale, sdadapt's diff_b as is
+            out[f"{layer}.diff_b"] = tensors["lora_up.bias"] * (alpha / rank)
         if "dora_scale" in tensors:  # peft magnitude (out,) / (1, out, 1, 1) -> (out, 1[, 1, 1])
             magnitude, down = tensors["dora_scale"], tensors["lora_down.weight"]
             out_features = tensors["lora_up.weight"].shape[0]
@@ -411,6 +420,12 @@ def _check_peft_lora_config(config: Mapping, *, source: str) -> None:
                "output rows: no exact conversion without the base weight)" if peft_type in ("OFT", "BOFT") else "")
         raise WeightFileError(f"{source}: peft_type {peft_type[:40]!r}: sdadapt reads peft's LORA, LOHA, LOKR and IA3 "
                               f"adapters{why}")
+    whole = [f"{name} = {config[name]!r}"[:80] for name in ("modules_to_save", "bias")
+             if config.get(name) not in (None, [], "none")]
+    if whole:  # (whole tensors beside the adapter: peft's modules_to_save copies, bias="all" / "lora_only")
+        raise WeightFileError(f"{source}: {', '.join(whole)}: the folder holds whole trained tensors beside the LoRA, "
+                              "which a LoRA file has no place for; save the adapter without them (peft's LoraConfig "
+                              "defaults) or merge it in peft (merge_and_unload) and convert the model")
     init = str(config.get("init_lora_weights", True)).lower()
     if init.startswith(_BASE_CHANGING_INITS):
         raise WeightFileError(
