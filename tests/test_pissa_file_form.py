@@ -58,3 +58,18 @@ def test_the_state_is_the_change_to_the_original_model(alpha):
         handle.load_state_dict(other)
     handle.remove()
     torch.testing.assert_close(_run(net, x), _run(original, x), rtol=0, atol=0)
+
+
+def test_a_refused_state_leaves_every_layer_as_it_was():
+    """Two PiSSA layers, a state whose second layer is another adapter's: refused, and the first layer (already
+    checked) keeps its own factors, not the state's."""
+    net = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    handle = sdadapt.inject(net, sdadapt.targets.by_type(nn.Linear), LoRAConfig(rank=2, init="pissa"))
+    own = {k: v.clone() for k, v in handle.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    state = {k: v.clone() for k, v in own.items()}
+    state["0.lora_down.weight"][:2] += torch.randn(2, 8, generator=g)  # (layer 0: a valid change of its trained half)
+    state["1.lora_down.weight"] = torch.randn(state["1.lora_down.weight"].shape, generator=g)  # (layer 1: not its own)
+    with pytest.raises(ValueError, match="PiSSA"):
+        handle.load_state_dict(state)
+    assert all(torch.equal(handle.state_dict()[k], v) for k, v in own.items())

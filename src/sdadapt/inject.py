@@ -197,18 +197,27 @@ class AdapterHandle:
                     f"adapter {self.name!r}: {key} has shape {tuple(value.shape)}, the adapter has "
                     f"{tuple(own[key].shape)}; was it trained with another rank?"
                 )
-        with torch.no_grad():
-            for layer, adapter in self.modules.items():
-                tensors = {key: state[f"{layer}.{key}"] for key in adapter.file_tensors()}
-                load_file_tensors = getattr(adapter, "load_file_tensors", None)
-                if load_file_tensors is not None:  # (DyLoRA: its file tensors are concatenations of its row parameters)
-                    load_file_tensors(tensors)
-                else:
-                    for key, value in tensors.items():
-                        own[f"{layer}.{key}"].copy_(value)
+        before = {key: value.clone() for key, value in own.items()}
+        try:
+            self._load_file_tensors(state)
+        except BaseException:  # (a layer refused its tensors, PiSSA's check: the adapters as they were)
+            self._load_file_tensors(before)
+            raise
         for adapter in self.modules.values():
             adapter.refresh_scale()
         self._refresh_merged()
+
+    @torch.no_grad()
+    def _load_file_tensors(self, state: Mapping[str, Tensor]) -> None:
+        for layer, adapter in self.modules.items():
+            tensors = {key: state[f"{layer}.{key}"] for key in adapter.file_tensors()}
+            load_file_tensors = getattr(adapter, "load_file_tensors", None)
+            if load_file_tensors is not None:  # (DyLoRA, PiSSA: file tensors are not the live parameters)
+                load_file_tensors(tensors)
+            else:
+                own = adapter.file_tensors()
+                for key, value in tensors.items():
+                    own[key].copy_(value)
 
     # ------------------------------------------------------------------ switches
     def set_scale(self, scale: float) -> None:
