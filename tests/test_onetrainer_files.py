@@ -147,3 +147,21 @@ def test_generate_loads_a_loras_bundled_embedding_as_a1111(tmp_path):
     report = run_generate(out=str(tmp_path / "b.png"), loras=[str(path)], embeddings=[str(tmp_path / "mytok.safetensors")],
                           **common)
     assert report["embeddings"] == ["mytok"]  # (the file given: the bundled one of that name left out)
+
+
+def test_a_file_of_one_bundled_embedding_loads_as_that_embedding(tmp_path):
+    """A standalone file of one ``bundle_emb.<name>.*`` group (ComfyUI's ``load_embed`` and SD.Next read it as an
+    embedding) loads with ``load_embedding`` as that group (it was refused as "2 tensors" while ``load_lora`` said it is
+    an embedding); several groups name ``bundled_embeddings``."""
+    g = torch.Generator().manual_seed(0)
+    sd1, l, big = torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g), torch.randn(2, 64, generator=g)
+    save_file({"bundle_emb.sks.clip_l": sd1}, str(tmp_path / "one.safetensors"))
+    one = load_embedding(tmp_path / "one.safetensors")
+    assert one.name == "one" and torch.equal(next(iter(one.vectors.values())), sd1)
+    save_file({"bundle_emb.sks.clip_l": l, "bundle_emb.sks.clip_g": big}, str(tmp_path / "xl.safetensors"))
+    xl = load_embedding(tmp_path / "xl.safetensors")
+    assert torch.equal(xl.vectors["clip_l"], l) and torch.equal(xl.vectors["clip_g"], big)
+    assert [torch.equal(e.vectors["clip_g"], big) for e in bundled_embeddings(tmp_path / "xl.safetensors")] == [True]
+    save_file({"bundle_emb.a.clip_l": sd1, "bundle_emb.b.clip_l": l}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(WeightFileError, match="2 bundled embeddings .*bundled_embeddings"):
+        load_embedding(tmp_path / "two.safetensors")

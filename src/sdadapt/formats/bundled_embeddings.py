@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..embeddings.embedding import Embedding
 
-__all__ = ["BUNDLE_PREFIX", "bundled_embeddings", "without_bundled"]
+__all__ = ["BUNDLE_PREFIX", "bundle_groups", "bundled_embeddings", "without_bundled"]
 
 #: the key prefix of a bundled embedding
 BUNDLE_PREFIX = "bundle_emb."
@@ -47,6 +47,14 @@ def bundled_embeddings(path: str | os.PathLike) -> list[Embedding]:
         state = read_safetensors_tensors(path, keys) if keys else {}
     else:
         state = read_weights(path)[0]
+    return [embedding_from_state(group, name=name, source=f"{path} (bundled embedding {name!r})")
+            for name, group in bundle_groups(state).items()]
+
+
+def bundle_groups(state: Mapping[str, Tensor]) -> dict[str, dict]:
+    """``{name: the dict an embedding file of it holds}`` of the ``bundle_emb.<name>.*`` keys of ``state``, in file
+    order: ``clip_l`` (+ ``clip_g``), ``string_to_param`` one level down; a lone ``clip_l`` (OneTrainer's SD1/SD2
+    form) as ``emb_params``."""
     groups: dict[str, dict] = {}
     for key, value in state.items():
         if not key.startswith(BUNDLE_PREFIX):
@@ -58,9 +66,5 @@ def bundled_embeddings(path: str | os.PathLike) -> list[Embedding]:
             group.setdefault(head, {})[tail] = value
         else:
             group[head] = value
-    out = []
-    for name, group in groups.items():
-        if set(group) == {"clip_l"}:  # (OneTrainer's SD1/SD2 form: the one encoder's vectors)
-            group = {"emb_params": group["clip_l"]}
-        out.append(embedding_from_state(group, name=name, source=f"{path} (bundled embedding {name!r})"))
-    return out
+    return {name: {"emb_params": group["clip_l"]} if set(group) == {"clip_l"} else group
+            for name, group in groups.items()}

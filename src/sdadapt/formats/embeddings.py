@@ -255,6 +255,9 @@ def _embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str]
         raise WeightFileError(f"{source}: not a textual-inversion embedding{aesthetic}")
     if "string_to_param" in obj:
         return from_a1111(obj, name=name, source=source)
+    bundled = _bundled_alone(obj, source=source)
+    if bundled is not None:  # (a file of one bundled embedding: ComfyUI and SD.Next load it as an embedding)
+        return embedding_from_state(bundled, name=name, metadata=metadata, source=source)
     outputs = sorted(k for k in obj if isinstance(k, str) and k in OUTPUT_KEYS)
     if outputs:
         raise WeightFileError(
@@ -303,6 +306,20 @@ def _load_pickle(file: Path) -> object:
             return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError / RuntimeError / EOFError variants
         raise _torch_load_error(file, exc) from exc
+
+
+def _bundled_alone(obj: Mapping, *, source: str) -> dict | None:
+    """The embedding dict of a file holding only ``bundle_emb.<name>.*`` keys of one name (``None`` for other files);
+    several names are refused, naming :func:`~sdadapt.formats.bundled_embeddings.bundled_embeddings`."""
+    from .bundled_embeddings import BUNDLE_PREFIX, bundle_groups
+
+    if not obj or not all(isinstance(k, str) and k.startswith(BUNDLE_PREFIX) for k in obj):
+        return None
+    groups = bundle_groups(obj)
+    if len(groups) != 1:
+        raise WeightFileError(f"{source}: {len(groups)} bundled embeddings ({', '.join(list(groups)[:5])}), not one: "
+                              "read them with sdadapt.formats.bundled_embeddings(FILE)")
+    return next(iter(groups.values()))
 
 
 def _use_instead(keys: list[str], metadata: Mapping[str, str]) -> str:
