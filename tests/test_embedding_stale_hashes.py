@@ -50,3 +50,21 @@ def test_the_python_api_drops_stale_keys_too(tmp_path):
         assert not {"sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"} & set(written), (fmt, written)
         # (the writer's own version, not the read file's)
         assert written.get("modelspec.implementation_version") == (f"sdadapt/{__version__}" if fmt == "kohya" else None)
+
+
+def test_a_one_encoder_embedding_is_not_written_as_sdxl(tmp_path, capsys):
+    """diffusers' SDXL script writes one file per encoder: ``learned_embeds.safetensors`` (768) given
+    ``--base-model sdxl`` wrote a one-table kohya file labelled SDXL, which no SDXL loader can use — now refused."""
+    from safetensors.torch import save_file
+
+    from sdadapt.cli import main
+
+    save_file({"<cat>": torch.randn(2, 768)}, str(tmp_path / "learned_embeds.safetensors"))
+    code = main(["convert", str(tmp_path / "learned_embeds.safetensors"), "--to", "kohya", "--base-model", "sdxl",
+                 "-o", str(tmp_path / "cat.safetensors")])
+    assert code != 0 and "not an SDXL embedding" in capsys.readouterr().err
+    assert not (tmp_path / "cat.safetensors").exists()
+    with pytest.raises(ValueError, match="base_model 'sd1' does not fit"):
+        save_embedding(tmp_path / "xl.safetensors", Embedding("xl", {"clip_l": torch.zeros(1, 768),
+                                                                    "clip_g": torch.zeros(1, 1280)}),
+                       format="kohya", base_model="sd1")

@@ -159,6 +159,12 @@ def to_kohya(embedding: Embedding, *, base_model: str | None = None) -> tuple[di
     base = base_model or _guess_base_model(embedding)
     if base not in _ARCHITECTURES:
         raise ValueError(f"base_model must be one of {sorted(_ARCHITECTURES)}, got {base_model!r}")
+    if (base == "sdxl") != embedding.is_sdxl:  # (a one-table file labelled SDXL: no SDXL loader can use it)
+        raise ValueError(f"embedding {embedding.name!r} has {'clip_l and clip_g' if embedding.is_sdxl else 'one encoder'}'s "
+                         f"vectors ({', '.join(f'{k} {d}' for k, d in embedding.dims.items())}): it is "
+                         f"{'an SDXL' if embedding.is_sdxl else 'not an SDXL'} embedding, base_model {base!r} does not "
+                         "fit (diffusers' SDXL script writes two files, learned_embeds.safetensors and "
+                         "learned_embeds_2.safetensors: each is one encoder's vectors)")
     version, v2 = _SS_VERSIONS[base]
     meta = {
         "ss_output_name": embedding.name,
