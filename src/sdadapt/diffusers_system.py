@@ -212,6 +212,11 @@ class DiffusersSystem(nn.Module):
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        from .embeddings.tokens import multi_vector_names
+
+        #: several-vector triggers the tokenizer came with (diffusers' whole-pipeline textual inversion: ``<cat>``,
+        #: ``<cat>_1`` …): a bare ``<cat>`` in a prompt is expanded to all of them, as diffusers' pipeline does
+        self.multi_vector_names = multi_vector_names(tokenizer if tokenizer is not None else tokenizer_2)
         self.is_sdxl = text_encoder_2 is not None
         #: the SDXL refiner: OpenCLIP-bigG alone (no CLIP-L), aesthetic-score conditioning
         self.is_refiner = self.is_sdxl and text_encoder is None
@@ -750,6 +755,7 @@ class DiffusersSystem(nn.Module):
 
         device = self.alphas_cumprod.device
         length = long_prompt_length(self.max_token_length, window=int(self._all_tokenizers[0].model_max_length))
+        prompts = self._expand_multi_vector(prompts)
 
         def encode(texts: list[str]) -> tuple[Tensor]:
             ids = _token_ids(self._all_tokenizers[0], texts, length)  # (B, L) (the refiner: OpenCLIP-G's alone)
@@ -771,6 +777,7 @@ class DiffusersSystem(nn.Module):
 
         device = self.alphas_cumprod.device
         length = long_prompt_length(self.max_token_length, window=int(self._all_tokenizers[0].model_max_length))
+        prompts = self._expand_multi_vector(prompts)
 
         def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
             ids, weights = weighted_token_ids(self._all_tokenizers[0], texts, length, a1111=a1111)  # (B, L) each
@@ -782,6 +789,20 @@ class DiffusersSystem(nn.Module):
         ids, weights = self._cached_ids(self.weighted_token_cache, prompts, encode, length,
                                         rules=("a1111",) if a1111 else ())
         return {"ids": copy_to_device(ids, device), "weights": copy_to_device(weights, device)}
+
+    def _expand_multi_vector(self, prompts: str | list[str]) -> str | list[str]:
+        """Each of :attr:`multi_vector_names` written bare expanded to its vectors' tokens (idempotent:
+        :func:`~sdadapt.embeddings.tokens.expand_prompt`)."""
+        if not self.multi_vector_names:
+            return prompts
+        from .embeddings.tokens import expand_prompt
+
+        def expand(text: str) -> str:
+            for name, count in self.multi_vector_names.items():
+                text = expand_prompt(text, name, count)
+            return text
+
+        return expand(prompts) if isinstance(prompts, str) else [expand(p) for p in prompts]
 
     def _cached_ids(self, cache: TokenIdCache, prompts: str | list[str],
                     encode: Callable[[list[str]], tuple[Tensor, ...]], length: int,

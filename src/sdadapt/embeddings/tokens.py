@@ -45,7 +45,7 @@ from typing import Protocol, runtime_checkable
 from .a1111_match import _PROMPT_SYNTAX, expand_a1111, register_name, unregister_name
 from .token_offsets import token_spans
 
-__all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "insert_after_token",
+__all__ = ["CLIPTokenizerSide", "TokenizerSide", "TriggerTakenError", "WordTableSide", "expand_prompt", "insert_after_token", "multi_vector_names",
            "replace_token_run", "replace_vocabulary_word", "token_strings", "tokenizer_side", "vocabulary_word_alias"]
 
 #: tokenizer -> {vocabulary token id: the name of the loaded embedding holding it} (one embedding per id, as one
@@ -72,6 +72,25 @@ def expand_prompt(prompt: str, name: str, count: int) -> str:
     escaped = re.escape(name)
     pattern = re.compile(rf"{escaped}(?!_\d)(?! {escaped}_1(?!\d))")
     return pattern.sub(lambda _m: " ".join(token_strings(name, count)), prompt)
+
+
+def multi_vector_names(tokenizer: object) -> dict[str, int]:
+    """``{name: count}`` of the several-vector triggers a tokenizer already holds in diffusers' naming (added tokens
+    ``name``, ``name_1``, … ``name_{count-1}``: a textual-inversion model saved whole, diffusers'
+    ``--save_as_full_pipeline``, whose pipeline expands a bare ``name`` to all of them: :func:`expand_prompt`)."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    names: dict[str, int] = {}
+    for token in added:
+        if f"{token}_1" not in added:
+            continue
+        head, _, index = token.rpartition("_")
+        if head in added and index.isdigit():  # (itself one of another name's vectors)
+            continue
+        count = 2
+        while f"{token}_{count}" in added:
+            count += 1
+        names[token] = count
+    return names
 
 
 def vocabulary_word_alias(word: str) -> str:
