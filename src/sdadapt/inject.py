@@ -210,14 +210,7 @@ class AdapterHandle:
     @torch.no_grad()
     def _load_file_tensors(self, state: Mapping[str, Tensor]) -> None:
         for layer, adapter in self.modules.items():
-            tensors = {key: state[f"{layer}.{key}"] for key in adapter.file_tensors()}
-            load_file_tensors = getattr(adapter, "load_file_tensors", None)
-            if load_file_tensors is not None:  # (DyLoRA, PiSSA: file tensors are not the live parameters)
-                load_file_tensors(tensors)
-            else:
-                own = adapter.file_tensors()
-                for key, value in tensors.items():
-                    own[key].copy_(value)
+            adapter.load_file_tensors({key: state[f"{layer}.{key}"] for key in adapter.file_tensors()})
 
     # ------------------------------------------------------------------ switches
     def set_scale(self, scale: float) -> None:

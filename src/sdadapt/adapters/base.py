@@ -310,6 +310,15 @@ class AdapterModule(nn.Module):
     def file_tensors(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @torch.no_grad()
+    def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy a layer's file tensors (:meth:`file_tensors`' keys and shapes) into the adapter. Families whose file
+        tensors are the live parameters copy into them; others (DyLoRA's row concatenations, a PiSSA LoRA's rank-2r
+        file form) override it."""
+        own = self.file_tensors()
+        for key, value in tensors.items():
+            own[key].copy_(value)
+
     @property
     def rank(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError

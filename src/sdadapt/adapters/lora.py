@@ -372,9 +372,7 @@ class LoRAModule(AdapterModule):
         """Copy :meth:`file_tensors`' form back in: a PiSSA adapter takes its trained half of the rank-2r factors
         (the other half must be its starting factors, to the file dtype's rounding); others copy as they are."""
         if self.pissa_up0 is None:  # (file_tensors() are the live tensors)
-            own = self.file_tensors()
-            for key, value in tensors.items():
-                own[key].copy_(value)
+            super().load_file_tensors(tensors)
             return
         r = self.rank
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]

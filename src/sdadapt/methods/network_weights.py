@@ -277,13 +277,8 @@ def load_network_weights(handles: Mapping[str, AdapterHandle], weights: NetworkW
         if component not in weights.components:
             report.missing += [f"{component}/{live}" for live in handle.modules]
     with torch.no_grad():  # only once every module is checked: a refused file leaves the adapters as they were
-        for adapter, own, tensors in loads:
-            load_file_tensors = getattr(adapter, "load_file_tensors", None)
-            if load_file_tensors is not None:  # DyLoRA: file_tensors() are concatenations of its row parameters
-                load_file_tensors(tensors)
-            else:
-                for key, value in tensors.items():
-                    own[key].copy_(value)
+        for adapter, _, tensors in loads:
+            adapter.load_file_tensors(tensors)  # (DyLoRA's rows, a PiSSA LoRA's trained half; else a copy)
             adapter.refresh_scale()  # type: ignore[attr-defined]
     report.loaded = len(loads)
     return report
