@@ -2081,6 +2081,13 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         dataset.notes.append(f"the toy tokenizer does not know {', '.join(unknown_caption_words[:8])} (they become <unk>); "
                              f"its words: {', '.join(_toy_vocabulary(system))}")
     per_epoch = dataset.batches_per_epoch(options.batch_size * world)  # (data parallel: the global batch, batch × world)
+    kohya_per_epoch = dataset.batches_per_epoch(options.batch_size * world, processes=world)
+    if kohya_per_epoch != per_epoch:  # (several buckets on several processes: kohya's steps may mix buckets)
+        dataset.notes.append(
+            f"{world} processes: an epoch is {per_epoch} global batch(es) here, each of one bucket ({options.batch_size} "
+            f"× {world} images, a short bucket's missing rows weighted 0); kohya's accelerate deals per-process batches "
+            f"of any bucket to the processes, {kohya_per_epoch} per epoch — with --epochs (max_train_epochs) this run "
+            "takes more steps than kohya's would; give --steps to train as many")
     accumulation = options.gradient_accumulation_steps
     # kohya's (accelerate's) epochs: ceil(B / A) optimiser steps each, the last a short one when A does not divide
     # B (sdadapt.methods.fit.micro_batches_of_step)

@@ -981,14 +981,17 @@ class Dataset:
         """Images × repeats."""
         return sum(r.repeats for r in self.records)
 
-    def batches_per_epoch(self, batch_size: int) -> int:
+    def batches_per_epoch(self, batch_size: int, *, processes: int = 1) -> int:
         """Batches one epoch has (each bucket's ``images × repeats`` in batches, the last one partial;
         with :attr:`batch_sizes` each block's buckets in batches of its own size: kohya's sum over
-        its datasets)."""
+        its datasets). ``processes`` > 1: kohya's count of steps on that many processes (accelerate's sharding:
+        each bucket in per-process batches of ``batch_size / processes``, dealt to the processes in turn, so one step
+        may mix buckets), where sdadapt's global batches (``processes`` = 1) each hold one bucket."""
         count = Counter()
         for r in self.records:
             count[self.key_of(r)] += r.repeats
-        return sum(-(-n // self.batch_size_of(key, batch_size)) for key, n in count.items())
+        batches = sum(-(-n // max(1, self.batch_size_of(key, batch_size) // processes)) for key, n in count.items())
+        return -(-batches // processes)
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """``{folder: {tag: count}}``: kohya's ``ss_tag_frequency`` of these images
