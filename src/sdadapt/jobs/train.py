@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PeerProcessError
-from ..formats.files import make_output_folder
+from ..formats.files import StagedOutputs, make_output_folder
 from ..images import ImageFolderError
 from ..methods import FitConfig, fit
 from ..plurals import plural
@@ -2334,6 +2334,19 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         with progress_info.averaged():
             return EMAWeights(adaptation.unet_weights(), float(options.ema_decay), progress_info.ema_updates)  # type: ignore[attr-defined,arg-type]
 
+    def save_state(progress_info) -> None:
+        """The resumable state and its ``run.json`` into ``OUT-state/``, all appearing together (a kill between them
+        left a run.json one save behind, which --resume refused: the previous state was gone)."""
+        from ..formats.files import staged_outputs
+
+        with staged_outputs() as stage:
+            progress_info.save_state(outputs.state, stage=stage)
+            _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
+                              dataset=dataset_record, optimizer_defaults=optimizer_defaults,
+                              step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
+                              caption_assembly=caption_assembly, bucket_rule=bucket_rule, trigger_captions=trigger_way,
+                              initial=(initial_step, skip_until), preset_file=preset_file, stage=stage)
+
     def save_now(progress_info, path: Path) -> None:
         ema = ema_beside(progress_info)
         with progress_info.averaged() if ema is None else contextlib.nullcontext(), _replacing(spec.outputs(path)):
@@ -2344,13 +2357,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         if made is not None and made.path == path:  # (not an interrupted run's save: that one stays)
             rotate(made, progress_info.step)
         if options.save_state:
-            progress_info.save_state(outputs.state)
-            _write_run_record(outputs.state, method, options, progress_info.step, total, saves=written,
-                              dataset=dataset_record, optimizer_defaults=optimizer_defaults,
-                              step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
-                              caption_assembly=caption_assembly, bucket_rule=bucket_rule, trigger_captions=trigger_way,
-                              initial=(initial_step, skip_until),
-                              preset_file=preset_file)
+            save_state(progress_info)
         say(f"step {progress_info.step}: saved {path}" + (f" and the state {outputs.state}" if options.save_state else ""))
 
     removed: list[str] = []
@@ -2418,13 +2425,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         if info.step in planned:
             save_now(info, planned[info.step])
         if info.step == total and options.save_state_on_train_end:  # kohya's: the state at the end, to train further
-            info.save_state(outputs.state)
-            _write_run_record(outputs.state, method, options, info.step, total, saves=written,
-                              dataset=dataset_record, optimizer_defaults=optimizer_defaults,
-                              step_shares=step_shares, caption_lines=caption_lines, caption_empties=caption_empties,
-                              caption_assembly=caption_assembly, bucket_rule=bucket_rule, trigger_captions=trigger_way,
-                              initial=(initial_step, skip_until),
-                              preset_file=preset_file)
+            save_state(info)
             say(f"step {info.step}: saved the state {outputs.state} (--save-state-on-train-end)")
         if info.step in sample_points:
             if options.ema_save == "weights":  # the weights the saves hold: the EMA (diffusers' validation, OneTrainer)
@@ -2569,7 +2570,8 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
                       caption_empties: str = EMPTIES_KEPT, caption_assembly: str = ASSEMBLY_KOHYA_2,
                       bucket_rule: str = BUCKETS_KOHYA, trigger_captions: str = TRIGGER_WRAPPED,
                       initial: tuple[int, bool] = (0, False),
-                      preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW) -> None:
+                      preset_file: dict[str, str] | None | object = _PRESET_FILE_NOW,
+                      stage: StagedOutputs | None = None) -> None:
     """``run.json`` of a state folder: what ``--resume`` checks, and ``saves``, the periodic saves the
     run lineage wrote and still has (``--save-last-n-*`` of a resumed run continues removing them);
     ``dataset``: the resolved dataset config (:func:`_data_config_record`); ``optimizer_defaults``:
@@ -2623,7 +2625,8 @@ def _write_run_record(folder: Path, method: str, options: TrainOptions, step: in
               "dataset": dataset,
               **({"config_defaults": options.config_defaults} if options.config_defaults != "sdadapt" else {}),
               "periodic_saves": [save.record() for save in saves or ()]}
-    atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)))
+    atomic_write(folder / _RUN_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, default=str)),
+                 stage=stage)
 
 
 def _hold_out_for_validation(records: list, options: TrainOptions, notes: list[str],

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import PeerProcessError
+from ..formats.files import StagedOutputs
 from ..method_tables import LR_SCHEDULES
 from ..plurals import plural
 from ..training import data_parallel
@@ -652,7 +653,7 @@ class FitProgress:
     epoch: int
     epoch_end: bool
     epochs_done: int
-    _save_state: Callable[[Path], None]
+    _save_state: Callable[..., None]
     _averaged: Callable[[], contextlib.AbstractContextManager]
     sdpa_backends: tuple[str, ...] | None = None
     max_norm: dict[str, float] | None = None
@@ -663,11 +664,12 @@ class FitProgress:
     batch_losses: tuple[float, ...] = ()
     sdpa_backends_per_call: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    def save_state(self, folder: str | os.PathLike) -> None:
+    def save_state(self, folder: str | os.PathLike, *, stage: StagedOutputs | None = None) -> None:
         """Write the resumable training state (weights, optimiser, RNG, EMA, step) into ``folder``
-        (a schedule-free optimiser's in eval mode, as kohya saves it: :meth:`use_weights`)."""
+        (a schedule-free optimiser's in eval mode, as kohya saves it: :meth:`use_weights`); ``stage``: the caller's
+        :func:`~sdadapt.formats.files.staged_outputs` block, which more files of the state join."""
         self._use_weights()
-        self._save_state(Path(folder))
+        self._save_state(Path(folder), stage=stage)
 
     def averaged(self) -> contextlib.AbstractContextManager:
         """Within the block the adaptation holds its EMA weights (no-op without EMA) — a schedule-free
@@ -1261,10 +1263,11 @@ def fit(
                 for p, b in zip(trained, backup):
                     p.copy_(b)
 
-    def save_state(folder: Path) -> None:
+    def save_state(folder: Path, *, stage: StagedOutputs | None = None) -> None:
         save_training_state(folder, named_params=named, optimizer=optimizer, state=state, config=step_config,
                             extra={"batches_per_epoch": per_epoch,  # (what a resume's position check compares,
-                                   "processes": 1 if parallel is None else parallel.world})  # and names as its cause)
+                                   "processes": 1 if parallel is None else parallel.world},  # and names as its cause)
+                            stage=stage)
 
     switched: list[bool] = [False]  # (data parallel: whether this rank switched to the averaged weights since the step)
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import diffusion, edm, timestep_distribution
 from ..adapters.weight_casts import batched_weight_casts
-from ..formats.files import atomic_write, read_safetensors, staged_outputs, write_safetensors
+from ..formats.files import StagedOutputs, atomic_write, read_safetensors, staged_outputs, write_safetensors
 from ..timestep_tables import TimestepSampling
 from .attention import SDPA_BACKENDS, sdpa_backends
 from .engine_backward import backward_keeping_modes
@@ -588,9 +588,12 @@ def save_training_state(
     state: TrainState,
     config: StepConfig | None = None,
     extra: Mapping[str, Any] | None = None,
+    stage: StagedOutputs | None = None,
 ) -> None:
     """Write ``state.safetensors`` (weights, optimiser tensors, EMA, RNG states) + ``state.json``
-    (``extra``: more JSON entries for it, e.g. the caller's ``batches_per_epoch``).
+    (``extra``: more JSON entries for it, e.g. the caller's ``batches_per_epoch``). ``stage``: a
+    :func:`~sdadapt.formats.files.staged_outputs` block of the caller's that more files of the state join (a
+    training run's ``run.json``): all appear together when it ends.
 
     Both files are written as temporaries and renamed into place together
     (:func:`~sdadapt.formats.files.staged_outputs`): a crash or Ctrl-C while saving leaves the
@@ -623,10 +626,10 @@ def save_training_state(
         "config": asdict(config) if config else None,
         **dict(extra or {}),
     }
-    with staged_outputs() as stage:  # both files renamed into place together, or neither
-        write_safetensors(target / "state.safetensors", tensors, {"step": str(state.step)}, stage=stage)
+    with staged_outputs() if stage is None else nullcontext(stage) as staged:  # (renamed together, or none)
+        write_safetensors(target / "state.safetensors", tensors, {"step": str(state.step)}, stage=staged)
         atomic_write(target / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, default=float)),
-                     stage=stage)
+                     stage=staged)
 
 
 def load_training_state(

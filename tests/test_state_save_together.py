@@ -1,0 +1,54 @@
+"""A training state's files — ``state.safetensors``, ``state.json`` and ``run.json`` — appear together: a kill or a
+full disk between the state and its ``run.json`` (a separate write before) left ``run.json`` one save behind, which
+``--resume`` refused ("run.json (step 1) and state.json (step 2) disagree") with the previous state already gone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sdadapt.jobs.train as train_job
+from sdadapt.images import write_png
+from sdadapt.jobs import TrainOptions, run_train
+from sdadapt.toy.evaluate import concept_data
+
+
+@pytest.fixture()
+def crosses(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images, _ = concept_data("cross", 4, seed=0)
+    for i, image in enumerate(images):
+        write_png(folder / f"i{i}.png", image)
+        (folder / f"i{i}.txt").write_text("a red cross")
+    return folder
+
+
+def test_a_failed_run_record_leaves_the_previous_state_whole(crosses, tmp_path, monkeypatch):
+    def options(out, **more):
+        return TrainOptions(images=crosses, steps=4, learning_rate=5e-3, out=out, save_every_n_steps=1, log_with="csv",
+                            **more)
+
+    run_train("lora", options(tmp_path / "straight" / "a.safetensors"))
+    real, calls = train_job._write_run_record, []
+
+    def failing(*args, **kwargs):  # the second state's run.json: the disk is full
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_job, "_write_run_record", failing)
+    out = tmp_path / "cut" / "a.safetensors"
+    with pytest.raises(OSError):
+        run_train("lora", options(out))
+    monkeypatch.setattr(train_job, "_write_run_record", real)
+    state = next((tmp_path / "cut").rglob("state.json")).parent
+    assert json.loads((state / "state.json").read_text())["step"] == json.loads((state / "run.json").read_text())["step"] == 1
+    assert not [p.name for p in state.iterdir() if p.name.startswith(".")]  # (no temporary left)
+    run_train("lora", options(out, resume=state, overwrite=True))
+    straight, resumed = load_file(tmp_path / "straight" / "a.safetensors"), load_file(out)
+    assert set(straight) == set(resumed) and all(torch.equal(straight[k], resumed[k]) for k in straight)
