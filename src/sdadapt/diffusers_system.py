@@ -609,13 +609,14 @@ class DiffusersSystem(nn.Module):
 
     def _save_folder(self, target: Path, dtype: torch.dtype | None, ema: Any = None) -> Path:
         from .clip_tokenizer import CLIPTokenizer
-        from .formats.files import make_output_folder, signals_held
+        from .formats.files import make_output_folder, remove_stale_temporaries, signals_held
 
         folder = make_output_folder(target)  # (a missing folder, with its parents, as kohya's output_dir)
+        remove_stale_temporaries(target)  # (a killed writer's folder: its pid is in the name)
         tmp = None
         try:
             with signals_held():  # a signal between making the folder and naming it would leave it behind
-                tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+                tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=folder))
             mask = os.umask(0o022)
             os.umask(mask)
             os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700: the folder gets the umask's mode like any other

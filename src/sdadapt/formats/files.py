@@ -300,7 +300,8 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 
     Ours are ``.NAME.<pid>-<random>.tmp`` (and, from older versions, ``.NAME.<random>.tmp`` with a
     weights/JSON ``NAME``). One is stale when no process holds its lock and either its writer's pid
-    is gone, or it was last modified over an hour ago. A concurrent writer's file is never touched.
+    is gone, or it was last modified over an hour ago. A concurrent writer's file is never touched. A folder of
+    that name (a model folder written whole, then renamed) is removed when its writer's pid is gone.
     Each folder is scanned once per process (a folder of 10 000 shards is not listed per write).
     """
     target = Path(path)
@@ -327,6 +328,12 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         candidate = folder / name
         try:
             info = candidate.lstat()
+            if stat.S_ISDIR(info.st_mode):  # a model folder's (DiffusersSystem._save_folder): its writer's pid gone
+                pid = match.group("pid")
+                if pid is not None and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    shutil.rmtree(candidate, ignore_errors=True)
+                    removed.append(candidate)
+                continue
             if not stat.S_ISREG(info.st_mode):
                 continue
             fd = os.open(candidate, os.O_RDONLY)
