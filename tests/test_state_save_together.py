@@ -52,3 +52,38 @@ def test_a_failed_run_record_leaves_the_previous_state_whole(crosses, tmp_path, 
     run_train("lora", options(out, resume=state, overwrite=True))
     straight, resumed = load_file(tmp_path / "straight" / "a.safetensors"), load_file(out)
     assert set(straight) == set(resumed) and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_ctrl_c_during_a_periodic_states_save_saves_that_state(crosses, tmp_path, monkeypatch):
+    """A signal while the state of a periodic save is written (its weights file already there, this run's own): the
+    interrupt path re-raised as "another run's output" exists, and the state stayed a save behind; now it saves the
+    state, says how to resume, and the resume ends where a straight run does."""
+    import importlib
+
+    from sdadapt.errors import Interrupted
+
+    fit_module = importlib.import_module("sdadapt.methods.fit")  # (the module: sdadapt.methods.fit is also its function)
+
+    def options(out, **more):
+        return TrainOptions(images=crosses, steps=4, learning_rate=5e-3, out=out, save_every_n_steps=1, log_with="csv",
+                            **more)
+
+    run_train("lora", options(tmp_path / "straight" / "a.safetensors"))
+    real, calls = fit_module.save_training_state, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # (the second save's state: Ctrl-C)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "save_training_state", interrupted)
+    out = tmp_path / "cut" / "a.safetensors"
+    with pytest.raises(Interrupted, match="--resume"):
+        run_train("lora", options(out))
+    monkeypatch.setattr(fit_module, "save_training_state", real)
+    state = next((tmp_path / "cut").rglob("state.json")).parent
+    assert json.loads((state / "run.json").read_text())["step"] == 2
+    run_train("lora", options(out, resume=state))  # (no --overwrite: the saves after step 2 are new)
+    straight, resumed = load_file(tmp_path / "straight" / "a.safetensors"), load_file(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

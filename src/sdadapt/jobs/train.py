@@ -1553,7 +1553,10 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
         existing.append(outputs.log)
     if existing and not options.overwrite:
         names = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        beside = "" if final in existing else f" (written beside -o {final}, with its stem: another run's output)"
+        beside = "" if final in existing else (
+            f" (saves of the run --resume {options.resume} continues, made after the state it saved: pass --overwrite "
+            "to make them again)" if options.resume is not None
+            else f" (written beside -o {final}, with its stem: another run's output)")
         raise OutputExistsError(f"{names}: already exist{'s' if len(existing) == 1 else ''}{beside}; pass --overwrite "
                                 "to replace, or choose another -o")
 
@@ -2452,9 +2455,13 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         if info is None or info.step >= total or not main:
             raise
         path = outputs.periodic(step=info.step)
-        if path.exists() and not options.overwrite:
+        own = str(path) in saved  # (this run saved this step's weights: the signal came during its state's save)
+        if path.exists() and not options.overwrite and not own:
             raise
-        save_now(info, path)
+        if not own:
+            save_now(info, path)
+        elif options.save_state:
+            save_state(info)
         from ..errors import Interrupted
 
         raise Interrupted(getattr(exc, "signal_number", 2),
