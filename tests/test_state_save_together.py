@@ -87,3 +87,29 @@ def test_ctrl_c_during_a_periodic_states_save_saves_that_state(crosses, tmp_path
     run_train("lora", options(out, resume=state))  # (no --overwrite: the saves after step 2 are new)
     straight, resumed = load_file(tmp_path / "straight" / "a.safetensors"), load_file(out)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_full_disk_in_convert_to_peft_is_said_as_such(tmp_path, monkeypatch, capsys):
+    """``convert --to peft`` turned every ValueError of the writer into "cannot convert to peft … convert --to kohya
+    keeps every layer" — a full disk (DiskSpaceError is a ValueError too) included; now it is the disk's error."""
+    import importlib
+
+    from safetensors.torch import save_file
+
+    from sdadapt.cli import main
+    from sdadapt.errors import DiskSpaceError
+
+    convert = importlib.import_module("sdadapt.loratools.convert")
+    g = torch.Generator().manual_seed(0)
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 32, generator=g),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(32, 2, generator=g),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0)}, str(tmp_path / "a.safetensors"))
+
+    def full(*args, **kwargs):
+        raise DiskSpaceError(f"{tmp_path / 'p'}: not enough free disk space (needs 1 MiB, 0 free)")
+
+    monkeypatch.setattr(convert, "save_peft", full)
+    code = main(["convert", str(tmp_path / "a.safetensors"), "--to", "peft", "--component", "unet", "-o",
+                 str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert code != 0 and "disk space" in err and "cannot convert to peft" not in err

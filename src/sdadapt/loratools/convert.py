@@ -332,6 +332,8 @@ def convert_lora(
                 try:  # (under the names pipeline component `name` has: transformers 5's CLIPTextModel lacks text_model.)
                     save_peft(staging, cast_factors(components[name], dtype), component=name,
                               metadata=carried_metadata(metadata))
+                except OutputError:  # (a full disk, a write error: OutputError is a ValueError too; said as it is)
+                    raise
                 except ValueError as exc:  # (a LoHa/LoKr layer no peft config rebuilds, named)
                     message = (str(exc).replace("(format='kohya')", "(convert --to kohya)")
                                .replace("save it as kohya", "convert --to kohya keeps it"))
