@@ -113,3 +113,20 @@ def test_a_full_disk_in_convert_to_peft_is_said_as_such(tmp_path, monkeypatch, c
                  str(tmp_path / "p")])
     err = capsys.readouterr().err
     assert code != 0 and "disk space" in err and "cannot convert to peft" not in err
+
+
+def test_a_safetensors_write_error_is_an_output_error():
+    """The safetensors library's errors were all read errors ("an unreadable safetensors file …; download it again"),
+    also when it failed writing — a diffusers folder's weights on a full disk (diffusers' save_pretrained)."""
+    from safetensors import SafetensorError
+
+    from sdadapt.cli.options import translate_error
+    from sdadapt.errors import DiskSpaceError, OutputError, WeightFileError
+
+    full = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                           'on device" })')
+    assert isinstance(translate_error(full), DiskSpaceError)
+    denied = translate_error(SafetensorError("Error while serializing: IoError(Os { code: 13, kind: PermissionDenied })"))
+    assert isinstance(denied, OutputError) and not isinstance(denied, DiskSpaceError)
+    read = translate_error(SafetensorError("Error while deserializing header: HeaderTooLarge"))
+    assert isinstance(read, WeightFileError) and not isinstance(read, OutputError) and "download" in str(read)

@@ -464,8 +464,9 @@ def translate_error(exc: BaseException) -> BaseException:
     """A third-party exception that has a documented meaning, as the :mod:`sdadapt.errors` class it
     is (so it gets that exit code): torch refusing to unpickle → :class:`UnsafeFileError`; a CUDA-less
     build or an unknown device string → :class:`InputError`; a ``RecursionError`` or a safetensors
-    library error from a file → :class:`WeightFileError`. Anything else comes back unchanged."""
-    from ..errors import InputError, SdadaptError, UnsafeFileError, WeightFileError
+    library error from a file → :class:`WeightFileError` (one while writing a file: :class:`OutputError`, a full
+    disk :class:`DiskSpaceError`). Anything else comes back unchanged."""
+    from ..errors import DiskSpaceError, InputError, OutputError, SdadaptError, UnsafeFileError, WeightFileError
 
     if isinstance(exc, (SdadaptError, KeyboardInterrupt, SystemExit)):
         return exc
@@ -478,6 +479,11 @@ def translate_error(exc: BaseException) -> BaseException:
         return InputError(f"--device: not a device this torch knows ({text[:160]}); use cpu, cuda or mps")
     if isinstance(exc, RecursionError):
         return WeightFileError("an input is nested too deeply to read (RecursionError); it is corrupt or hostile")
+    if type(exc).__name__ == "SafetensorError" and "while serializing" in text.lower():  # (a write: a folder's weights)
+        if "code: 28" in text or "StorageFull" in text:
+            return DiskSpaceError(f"writing a safetensors file: the disk is full ({text[:200]}); free space and run again "
+                                  "(nothing was left under the output's name)")
+        return OutputError(f"writing a safetensors file failed ({text[:300]}); nothing was left under the output's name")
     if type(exc).__name__ == "SafetensorError":
         return WeightFileError(f"an unreadable safetensors file ({text[:300]}); download or copy it again")
     return exc
