@@ -130,3 +130,23 @@ def test_a_safetensors_write_error_is_an_output_error():
     assert isinstance(denied, OutputError) and not isinstance(denied, DiskSpaceError)
     read = translate_error(SafetensorError("Error while deserializing header: HeaderTooLarge"))
     assert isinstance(read, WeightFileError) and not isinstance(read, OutputError) and "download" in str(read)
+
+
+def test_a_signal_while_the_progress_bar_closes_is_dropped(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C after a command's work ended (while ``main`` closes the progress bar) printed a traceback and exit 1,
+    saying the partial output was removed — though the output was whole; now the command's own result stands."""
+    from safetensors.torch import save_file
+
+    import sdadapt.cli.options as cli_options
+    from sdadapt.cli import main
+    from sdadapt.errors import Interrupted
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)},
+              str(tmp_path / "a.safetensors"))
+
+    def closing():
+        raise Interrupted(2)
+
+    monkeypatch.setattr(cli_options, "close_progress", closing)
+    assert main(["inspect", str(tmp_path / "a.safetensors")]) == 0
+    assert "Traceback" not in capsys.readouterr().err

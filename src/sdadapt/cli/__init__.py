@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .option_rules import CheckedParser
 
@@ -249,10 +249,19 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(exc, BrokenPipeError) and _stdout_broken():  # (`inspect FILE | head`: the reader has
                 return _stdout_closed()  # what it wanted: Python's documented handling of SIGPIPE; another pipe's
                 # failure, e.g. a worker's, is reported as any error)
-            close_progress()  # the message starts its own line, not the end of a half-drawn bar
+            _close_progress(close_progress)  # the message starts its own line, not the end of a half-drawn bar
             return _report(exc)
         finally:
-            close_progress()
+            _close_progress(close_progress)
+
+
+def _close_progress(close: Callable[[], None]) -> None:
+    """Close the progress bar; a signal arriving meanwhile is dropped: the work has ended (its outputs are whole, or
+    its error is being reported) and a traceback would only say the opposite."""
+    try:
+        close()
+    except KeyboardInterrupt:
+        pass
 
 
 def _stdout_broken() -> bool:
