@@ -165,6 +165,21 @@ def train_fit_calls(monkeypatch):
 
 
 @pytest.fixture()
+def cross_captions(tmp_path):
+    """A folder of the toy's four "cross" concept images captioned "a red cross" (a toy-model training set)."""
+    from sdadapt.images import write_png
+    from sdadapt.toy.evaluate import concept_data
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images, _ = concept_data("cross", 4, seed=0)
+    for i, image in enumerate(images):
+        write_png(folder / f"i{i}.png", image)
+        (folder / f"i{i}.txt").write_text("a red cross")
+    return folder
+
+
+@pytest.fixture()
 def red_circles(tmp_path):
     """A folder of three random 32x32 PNGs captioned "a red circle" (a toy-model training set)."""
     from train_inputs import captioned_pngs

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from tiny_checkpoints import tiny_sd1_parts, write_single_file  # noqa: E402
+from tiny_checkpoints import tiny_sd1_parts, write_single_file
 
-from sdadapt.cli import main  # noqa: E402
+from sdadapt.cli import main
 
 
 @pytest.mark.parametrize("channels,pipeline", [(9, "StableDiffusionInpaintPipeline"), (4, "StableDiffusionPipeline")])

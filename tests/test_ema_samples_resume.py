@@ -9,24 +9,11 @@ import pytest
 import torch
 
 import sdadapt.jobs.train as train_job
-import sdadapt.sampling as sampling
-from sdadapt.images import write_png
+from sdadapt import sampling
 from sdadapt.jobs import TrainOptions, run_train
-from sdadapt.toy.evaluate import concept_data
 
 
-@pytest.fixture()
-def crosses(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    images, _ = concept_data("cross", 4, seed=0)
-    for i, image in enumerate(images):
-        write_png(folder / f"i{i}.png", image)
-        (folder / f"i{i}.txt").write_text("a red cross")
-    return folder
-
-
-def test_samples_see_the_weights_the_saves_hold(crosses, tmp_path, monkeypatch):
+def test_samples_see_the_weights_the_saves_hold(cross_captions, tmp_path, monkeypatch):
     seen: dict[str, list] = {"sample": [], "ema": [], "raw": []}
     holder = {}
     real_generate, real_fit = sampling.generate, train_job.fit
@@ -43,14 +30,26 @@ def test_samples_see_the_weights_the_saves_hold(crosses, tmp_path, monkeypatch):
             with info.averaged():
                 seen["ema"].append([p.detach().clone() for p in adaptation.params])
             on_step(info)
+
         return real_fit(system, adaptation, *args, on_step=wrapped, **kwargs)
 
     monkeypatch.setattr(sampling, "generate", spy_generate)
     monkeypatch.setattr(train_job, "fit", spy_fit)
     (tmp_path / "prompts.txt").write_text("a red cross --s 2\n")
-    run_train("lora", TrainOptions(images=crosses, steps=4, learning_rate=5e-3, out=tmp_path / "out" / "a.safetensors",
-                                   ema_decay=0.5, sample_prompts=tmp_path / "prompts.txt", sample_every_n_steps=2,
-                                   sample_steps=2, log_with="csv"))
+    run_train(
+        "lora",
+        TrainOptions(
+            images=cross_captions,
+            steps=4,
+            learning_rate=5e-3,
+            out=tmp_path / "out" / "a.safetensors",
+            ema_decay=0.5,
+            sample_prompts=tmp_path / "prompts.txt",
+            sample_every_n_steps=2,
+            sample_steps=2,
+            log_with="csv",
+        ),
+    )
     assert len(seen["sample"]) == 2
     for sample, step in zip(seen["sample"], (2, 4)):
         ema, raw = seen["ema"][step - 1], seen["raw"][step - 1]
@@ -59,17 +58,46 @@ def test_samples_see_the_weights_the_saves_hold(crosses, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("saved,resumed", [(None, 0.9), (0.9, None), (0.9, 0.99)])
-def test_a_resume_keeps_the_ema_it_was_saved_with(crosses, tmp_path, saved, resumed):
-    run_train("lora", TrainOptions(images=crosses, steps=4, learning_rate=5e-3, out=tmp_path / "a" / "a.safetensors",
-                                   save_every_n_steps=2, ema_decay=saved, log_with="csv"))
+def test_a_resume_keeps_the_ema_it_was_saved_with(cross_captions, tmp_path, saved, resumed):
+    run_train(
+        "lora",
+        TrainOptions(
+            images=cross_captions,
+            steps=4,
+            learning_rate=5e-3,
+            out=tmp_path / "a" / "a.safetensors",
+            save_every_n_steps=2,
+            ema_decay=saved,
+            log_with="csv",
+        ),
+    )
     state = next((tmp_path / "a").rglob("state.json")).parent
     with pytest.raises(ValueError, match="ema-decay") as caught:
-        run_train("lora", TrainOptions(images=crosses, steps=4, learning_rate=5e-3, out=tmp_path / "b" / "b.safetensors",
-                                       resume=state, ema_decay=resumed, log_with="csv"))
+        run_train(
+            "lora",
+            TrainOptions(
+                images=cross_captions,
+                steps=4,
+                learning_rate=5e-3,
+                out=tmp_path / "b" / "b.safetensors",
+                resume=state,
+                ema_decay=resumed,
+                log_with="csv",
+            ),
+        )
     assert "KeyError" not in repr(caught.value)
-    same = run_train("lora", TrainOptions(images=crosses, steps=4, learning_rate=5e-3,
-                                          out=tmp_path / "c" / "c.safetensors", resume=state, ema_decay=saved,
-                                          log_with="csv"))
+    same = run_train(
+        "lora",
+        TrainOptions(
+            images=cross_captions,
+            steps=4,
+            learning_rate=5e-3,
+            out=tmp_path / "c" / "c.safetensors",
+            resume=state,
+            ema_decay=saved,
+            log_with="csv",
+        ),
+    )
     assert same is not None
 
 
@@ -80,10 +108,22 @@ def test_load_training_state_refuses_another_ema(tmp_path, saved_ema, loaded_ema
 
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([param], lr=0.1)
-    save_training_state(tmp_path, named_params={"p": param}, optimizer=optimizer,
-                        state=TrainState(ema=EMA([param], decay=0.9) if saved_ema else None))
+    save_training_state(
+        tmp_path,
+        named_params={"p": param},
+        optimizer=optimizer,
+        state=TrainState(ema=EMA([param], decay=0.9) if saved_ema else None),
+    )
     with pytest.raises(ValueError, match="EMA"):
-        load_training_state(tmp_path, named_params={"p": param}, optimizer=optimizer,
-                            state=TrainState(ema=EMA([param], decay=0.9) if loaded_ema else None))
-    load_training_state(tmp_path, named_params={"p": param}, optimizer=optimizer,
-                        state=TrainState(ema=EMA([param], decay=0.9) if saved_ema else None))
+        load_training_state(
+            tmp_path,
+            named_params={"p": param},
+            optimizer=optimizer,
+            state=TrainState(ema=EMA([param], decay=0.9) if loaded_ema else None),
+        )
+    load_training_state(
+        tmp_path,
+        named_params={"p": param},
+        optimizer=optimizer,
+        state=TrainState(ema=EMA([param], decay=0.9) if saved_ema else None),
+    )

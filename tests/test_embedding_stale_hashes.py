@@ -36,7 +36,7 @@ def test_a_converted_embedding_carries_no_hash_of_the_old_bytes(tmp_path, to, su
     assert before["sshs_model_hash"] == kohya_hashes(*read_safetensors(source))["sshs_model_hash"]
     out = tmp_path / f"out-{to}{suffix}"
     convert_embedding(source, out, to=to, dtype=torch.float16)
-    tensors, meta = read_safetensors(out)
+    _, meta = read_safetensors(out)
     assert not {"sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"} & set(meta), meta
     if to == "kohya":
         assert meta["ss_steps"] == "10"  # (the rest of kohya's metadata carries over)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from tiny_systems import tiny_diffusers_system  # noqa: E402
+from tiny_systems import tiny_diffusers_system
 
-from sdadapt.diffusers_system import DiffusersSystem  # noqa: E402
-from sdadapt.embeddings.tokens import multi_vector_names  # noqa: E402
+from sdadapt.diffusers_system import DiffusersSystem
+from sdadapt.embeddings.tokens import multi_vector_names
 
 
 def test_a_folders_multi_vector_trigger_is_expanded_as_diffusers(tmp_path):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-from tiny_models import run_unet, tiny_unet_sd1, unet_inputs  # noqa: E402
+from tiny_models import run_unet, tiny_unet_sd1, unet_inputs
 
-import sdadapt  # noqa: E402
-from sdadapt.formats import WeightFileError, load_lora  # noqa: E402
+import sdadapt
+from sdadapt.formats import WeightFileError, load_lora
 
 _TARGETS = ["to_out.0", "ff.net.2", "to_q", "time_emb_proj"]
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-from tiny_models import run_unet, tiny_unet_sd1, unet_inputs  # noqa: E402
+from tiny_models import run_unet, tiny_unet_sd1, unet_inputs
 
-import sdadapt  # noqa: E402
-from sdadapt.formats import load_lora, save_peft  # noqa: E402
+import sdadapt
+from sdadapt.formats import load_lora, save_peft
 
 _BIASED = ["to_out.0", "proj_in", "ff.net.2", "conv1", "conv_shortcut", "time_emb_proj"]
 

@@ -9,9 +9,9 @@ import os
 import pytest
 
 pytest.importorskip("diffusers")
-from tiny_checkpoints import tiny_sd1_file  # noqa: E402
+from tiny_checkpoints import tiny_sd1_file
 
-from sdadapt.cli import main  # noqa: E402
+from sdadapt.cli import main
 
 
 def test_a_killed_writers_model_folder_is_removed_by_the_next_write(tmp_path):

@@ -11,26 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 import sdadapt.jobs.train as train_job
-from sdadapt.images import write_png
 from sdadapt.jobs import TrainOptions, run_train
-from sdadapt.toy.evaluate import concept_data
 
 
-@pytest.fixture()
-def crosses(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    images, _ = concept_data("cross", 4, seed=0)
-    for i, image in enumerate(images):
-        write_png(folder / f"i{i}.png", image)
-        (folder / f"i{i}.txt").write_text("a red cross")
-    return folder
-
-
-def test_a_failed_run_record_leaves_the_previous_state_whole(crosses, tmp_path, monkeypatch):
+def test_a_failed_run_record_leaves_the_previous_state_whole(cross_captions, tmp_path, monkeypatch):
     def options(out, **more):
-        return TrainOptions(images=crosses, steps=4, learning_rate=5e-3, out=out, save_every_n_steps=1, log_with="csv",
-                            **more)
+        return TrainOptions(
+            images=cross_captions, steps=4, learning_rate=5e-3, out=out, save_every_n_steps=1, log_with="csv", **more
+        )
 
     run_train("lora", options(tmp_path / "straight" / "a.safetensors"))
     real, calls = train_job._write_run_record, []
@@ -47,14 +35,18 @@ def test_a_failed_run_record_leaves_the_previous_state_whole(crosses, tmp_path, 
         run_train("lora", options(out))
     monkeypatch.setattr(train_job, "_write_run_record", real)
     state = next((tmp_path / "cut").rglob("state.json")).parent
-    assert json.loads((state / "state.json").read_text())["step"] == json.loads((state / "run.json").read_text())["step"] == 1
+    assert (
+        json.loads((state / "state.json").read_text())["step"]
+        == json.loads((state / "run.json").read_text())["step"]
+        == 1
+    )
     assert not [p.name for p in state.iterdir() if p.name.startswith(".")]  # (no temporary left)
     run_train("lora", options(out, resume=state, overwrite=True))
     straight, resumed = load_file(tmp_path / "straight" / "a.safetensors"), load_file(out)
     assert set(straight) == set(resumed) and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def test_ctrl_c_during_a_periodic_states_save_saves_that_state(crosses, tmp_path, monkeypatch):
+def test_ctrl_c_during_a_periodic_states_save_saves_that_state(cross_captions, tmp_path, monkeypatch):
     """A signal while the state of a periodic save is written (its weights file already there, this run's own): the
     interrupt path re-raised as "another run's output" exists, and the state stayed a save behind; now it saves the
     state, says how to resume, and the resume ends where a straight run does."""
@@ -62,11 +54,14 @@ def test_ctrl_c_during_a_periodic_states_save_saves_that_state(crosses, tmp_path
 
     from sdadapt.errors import Interrupted
 
-    fit_module = importlib.import_module("sdadapt.methods.fit")  # (the module: sdadapt.methods.fit is also its function)
+    fit_module = importlib.import_module(
+        "sdadapt.methods.fit"
+    )  # (the module: sdadapt.methods.fit is also its function)
 
     def options(out, **more):
-        return TrainOptions(images=crosses, steps=4, learning_rate=5e-3, out=out, save_every_n_steps=1, log_with="csv",
-                            **more)
+        return TrainOptions(
+            images=cross_captions, steps=4, learning_rate=5e-3, out=out, save_every_n_steps=1, log_with="csv", **more
+        )
 
     run_train("lora", options(tmp_path / "straight" / "a.safetensors"))
     real, calls = fit_module.save_training_state, []
@@ -101,16 +96,22 @@ def test_a_full_disk_in_convert_to_peft_is_said_as_such(tmp_path, monkeypatch, c
 
     convert = importlib.import_module("sdadapt.loratools.convert")
     g = torch.Generator().manual_seed(0)
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 32, generator=g),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(32, 2, generator=g),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0)}, str(tmp_path / "a.safetensors"))
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 32, generator=g),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(32, 2, generator=g),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0),
+        },
+        str(tmp_path / "a.safetensors"),
+    )
 
     def full(*args, **kwargs):
         raise DiskSpaceError(f"{tmp_path / 'p'}: not enough free disk space (needs 1 MiB, 0 free)")
 
     monkeypatch.setattr(convert, "save_peft", full)
-    code = main(["convert", str(tmp_path / "a.safetensors"), "--to", "peft", "--component", "unet", "-o",
-                 str(tmp_path / "p")])
+    code = main(
+        ["convert", str(tmp_path / "a.safetensors"), "--to", "peft", "--component", "unet", "-o", str(tmp_path / "p")]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "disk space" in err and "cannot convert to peft" not in err
 
@@ -123,10 +124,13 @@ def test_a_safetensors_write_error_is_an_output_error():
     from sdadapt.cli.options import translate_error
     from sdadapt.errors import DiskSpaceError, OutputError, WeightFileError
 
-    full = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
-                           'on device" })')
+    full = SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
     assert isinstance(translate_error(full), DiskSpaceError)
-    denied = translate_error(SafetensorError("Error while serializing: IoError(Os { code: 13, kind: PermissionDenied })"))
+    denied = translate_error(
+        SafetensorError("Error while serializing: IoError(Os { code: 13, kind: PermissionDenied })")
+    )
     assert isinstance(denied, OutputError) and not isinstance(denied, DiskSpaceError)
     read = translate_error(SafetensorError("Error while deserializing header: HeaderTooLarge"))
     assert isinstance(read, WeightFileError) and not isinstance(read, OutputError) and "download" in str(read)
@@ -141,8 +145,10 @@ def test_a_signal_while_the_progress_bar_closes_is_dropped(tmp_path, monkeypatch
     from sdadapt.cli import main
     from sdadapt.errors import Interrupted
 
-    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)},
-              str(tmp_path / "a.safetensors"))
+    save_file(
+        {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2)},
+        str(tmp_path / "a.safetensors"),
+    )
 
     def closing():
         raise Interrupted(2)
