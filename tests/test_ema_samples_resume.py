@@ -59,46 +59,17 @@ def test_samples_see_the_weights_the_saves_hold(cross_captions, tmp_path, monkey
 
 @pytest.mark.parametrize("saved,resumed", [(None, 0.9), (0.9, None), (0.9, 0.99)])
 def test_a_resume_keeps_the_ema_it_was_saved_with(cross_captions, tmp_path, saved, resumed):
-    run_train(
-        "lora",
-        TrainOptions(
-            images=cross_captions,
-            steps=4,
-            learning_rate=5e-3,
-            out=tmp_path / "a" / "a.safetensors",
-            save_every_n_steps=2,
-            ema_decay=saved,
-            log_with="csv",
-        ),
-    )
+    def train(name, **more):
+        out = tmp_path / name / f"{name}.safetensors"
+        return run_train("lora", TrainOptions(images=cross_captions, steps=4, learning_rate=5e-3, out=out, log_with="csv",
+                                              **more))
+
+    train("a", save_every_n_steps=2, ema_decay=saved)
     state = next((tmp_path / "a").rglob("state.json")).parent
     with pytest.raises(ValueError, match="ema-decay") as caught:
-        run_train(
-            "lora",
-            TrainOptions(
-                images=cross_captions,
-                steps=4,
-                learning_rate=5e-3,
-                out=tmp_path / "b" / "b.safetensors",
-                resume=state,
-                ema_decay=resumed,
-                log_with="csv",
-            ),
-        )
+        train("b", resume=state, ema_decay=resumed)
     assert "KeyError" not in repr(caught.value)
-    same = run_train(
-        "lora",
-        TrainOptions(
-            images=cross_captions,
-            steps=4,
-            learning_rate=5e-3,
-            out=tmp_path / "c" / "c.safetensors",
-            resume=state,
-            ema_decay=saved,
-            log_with="csv",
-        ),
-    )
-    assert same is not None
+    assert train("c", resume=state, ema_decay=saved) is not None
 
 
 @pytest.mark.parametrize("saved_ema,loaded_ema", [(False, True), (True, False)])
