@@ -28,3 +28,32 @@ def test_a_killed_writers_model_folder_is_removed_by_the_next_write(tmp_path):
     assert (out / "diff" / "model_index.json").is_file()
     assert not dead.exists() and live.exists() and other.exists()
     assert [p.name for p in out.iterdir() if p.name.startswith(".diff.") and p != live] == []
+
+
+def test_a_lora_convert_stages_beside_its_output_and_leaves_nothing(tmp_path, monkeypatch):
+    """``convert`` of a LoRA file wrote and checked it in the system's temporary folder (a full /tmp failed it, a kill
+    left it there for good): now beside OUT, named with the pid (removed by the next write there once that process is
+    gone), and nothing is left after a run."""
+    import importlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    convert = importlib.import_module("sdadapt.loratools.convert")
+    g = torch.Generator().manual_seed(0)
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(2, 32, generator=g),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(32, 2, generator=g),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0)}, str(tmp_path / "a.safetensors"))
+    out = tmp_path / "out"
+    out.mkdir()
+    real, seen = convert._move_checked, []
+
+    def spy(staging, target, **kwargs):
+        seen.append(staging.parent)
+        return real(staging, target, **kwargs)
+
+    monkeypatch.setattr(convert, "_move_checked", spy)
+    assert main(["convert", str(tmp_path / "a.safetensors"), "--to", "diffusers", "-o", str(out / "b.safetensors"),
+                 "-q"]) == 0
+    assert seen[0].parent == out and seen[0].name.startswith(f".b.safetensors.{os.getpid()}-")
+    assert sorted(p.name for p in out.iterdir()) == ["b.safetensors"]

@@ -306,8 +306,11 @@ def convert_lora(
     families = _families(components)
     _check_target_families(families, to, str(source))
     report = ConvertReport(path=target, source_kind=kind, target=to, families=families)
-    # written and read back in a scratch folder first: a failed check leaves OUT as it was
-    with tempfile.TemporaryDirectory(prefix="sdadapt-convert-") as scratch:
+    # written and read back in a scratch folder first: a failed check leaves OUT as it was. The scratch folder is beside
+    # OUT (its disk, not the system's temporary one) and named with this process's pid: a killed run's is removed by
+    # the next write there (formats.files.remove_stale_temporaries)
+    beside = target.parent if target.parent.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=beside) as scratch:
         staging = Path(scratch) / target.name
         try:
             if to == "kohya":
