@@ -639,9 +639,10 @@ def find_images(
     unread: list[str] = []
     joined = 0
     for folder, count, class_tokens, label in sets:
-        hidden.extend(f"{label}/{p.name}" if label != "." else p.name for p in folder.iterdir()
+        listed = list(folder.iterdir())
+        hidden.extend(f"{label}/{p.name}" if label != "." else p.name for p in listed
                       if p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
-        files = sorted(p for p in folder.iterdir() if is_image_file(p))
+        files = sorted(p for p in listed if is_image_file(p))
         for file in files:
             text = _caption_text(file, caption_extension, borrowed=borrowed, other=other, unread=unread)
             if text is not None and not multiline and caption_lines == JOINED_CAPTIONS:
