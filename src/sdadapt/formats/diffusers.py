@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..adapters.lora import lora_scale
 from ..model_args import as_module, check_components
 from ..patterns import own_pattern_entries, peft_pattern_value
 from .bundled_embeddings import without_bundled
@@ -150,9 +151,9 @@ def _peft_keys(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
         elif suffix == "dora_scale":
             out[f"{prefix}{layer}.lora_magnitude_vector"] = _peft_magnitude(key, value, state.get(f"{layer}.lora_up.weight"))
         elif suffix == "diff_b" and f"{layer}.lora_down.weight" in state:  # peft's lora_bias: lora_B.bias · scale
-            rank = state[f"{layer}.lora_down.weight"].shape[0]
             alpha = state.get(f"{layer}.alpha")
-            out[f"{prefix}{layer}.lora_B.bias"] = value / ((float(alpha) if alpha is not None else rank) / rank)
+            out[f"{prefix}{layer}.lora_B.bias"] = value / lora_scale(None if alpha is None else float(alpha),
+                                                                     state[f"{layer}.lora_down.weight"].shape[0])
         elif suffix != "alpha":
             raise ValueError(f"{key}: diffusers/peft LoRA files hold only LoRA tensors, not {suffix!r}; save other "
                              "families as kohya/LyCORIS files (format='kohya')"
@@ -266,7 +267,7 @@ def _with_alphas(layers: dict[str, dict[str, Tensor]], config: Mapping | None, *
         out[f"{layer}.lora_up.weight"] = tensors["lora_up.weight"]
         out[f"{layer}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if "lora_up.bias" in tensors:  # peft's lora_bias: the bias moves by lora_B.bias · scale, sdadapt's diff_b as is
-            out[f"{layer}.diff_b"] = tensors["lora_up.bias"] * (alpha / rank)
+            out[f"{layer}.diff_b"] = tensors["lora_up.bias"] * lora_scale(alpha, rank)
         if "dora_scale" in tensors:  # peft magnitude (out,) / (1, out, 1, 1) -> (out, 1[, 1, 1])
             magnitude, down = tensors["dora_scale"], tensors["lora_down.weight"]
             out_features = tensors["lora_up.weight"].shape[0]
