@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,7 +76,11 @@ PARAM_KEYS = ("emb_params", "emp_params")
 #: OneTrainer's output embeddings (vectors that replace the text encoder's outputs; the input ones are zeros)
 OUTPUT_KEYS = frozenset({"emp_params_out", "clip_l_out", "clip_g_out"})
 _SUFFIXES = {"a1111": (".pt", ".safetensors", ".bin"), "kohya": (".safetensors", ".pt"), "diffusers": (".safetensors", ".bin")}
-_DIFFUSERS_DEFAULT_STEM = "learned_embeds"
+#: diffusers' training scripts' file stems (``learned_embeds``, ``learned_embeds-steps-500``; the SDXL script's second
+#: encoder ``learned_embeds_2`` / ``learned_embeds_2-steps-500``): they name no trigger, the file's key does
+_DIFFUSERS_DEFAULT_STEM = re.compile(r"learned_embeds(?P<second>_2)?(?P<steps>-steps-\d+)?")
+#: the widths of SDXL's two token tables (CLIP-L, OpenCLIP-G)
+_SDXL_WIDTHS = (768, 1280)
 _ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
                   "sdxl": "stable-diffusion-xl-v1-base"}
 _SS_VERSIONS = {"sd1": ("sd_v1", "False"), "sd2": ("sd_v2", "True"), "sd2-v": ("sd_v2_v", "True"), "sdxl": ("sdxl_base_v1-0", "False")}
@@ -291,7 +296,7 @@ def _embedding_from_state(obj: object, *, name: str, metadata: Mapping[str, str]
             "or clip_l + clip_g (SDXL). Run `python -m sdadapt inspect FILE` to see what it is."
         )
     (key, value), = tensors.items()
-    if name == _DIFFUSERS_DEFAULT_STEM and key not in PARAM_KEYS:
+    if _DIFFUSERS_DEFAULT_STEM.fullmatch(name) and key not in PARAM_KEYS:
         name = key  # diffusers' default file name says nothing; its token is the key
     if key not in PARAM_KEYS and key != name:
         meta["token"] = key  # a diffusers token that differs from the trigger
@@ -345,7 +350,9 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
     Reads A1111 ``.pt`` (``string_to_param``), A1111/kohya ``.safetensors``/``.pt``
     (``emb_params``), diffusers ``learned_embeds.safetensors``/``.bin`` (``{token: tensor}``; 1-D
     tensors as one vector) and SDXL ``{clip_l, clip_g}`` files, in any float dtype (kept).
-    Pickles go through ``torch.load(weights_only=True)`` only.
+    Pickles go through ``torch.load(weights_only=True)`` only. diffusers' SDXL script's two files
+    (``learned_embeds[-steps-N].safetensors`` with CLIP-L's rows, ``learned_embeds_2[-steps-N].safetensors``
+    with OpenCLIP-G's, the same token and count) are read together as one SDXL embedding, whichever is named.
 
     Returns:
         an :class:`~sdadapt.Embedding` named by the file stem (the word A1111 prompts use;
@@ -361,6 +368,12 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
         emb.name, emb.count, emb.dims          # ('my-style', 4, {'text_encoder': 768})
     """
     file = Path(path)
+    embedding = _load_one(file)
+    partner = _sdxl_partner(file)
+    return embedding if partner is None else _sdxl_pair(file, embedding, partner)
+
+
+def _load_one(file: Path) -> Embedding:
     _check_is_file(file)
     if sniff_format(file) == "pickle":
         obj, metadata = _load_pickle(file), {}
@@ -371,6 +384,32 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
     if bad:
         raise WeightFileError(f"{file}: the {', '.join(bad)} vectors contain NaN or inf; the training that made it diverged")
     return embedding
+
+
+def _sdxl_partner(file: Path) -> Path | None:
+    """The other file of a diffusers ``textual_inversion_sdxl.py`` pair beside ``file`` (``learned_embeds[-steps-N]``
+    <-> ``learned_embeds_2[-steps-N]``, the same suffix), or ``None``."""
+    match = _DIFFUSERS_DEFAULT_STEM.fullmatch(file.stem)
+    if match is None:
+        return None
+    other = file.with_name(f"learned_embeds{'' if match['second'] else '_2'}{match['steps'] or ''}{file.suffix}")
+    return other if other.is_file() else None
+
+
+def _sdxl_pair(file: Path, embedding: Embedding, partner: Path) -> Embedding:
+    """diffusers' ``textual_inversion_sdxl.py`` writes one SDXL embedding as two files, ``learned_embeds.safetensors``
+    (CLIP-L's rows, ``(k, 768)``) and ``learned_embeds_2.safetensors`` (OpenCLIP-G's, ``(k, 1280)``), each
+    ``{token: rows}``: read together they are the ``clip_l`` + ``clip_g`` embedding A1111, kohya and ComfyUI use. Files
+    that do not make such a pair (another token or vector count, other widths) are each their own embedding."""
+    if embedding.is_sdxl:
+        return embedding
+    other = _load_one(partner)
+    first, second = (other, embedding) if _DIFFUSERS_DEFAULT_STEM.fullmatch(file.stem)["second"] else (embedding, other)
+    if other.is_sdxl or (first.dims[ENCODER_KEY], second.dims[ENCODER_KEY]) != _SDXL_WIDTHS or \
+            first.name != second.name or first.count != second.count:
+        return embedding
+    return Embedding(first.name, {SDXL_KEYS[0]: first.vectors[ENCODER_KEY], SDXL_KEYS[1]: second.vectors[ENCODER_KEY]},
+                     step=first.step, metadata=first.metadata)
 
 
 def save_embedding(path: str | os.PathLike, embedding: Embedding, *, format: str = "a1111",
@@ -434,8 +473,11 @@ def embedding_summary(file: Path, shapes: Mapping[str, tuple[int, ...]], metadat
     elif metadata.get("format") == "pt":
         writer += ", diffusers training script" if "diffusers" in writer else ""
     name = file.stem
-    if name == _DIFFUSERS_DEFAULT_STEM and len(keys) == 1 and not keys & set(PARAM_KEYS):
+    if _DIFFUSERS_DEFAULT_STEM.fullmatch(name) and len(keys) == 1 and not keys & set(PARAM_KEYS):
         name = next(iter(keys))
+    partner = _sdxl_partner(file)
+    if partner is not None and len(blocks) == 1:
+        writer += f"; one half of an SDXL pair with {partner.name} (read together as one SDXL embedding)"
     counts = {shape[0] if len(shape) == 2 else 1 for shape in blocks.values()}
     return {
         "name": name,
