@@ -141,6 +141,16 @@ def lokr_layout(
     return LoKrLayout(a, b, c, d, None if (w2_full and not w1_low) else rank, shapes)
 
 
+def _with_kernel_axes(geometry: LayerGeometry, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with a 1x1 convolution's full ``lokr_w2`` stored as a Linear layer's ``(b, d)`` viewed as
+    ``(b, d, 1, 1)``: kohya's own LoKr (sd-scripts ``networks/lokr.py``) treats 1x1 convolutions as Linear layers
+    and stores them so; kohya's merge and ComfyUI reshape ``kron(w1, w2)`` onto the weight (the same numbers)."""
+    w2 = tensors.get("lokr_w2")
+    if w2 is None or w2.ndim != 2 or not geometry.is_conv or math.prod(geometry.kernel) != 1:
+        return tensors
+    return {**tensors, "lokr_w2": w2.reshape(*w2.shape, *geometry.kernel)}
+
+
 def _layout_from_tensors(geometry: LayerGeometry, tensors: dict[str, Tensor], name: str) -> LoKrLayout:
     """The layout a file's tensors describe, checked against the base layer."""
     has = {k for k in _KEYS if k in tensors}
@@ -344,6 +354,7 @@ class LoKrModule(AdapterModule):
         Raises:
             ValueError: an inconsistent set of factors, or shapes that do not fit the base layer.
         """
+        tensors = _with_kernel_axes(geometry, tensors)
         layout = _layout_from_tensors(geometry, tensors, name)
         alpha = tensors.get("alpha")
         first = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"]

@@ -174,6 +174,18 @@ def _with_alpha(tensors: Mapping[str, Tensor], own: Mapping[str, Tensor], layer:
     return out
 
 
+def _with_kernel_axes(tensors: dict[str, Tensor], own: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A 1x1 convolution's tensors stored as a Linear layer's (``(b, d)`` for the adapter's ``(b, d, 1, 1)``: kohya's
+    own LoKr, sd-scripts ``networks/lokr.py``, treats 1x1 convolutions as Linear layers) viewed with the kernel axes."""
+    def fitted(key: str, value: Tensor) -> Tensor:
+        mine = own.get(key)
+        if mine is None or mine.ndim != 4 or tuple(mine.shape[2:]) != (1, 1) or tuple(value.shape) != tuple(mine.shape[:2]):
+            return value
+        return value.reshape(mine.shape)
+
+    return {key: fitted(key, value) for key, value in tensors.items()}
+
+
 def _compare(layer: str, component: str, adapter, tensors: Mapping[str, Tensor], own: Mapping[str, Tensor], file: Path) -> None:
     """The file's layer has the adapter's family, rank and alpha (else an error naming both)."""
     where = f"--network-weights {file}: {component} module {layer}"
@@ -269,7 +281,7 @@ def load_network_weights(handles: Mapping[str, AdapterHandle], weights: NetworkW
                 continue
             _check_fits(layer, component, groups[layer], adapter.geometry.weight_shape, weights.path)
             own = adapter.file_tensors()
-            tensors = _with_alpha(groups[layer], own, layer)
+            tensors = _with_kernel_axes(_with_alpha(groups[layer], own, layer), own)
             _compare(layer, component, adapter, tensors, own, weights.path)
             loads.append((adapter, own, tensors))
         report.missing += [f"{component}/{live}" for live in targeted if live not in placed]
