@@ -7,7 +7,7 @@ kohya (library/train_util.py):
   (``trim_size // 2`` without random_crop), then the same for the height.
 * ``AugHelper.color_aug``: ``if random.random() <= 0.33: if random.random() > 0.5:`` hue shift
   ``random.uniform(-8, 8)`` OpenCV hue units (2 degrees) on ``cv2.cvtColor(image, COLOR_BGR2HSV)``
-  of an RGB image, ``(h + shift) % 180``; ``else:`` ``gamma = random.uniform(0.95, 1.05)``,
+  of an RGB image, ``(h + shift) % 180`` stored back into the uint8 channel (whole units: truncated); ``else:`` ``gamma = random.uniform(0.95, 1.05)``,
   ``np.clip(image**gamma, 0, 255)`` on 0-255 values.
 * order in ``__getitem__``: crop, colour augmentation, flip.
 """
@@ -18,6 +18,7 @@ import colorsys
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from fit_runs import toy_lora_fit
@@ -118,6 +119,17 @@ def test_the_gamma_is_kohyas_on_0_255_values():
     assert torch.allclose(kohya_gamma(image, 1.0), image, atol=1e-12)
 
 
+def _kohya_hue_units(drawn: float) -> int:
+    """The whole OpenCV hue units kohya's ``hsv_img[:, :, 0] = (hsv_img[:, :, 0] + hue_shift) % 180`` turns every
+    8-bit hue by (``hue_shift`` made positive first): the float sum stored back into the uint8 channel truncates."""
+    shift = 180 + drawn if drawn < 0 else drawn
+    hues = np.arange(180, dtype=np.uint8)[None]
+    turned = hues.copy()
+    turned[:, :] = (hues + shift) % 180
+    (units,) = set(((turned.astype(int) - hues.astype(int)) % 180).ravel().tolist())  # (one turn for every hue)
+    return units if units < 90 else units - 180
+
+
 def test_color_aug_draws_as_kohya_in_the_same_order():
     image = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
     kinds = {"none": 0, "hue": 0, "gamma": 0}
@@ -126,7 +138,7 @@ def test_color_aug_draws_as_kohya_in_the_same_order():
         ref = random.Random(seed)
         if ref.random() <= 0.33:
             if ref.random() > 0.5:
-                want, kind = hue_shift(image, -2.0 * ref.uniform(-8, 8)), "hue"
+                want, kind = hue_shift(image, -2.0 * _kohya_hue_units(ref.uniform(-8, 8))), "hue"
             else:
                 want, kind = kohya_gamma(image, ref.uniform(0.95, 1.05)), "gamma"
         else:

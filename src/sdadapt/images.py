@@ -322,14 +322,19 @@ def read_image_channels(path: str | os.PathLike) -> np.ndarray:
     return np.concatenate([rgb, alpha], axis=-1)
 
 
-def read_image(path: str | os.PathLike, *, size: int | None = None) -> Tensor:
-    """An image file as (3, H, W) float32 in [-1, 1] (alpha composited on white; gray -> RGB).
+def read_image(path: str | os.PathLike, *, size: int | None = None, alpha: str = "white") -> Tensor:
+    """An image file as (3, H, W) float32 in [-1, 1] (gray -> RGB).
 
-    ``size`` resizes (area/bilinear) the shorter side to ``size`` and centre-crops a square.
+    ``alpha``: ``"white"`` composites a transparent image on white; ``"drop"`` keeps the colour the file stores under
+    its alpha and drops the alpha, as PIL's ``convert("RGB")`` — what kohya (``load_image``), diffusers' training
+    scripts and A1111's training datasets train on. ``size`` resizes (area/bilinear) the shorter side to ``size`` and
+    centre-crops a square.
     """
+    if alpha not in ("white", "drop"):
+        raise ValueError(f"alpha must be 'white' or 'drop', got {alpha!r}")
     x = torch.from_numpy(read_image_channels(path).astype(np.float32) / 255.0)  # (H, W, 4)
-    alpha = x[..., -1:]
-    x = x[..., :-1] * alpha + (1 - alpha)  # alpha over white
+    opacity = x[..., -1:] if alpha == "white" else torch.ones_like(x[..., -1:])
+    x = x[..., :-1] * opacity + (1 - opacity)  # alpha over white
     image = x.permute(2, 0, 1) * 2 - 1
     if size is not None:
         c, h, w = image.shape

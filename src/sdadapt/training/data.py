@@ -857,7 +857,7 @@ def _scaled(record: ImageRecord) -> Tensor:
     if record.path is None:
         raise ValueError("this image was given as a tensor and has no file to read: pass the tensors to "
                          "encode_buckets(images=...), or build the dataset from files with find_images")
-    image = read_image(record.path)  # (3, H, W) -> (3, rh, rw); kohya's method (its default without one)
+    image = read_image(record.path, alpha="drop")  # (3, H, W) -> (3, rh, rw); kohya's method (its default without one)
     return scale_image(image, record.resized,
                        interpolation=interpolation_for(record.interpolation, tuple(image.shape[1:]), record.resized))
 
@@ -967,7 +967,7 @@ class Dataset:
             if record.face is not None and self.augment.face_crop_range is not None:  # kohya's face crop: read unscaled
                 if record.path is None:
                     raise ValueError("a face crop reads the image file at each use; this image was given as a tensor")
-                image = self.augment.apply_face(read_image(record.path), bucket=record.bucket, face=record.face,
+                image = self.augment.apply_face(read_image(record.path, alpha="drop"), bucket=record.bucket, face=record.face,
                                                 flipped=flipped, rng=rng, interpolation=record.interpolation)
                 images.append(image)
                 crops.append((0, 0))

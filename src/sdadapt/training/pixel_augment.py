@@ -34,6 +34,7 @@ resumed run makes the same draws.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -89,11 +90,13 @@ def kohya_gamma(image: Tensor, gamma: float) -> Tensor:
 
 def color_aug(image: Tensor, rng: random.Random) -> Tensor:
     """kohya's ``color_aug`` of one image (3, H, W) in [-1, 1]: unchanged with probability 0.67, else a
-    hue rotation or a gamma curve (even odds), drawn from ``rng`` in kohya's order."""
+    hue rotation or a gamma curve (even odds), drawn from ``rng`` in kohya's order. The hue turns by whole OpenCV
+    units (2 degrees), ``floor`` of the draw: kohya adds the float draw to the 8-bit hue channel and stores the sum
+    back into it, which truncates (``(h + s) % 180`` with ``s`` made positive, ``h`` an integer: ``h + floor(s)``)."""
     if rng.random() > 0.33:
         return image
     if rng.random() > 0.5:
-        return hue_shift(image, -2.0 * rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT))
+        return hue_shift(image, -2.0 * math.floor(rng.uniform(-HUE_SHIFT_LIMIT, HUE_SHIFT_LIMIT)))
     return kohya_gamma(image, rng.uniform(0.95, 1.05))
 
 
