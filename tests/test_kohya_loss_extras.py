@@ -353,9 +353,9 @@ def test_random_crops_crop_the_masks_as_the_pixels(masked_images):
         for row, flipped in enumerate([False, True]):
             np.testing.assert_allclose(masks[row, 0].double().numpy(), _expected_alpha(pixels["a"], flipped=flipped, crop=crops[row]),
                                        rtol=1e-5, atol=1e-6)
-            # the image's pixels come from the same window: its composited red channel, cropped and flipped by hand
-            rgba = pixels["a"].astype(np.float64) / 255
-            red = rgba[..., 0] * rgba[..., 3] + (1 - rgba[..., 3])
+            # the image's pixels come from the same window: its stored red channel (alpha dropped, kohya's
+            # convert("RGB")), cropped and flipped by hand
+            red = pixels["a"].astype(np.float64)[..., 0] / 255
             top, left = crops[row]
             window = red[top: top + 32, left: left + 32]
             np.testing.assert_allclose(images[row, 0].double().numpy(), (window[:, ::-1] if flipped else window) * 2 - 1,
