@@ -10,10 +10,10 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from test_cli_train import _tiny_pipeline  # noqa: E402
+from test_cli_train import _tiny_pipeline
 
-from sdadapt.images import read_image  # noqa: E402
-from sdadapt.jobs.generate import run_generate  # noqa: E402
+from sdadapt.images import read_image
+from sdadapt.jobs.generate import run_generate
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])

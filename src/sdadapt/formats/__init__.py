@@ -23,6 +23,7 @@ from .files import WeightFileError, read_safetensors_header, read_weights, sniff
 from .kohya import from_kohya, load_kohya, save_kohya, to_kohya
 from .layers import LayerNotFoundError, canonical_state, resolve_layers
 from .lora_tensors import check_lora_tensors
+from .mixed_lora import is_mixed_lora, load_mixed_lora
 from .model_keys import (
     DIFFUSERS_COMPONENTS,
     KeyMapError,
@@ -111,11 +112,14 @@ def _read_lora(path: str | os.PathLike, *, layers_per_block: int) -> tuple[dict[
         return {"model": load_peft(path)}, (read_safetensors_header(weights)[1] if os.path.isfile(weights) else {})
     if os.path.isfile(path) and sniff_format(path) == "safetensors":  # the kind from the header: the file read once
         header, metadata = read_safetensors_header(path)
-        kind = detect_kind(list(header), metadata)
+        keys = list(header)
     else:  # (a legacy pickle: its keys are in the pickle; the loaders read it again)
         state, metadata = read_weights(path)
-        kind = detect_kind(list(state), metadata)
+        keys = list(state)
         del state
+    kind = detect_kind(keys, metadata)
+    if kind in (*KOHYA_LAYOUT_KINDS, "diffusers-lora") and is_mixed_lora(keys):
+        return load_mixed_lora(path, layers_per_block=layers_per_block)  # (SimpleTuner's comfyui export)
     if kind in KOHYA_LAYOUT_KINDS:
         return load_kohya(path, layers_per_block=layers_per_block)
     if kind == "diffusers-lora":

@@ -340,6 +340,14 @@ def _adapter_summary(
 ) -> dict:
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     bundled = sorted({key.split(".", 2)[1] for key in shapes if key.startswith(BUNDLE_PREFIX) and key.count(".") >= 2})
+    from .mixed_lora import diffusers_spelling, is_mixed_lora
+
+    file_keys: dict[str, str] = {}  # (a mixed kohya + diffusers file: its keys spelled one way, and the file's names)
+    if is_mixed_lora(shapes):
+        file_keys = diffusers_spelling(shapes)
+        shapes = {key: shapes[name] for key, name in file_keys.items()}
+        tensors = None if tensors is None else {key: tensors[name] for key, name in file_keys.items()}
+        kind = "diffusers-lora"
     shapes = {key: shape for key, shape in shapes.items() if not key.startswith(BUNDLE_PREFIX)}  # (not layers)
     for key, shape in shapes.items():
         layer, _, suffix = (key.partition(".") if kind in KOHYA_LAYOUT_KINDS else _split_comfy(key)
@@ -378,7 +386,7 @@ def _adapter_summary(
     if alpha_keys and tensors is not None:
         values = {layer: float(tensors[key]) for layer, key in alpha_keys.items() if key in tensors}
     elif alpha_keys:
-        wanted = {key: layer for layer, key in alpha_keys.items() if _is_scalar(shapes[key])}
+        wanted = {file_keys.get(key, key): layer for layer, key in alpha_keys.items() if _is_scalar(shapes[key])}
         for key, value in read_safetensors_scalars(file, list(wanted)).items():
             values[wanted[key]] = value  # other dtypes: reported as "absent"
     configs = _peft_configs(file, kind, metadata or {}) if kind in ("diffusers-lora", "peft-lora") else None  # (IA3: no alphas)

@@ -280,6 +280,17 @@ def _component_of(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _unread_form(keys: list[str]) -> str:
+    """What a file of these unread keys is, when their names tell (``""`` otherwise)."""
+    if any(k.endswith(".magnitude") for k in keys):
+        return (": '.magnitude' tensors are ai-toolkit's DoRA (its toolkit/models/DoRA.py), which stores no alpha: "
+                "its LoRA part's scale is not in the file, so no loader can rebuild the adapter it trained")
+    if any(k.endswith((".q_layer.weight", ".p_layer.weight", ".lambda_layer")) for k in keys):
+        return (": 'q_layer' / 'p_layer' / 'lambda_layer' are LyCORIS' T-LoRA (algo tlora), whose rank depends on the "
+                "timestep; train a LoRA / LoCon / LoKr for a file the UIs and sdadapt read")
+    return ""
+
+
 def from_kohya(
     state: Mapping[str, Tensor], *, source: str = "<state>", layers_per_block: int = 2
 ) -> dict[str, dict[str, Tensor]]:
@@ -316,7 +327,8 @@ def from_kohya(
             f"{source}: {len(unknown)} key(s) are not kohya LoRA keys (nor LyCORIS ones), e.g. {unknown[:5]}; expected "
             "'lora_unet_*', 'lora_te_*', 'lora_te1_*' or 'lora_te2_*' with one of "
             f"{', '.join(sorted(file_keys()))}. Is this a diffusers/peft file? Use load_lora() to auto-detect. "
-            "A LyCORIS tensor outside that list is of an algorithm or version sdadapt does not read."
+            "A LyCORIS tensor outside that list is of an algorithm or version sdadapt does not read"
+            + _unread_form(unknown) + "."
         )
     return out
 
