@@ -23,7 +23,9 @@ A1111 renames them the same way) and diffusers keys without ``text_model.`` (tra
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from typing import TypeVar
 
 from .key_rules import KeyRule, plan_by_rules
 from .key_source import KeySource, PlanBuilder
@@ -32,6 +34,8 @@ __all__ = [
     "CLIP_RULES",
     "OPEN_CLIP_RULES",
     "SD2_UNUSED_FROM_LAYER",
+    "encoder_layer_index",
+    "without_layers_past",
     "plan_clip",
     "plan_open_clip",
     "add_text_model",
@@ -42,6 +46,35 @@ __all__ = [
 SD2_UNUSED_FROM_LAYER = 23
 
 Shapes = Mapping[str, tuple[int, ...]]
+_T = TypeVar("_T")
+_LAYER_INDEX = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def encoder_layer_index(key: str) -> int | None:
+    """The encoder layer a text-encoder key or layer path names (``…encoder.layers.<n>.…``), else ``None``."""
+    match = _LAYER_INDEX.search(key + ".")
+    return None if match is None else int(match.group(1))
+
+
+def without_layers_past(state: Mapping[str, _T], layers: int) -> tuple[dict[str, _T], int]:
+    """A text-encoder adapter state (``…encoder.layers.<n>.…`` keys) without the encoder layers of index >= ``layers``,
+    and how many adapter layers (modules) were left out.
+
+    An SD2 text encoder here is diffusers' (OpenCLIP-H's first :data:`SD2_UNUSED_FROM_LAYER` layers): a LoRA on the
+    24-layer model — ComfyUI's "Extract and Save Lora" writes layer 23 for every SD2 text-encoder diff, zeros where
+    unchanged — changes nothing SD2 reads (A1111 and ComfyUI apply it to a layer whose output is never used, kohya's
+    loader skips it), so such layers are left out rather than refused."""
+    from .layers import split_key
+
+    kept: dict[str, _T] = {}
+    dropped: set[str] = set()
+    for key, value in state.items():
+        index = encoder_layer_index(key)
+        if index is not None and index >= layers:
+            dropped.add(split_key(key)[0])
+        else:
+            kept[key] = value
+    return kept, len(dropped)
 
 
 def _same(*words: str) -> dict[str, str]:

@@ -1242,7 +1242,7 @@ def run_generate(
     applied = []
     for path, scale in parsed:
         applied.append(_apply_lora_file(system, path, scale))
-        say(f"applied {path} at {scale:g} ({plural(applied[-1]['layers'], 'layer')})")
+        say(f"applied {path} at {scale:g} ({_layers_text(applied[-1])})")
     # the hires pass switches the tag LoRAs when its prompt names others (A1111 activates hr_extra_network_data):
     # only then are the undo handles (each a copy of the weights it changed) and the files read kept for the run
     other_hires_tags = hires is not None and _networks(hires_tag_loras) != _networks(tag_loras)
@@ -1268,16 +1268,16 @@ def run_generate(
                           ", blocks " + ",".join(f"{w:g}" for w in item.block_weights))
                 blocks += f", dyn {item.dyn}" if item.dyn is not None else ""
                 say(f"applied {item.file} ({item.tag}) at text encoder {item.te:g}, UNet {item.unet:g}{blocks} "
-                    f"({plural(reports[-1]['layers'], 'layer')})")
+                    f"({_layers_text(reports[-1])})")
         return reports
 
     applied.extend(apply_tag_loras(tag_loras, tag_handles))
     def loras_on(second, items, where: str) -> None:  # (A1111's networks act on whatever model is loaded)
         for path, scale in parsed:
             report = _apply_lora_file(second, path, scale)
-            say(f"applied {path} at {scale:g} on {where} ({plural(report['layers'], 'layer')})")
+            say(f"applied {path} at {scale:g} on {where} ({_layers_text(report)})")
         for report, item in zip(apply_tag_loras(items, None, quiet=True, target=second), items):
-            say(f"applied {item.file} ({item.tag}) on {where} ({plural(report['layers'], 'layer')})")
+            say(f"applied {item.file} ({item.tag}) on {where} ({_layers_text(report)})")
 
     if model_refiner:  # (the first pass's tags on the refiner)
         if other_hires_tags or step_parts:
@@ -1854,6 +1854,13 @@ def run_generate(
                                            "refiner_hires_pass": (refiner_hires_pass or "second") if hires else None})}
 
 
+def _layers_text(report: dict) -> str:
+    """``"36 layers"``, with the SD2 text-encoder layers past the model's left out (``unused_layers``) said."""
+    text = plural(report["layers"], "layer")
+    unused = report.get("unused_layers", 0)
+    return text + (f"; {plural(unused, 'layer')} on text-encoder layers SD2 never reads, left out" if unused else "")
+
+
 def _a1111_clip_skip(system, model, say: Callable[[str], None]) -> None:
     """Clip skip on an SD2 model is not applied, as A1111 (``sd_hijack_open_clip.py`` never reads
     ``CLIP_stop_at_last_layers``, yet writes "Clip skip: 2" into the infotext when the setting is 2) and ComfyUI (its SD2
@@ -2300,7 +2307,7 @@ def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | N
             components = {peft_component(system, components["model"], source=f"{option} {path}"): components["model"]}
         if files is not None:
             files[path] = components, metadata
-    layers = 0
+    layers = unused = 0
     unet_groups: list = []
     for component, state in components.items():
         module = getattr(system, component, None)
@@ -2308,6 +2315,11 @@ def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | N
             raise ValueError(f"{option} {path}: it adapts a {component}, which this model does not have "
                              f"(a LoRA for {metadata.get('ss_base_model_version', 'another model')}?)")
         multiplier = unet_scale if component == "unet" and unet_scale is not None else scale
+        if component == "text_encoder" and str(getattr(system, "base_model", "")).startswith("sd2"):
+            from ..formats.clip_keys import without_layers_past
+
+            state, past = without_layers_past(state, int(module.config.num_hidden_layers))
+            unused += past
         if dyn is not None:
             from ..loratools.dylora import a1111_dyn_state
 
@@ -2335,6 +2347,8 @@ def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | N
             raise ValueError(f"{option} {path}: does not fit this model's {component}{hint} ({details})") from None
         layers += len(applied_names)
     report = {"file": str(path), "scale": scale, "layers": layers}
+    if unused:
+        report["unused_layers"] = unused
     if block_weights is not None:
         report["block_weights"] = list(block_weights)
     if dyn is not None:

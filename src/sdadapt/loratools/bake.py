@@ -45,6 +45,7 @@ from ..adapters.registry import (
 from ..checks import cast_checked, check_result, finite_numbers, nonfinite_scan
 from ..errors import InputError
 from ..formats import WeightFileError
+from ..formats.clip_keys import SD2_UNUSED_FROM_LAYER, encoder_layer_index
 from ..formats.layers import group_by_layer
 from ..merge.model_metadata import inherited_metadata
 from .block_weights import expand_block_weights, lora_block_weight_fn
@@ -164,6 +165,7 @@ class BakedCheckpoint:
         plan: dict[str, list[_Entry]] = {}
         bias_plan: dict[str, list[_Entry]] = {}
         unmatched: list[str] = []
+        unused: list[str] = []  # (SD2 text-encoder layers the base does not hold and SD2 never reads: reported)
         problems: list[str] = []
         for path, components, strength, vector in zip(self.loras, loaded, self.strengths, self.block_weights):
             weigh = _block_weigher(vector, model)
@@ -175,7 +177,11 @@ class BakedCheckpoint:
                     label = f"{path.name}: {component}:{layer}"
                     slot = slots.get((component, layer))
                     if slot is None:
-                        unmatched.append(label)
+                        if model == "sd2" and component == "text_encoder" and (
+                                encoder_layer_index(layer) or 0) >= SD2_UNUSED_FROM_LAYER:
+                            unused.append(label)  # (a base without OpenCLIP's last layer: SD2 never reads it)
+                        else:
+                            unmatched.append(label)
                         continue
                     checked = self._check_layer(tensors, slot, f"{component}:{layer}")
                     if isinstance(checked, str):
@@ -202,7 +208,7 @@ class BakedCheckpoint:
                 "vs SDXL; a UNet-only file has no text encoder)? Pass --skip-unmatched (skip_unmatched=True) to merge "
                 f"the layers that do match:{_first(unmatched)}"
             )
-        self.report.unmatched = unmatched
+        self.report.unmatched = unmatched + unused
         return plan, bias_plan
 
     def _check_layer(
