@@ -2032,7 +2032,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         for block, (opts, h, w, step) in enumerate(plans):
             plan_dataset(group if not block_options else [r for r in group if r.dataset == block], resolution=(h, w),
                          buckets=opts.enable_bucket, step=step, min_size=opts.min_bucket_reso,
-                         max_size=opts.max_bucket_reso, no_upscale=opts.bucket_no_upscale, rule=bucket_rule)
+                         max_size=opts.max_bucket_reso, no_upscale=opts.bucket_no_upscale, rule=bucket_rule,
+                         full_size_crop=options.random_crop and not opts.enable_bucket)
 
     def face_crops(group: list, crop_range, notes: list[str]) -> int:
         """:func:`_face_crop_records` for each block's images (its own ``enable_bucket``; each note once)."""

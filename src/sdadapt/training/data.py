@@ -377,6 +377,9 @@ class ImageRecord:
             caption (:data:`TRIGGER_WRAPPED`): each draw applies the caption options to the own caption only and
             puts the template around it (:meth:`draw_caption`); ``caption`` then holds the template filled in once
             (what reports, checks and ``ss_tag_frequency`` read). ``None``: ``caption`` is drawn as it is.
+        full_size: kept at its own size, a bucket-sized window cut from it (kohya's no-bucket ``random_crop``,
+            :func:`plan_dataset` ``full_size_crop``): SDXL conditions it as kohya's uncached path does, an uncropped
+            image of the bucket's size (:func:`size_conditioning`).
     """
 
     path: Path | None
@@ -396,6 +399,7 @@ class ImageRecord:
     tags: str | None = None
     suffix_cut: bool = False
     wrapped: tuple[str, str, str] | None = None
+    full_size: bool = False
 
     def draw_caption(self, options: CaptionOptions, rng: random.Random, *, epoch: int = 0, step: int = 0) -> str:
         """One draw of this image's caption under ``options`` (:meth:`CaptionOptions.apply`); an image with
@@ -803,7 +807,8 @@ def _kohya_no_upscale(size: tuple[int, int], area: int, step: int) -> tuple[tupl
 
 def plan_dataset(records: list[ImageRecord], *, resolution: tuple[int, int] | int, buckets: bool = True,
                  step: int = 64, min_size: int | None = None, max_size: int | None = None,
-                 no_upscale: bool = False, rule: str = BUCKETS_KOHYA) -> list[tuple[int, int]]:
+                 no_upscale: bool = False, rule: str = BUCKETS_KOHYA, full_size_crop: bool = False
+                 ) -> list[tuple[int, int]]:
     """Assign each record a bucket, scale and crop (in place); returns the bucket sizes in use.
 
     Args:
@@ -815,6 +820,13 @@ def plan_dataset(records: list[ImageRecord], *, resolution: tuple[int, int] | in
         no_upscale: never enlarge an image (kohya's ``bucket_no_upscale``: each image gets a bucket of
             its own size, :data:`BUCKETS_KOHYA`; ``min_size`` / ``max_size`` unused, as kohya's).
         rule: :data:`BUCKETS_KOHYA` (kohya's, the default) or :data:`BUCKETS_BEFORE` (runs recorded before).
+        full_size_crop: with ``buckets=False``, kohya's ``random_crop`` without buckets (its uncached path,
+            sd-scripts 48d368fa library/train_util.py:1629-1650): no image is scaled; each keeps its size and a
+            resolution-sized window is cut from it at each use (:attr:`ImageRecord.full_size`).
+
+    Raises:
+        ValueError: with ``full_size_crop``, an image smaller than the resolution (kohya stops on it: "image too
+            small"), naming it.
     """
     if rule not in (BUCKETS_KOHYA, BUCKETS_BEFORE):
         raise ValueError(f"bucket rule must be {BUCKETS_KOHYA!r} or {BUCKETS_BEFORE!r}, got {rule!r}")
@@ -822,7 +834,16 @@ def plan_dataset(records: list[ImageRecord], *, resolution: tuple[int, int] | in
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     if not buckets:
         for record in records:
-            _fit(record, (height, width), kohya=kohya)
+            if full_size_crop:
+                h, w = record.size
+                if h < height or w < width:
+                    raise ValueError(f"{record.path}: {w}x{h} is smaller than the resolution {width}x{height}; random "
+                                     "crops without buckets cut windows of the unscaled image, as kohya's (which "
+                                     "stops on it: image too small): enable buckets, or enlarge the image")
+                _fit(record, (height, width), resized=(h, w))
+                record.full_size = True
+            else:
+                _fit(record, (height, width), kohya=kohya)
         return sorted({r.bucket for r in records})
     side = int(math.sqrt(height * width))
     low = min_size if min_size is not None else max(step, side // 2 // step * step)
@@ -1135,8 +1156,9 @@ def size_conditioning(record: ImageRecord, *, flipped: bool = False,
     scaled image: ``resized_w - bucket_w - crop_left`` (kohya: ``target_w - crop_right`` with its
     own crop convention).
     """
-    if record.face is not None:  # kohya's face crop (no buckets, read at each use): the target's size, crop 0 — and
-        h, w = record.bucket  # mirrored, kohya's target_w - crop_right with its crop (0, 0, 0, 0): left = target_w
+    if record.face is not None or record.full_size:  # kohya's face crop and its no-bucket random crop (read at each
+        # use, its uncached path): the target's size, crop 0 — and mirrored, kohya's target_w - crop_right with its
+        h, w = record.bucket  # crop (0, 0, 0, 0): left = target_w
         return (h, w, 0, w if flipped else 0, h, w)
     top, left = record.crop if crop is None else crop
     if flipped:
