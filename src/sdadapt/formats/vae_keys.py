@@ -3,7 +3,10 @@
 Structure: the encoder's ``down.i`` is ``down_blocks.i``; the decoder's ``up.b`` counts from the
 *output* end, so ``up.b`` is ``up_blocks.(n - 1 - b)`` with ``n`` up blocks (read from the keys).
 The mid-block attention uses 1x1 convs ``q``/``k``/``v``/``proj_out`` in LDM and Linear
-``to_q``/``to_k``/``to_v``/``to_out.0`` in diffusers: weights are reshaped (C, C, 1, 1) <-> (C, C).
+``to_q``/``to_k``/``to_v``/``to_out.0`` in diffusers: weights are reshaped (C, C, 1, 1) <-> (C, C). Read too (with a
+note; never written): an LDM file whose mid-block attention keeps diffusers' names, (C, C) or (C, C, 1, 1) —
+EveryDream2's converter (``utils/convert_diff_to_ckpt.py``) maps only diffusers' pre-0.15 ``query``/``key``/
+``value``/``proj_attn`` names, so every checkpoint it writes from a newer diffusers has them.
 """
 
 from __future__ import annotations
@@ -51,7 +54,17 @@ VAE_RULES = (
         kind="conv1x1",
         words={"side": _SIDE, "proj": _ATTENTION},
     ),
+    # read only (the rule above writes both ways): EveryDream2's single files keep diffusers' names there
+    KeyRule(
+        "{side}.mid.attn_1.{proj}.{p}",
+        "{side}.mid_block.attentions.0.{proj}.{p}",
+        kind="conv1x1",
+        words={"side": _SIDE, "proj": {name: name for name in _ATTENTION.values()}},
+    ),
 )
+#: the mid-block attention's diffusers names under an LDM prefix (EveryDream2's ``convert_diff_to_ckpt.py`` maps only
+#: diffusers' old ``query`` / ``key`` / ``value`` / ``proj_attn``, so its files keep the names diffusers >= 0.15 saves)
+_DIFFUSERS_NAMED_ATTENTION = tuple(f".mid.attn_1.{name}." for name in _ATTENTION.values())
 
 
 def _up_block_count(keys, *, to: str, prefix: str) -> int:
@@ -65,6 +78,9 @@ def plan_vae(
 ) -> None:
     """Plan the VAE keys of ``shapes`` (all under ``source_prefix``); unknown ones go to unmatched."""
     counts = {"b": _up_block_count(shapes, to=to, prefix=source_prefix)}
+    if to == "diffusers" and any(marker in key for key in shapes for marker in _DIFFUSERS_NAMED_ATTENTION):
+        builder.notes.append("the VAE's mid-block attention has diffusers' names (to_q / to_k / to_v / to_out.0) under "
+                             "its LDM prefix, as EveryDream2's checkpoints do: read as LDM's q / k / v / proj_out")
     left = plan_by_rules(
         VAE_RULES, shapes, builder, to=to, source_prefix=source_prefix, target_prefix=target_prefix, counts=counts
     )
