@@ -108,3 +108,50 @@ def test_merge_lora_leaves_out_openclip_layer_23_on_an_sd2_file_without_it(tmp_p
     assert any(not torch.equal(merged[k], original[k]) for k in merged)
     assert sorted(report.unmatched) == sorted(f"with_23.safetensors: text_encoder:text_model.encoder.layers.23.{m}"
                                               for m in ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"))
+
+
+def _tiny_sd2_file(path):
+    import transformers
+    from tiny_checkpoints import tiny_sd1_parts, write_single_file
+
+    parts = tiny_sd1_parts()
+    torch.manual_seed(5)
+    parts["text_encoder"] = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1)).eval()
+    return write_single_file(parts, path, architecture="sd2")
+
+
+_V_CONFIG = """model:
+  base_learning_rate: 1.0e-4
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    parameterization: "v"
+    linear_start: 0.00085
+"""
+_EPS_CONFIG = """model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085   # (v2-inference.yaml: no parameterization, LDM's eps)
+"""
+
+
+def test_a1111s_config_beside_an_sd2_file_gives_its_prediction(tmp_path, capsys):
+    """A1111 builds a checkpoint from ``<stem>.yaml`` beside it (SD2-768-v files are shared with
+    ``v2-inference-v.yaml`` copied so; EveryDream2 writes it): its ``parameterization`` is the prediction type."""
+    from sdadapt.cli import main
+    from sdadapt.formats.single_file import read_single_file
+
+    path = _tiny_sd2_file(tmp_path / "model.safetensors")
+    assert read_single_file(path).prediction_type == "epsilon"  # (nothing says v: the tiny UNet fails the weight test)
+    (tmp_path / "model.yaml").write_text(_V_CONFIG)
+    checkpoint = read_single_file(path)
+    assert checkpoint.sidecar_config == tmp_path / "model.yaml" and checkpoint.prediction_type == "v_prediction"
+    code = main(["convert", str(path), "--to", "diffusers", "-o", str(tmp_path / "folder"), "-q"])
+    assert code == 0 and "v_prediction from model.yaml beside it" in capsys.readouterr().out
+    import json
+
+    scheduler = json.loads((tmp_path / "folder" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    (tmp_path / "model.yaml").write_text(_EPS_CONFIG)
+    assert read_single_file(path).prediction_type == "epsilon"

@@ -54,6 +54,8 @@ CONFIG_METADATA_KEY = "sdadapt.configs"
 #: VAE latent scaling per architecture
 SCALING_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 _NATIVE_SIZE = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+#: an LDM config's ``model.params.parameterization`` line (``"v"`` / ``"eps"`` / ``"x0"``, quoted or not)
+_PARAMETERIZATION = re.compile(r"""^\s*parameterization\s*:\s*["']?(\w+)["']?\s*(?:#.*)?$""", re.MULTILINE)
 
 
 @dataclass
@@ -92,13 +94,15 @@ class SingleFile:
     @property
     def prediction_type(self) -> str:
         """``"v_prediction"`` when the file says so — its ``v_pred`` marker (:mod:`.prediction_markers`; ComfyUI and
-        A1111 read the key alone, so it wins), or ModelSpec ``prediction_type`` (kohya's) / ``predict_key``
-        (ComfyUI's) ``v`` —, else ``"epsilon"``; where neither says anything: the ModelSpec architecture of SD2
-        (``stable-diffusion-v2-768-v``: v, ``…-v2-512``: ε, as kohya writes it), an SD 2.1 unCLIP file
-        ``"v_prediction"`` (its LDM configs' ``parameterization: "v"``), an SD2 file by ComfyUI's weight test
-        (:attr:`sd2_v_by_weights`)."""
+        A1111 read the key alone, so it wins), A1111's config beside it (:attr:`sidecar_prediction_type`), or
+        ModelSpec ``prediction_type`` (kohya's) / ``predict_key`` (ComfyUI's) ``v`` —, else ``"epsilon"``; where none
+        says anything: the ModelSpec architecture of SD2 (``stable-diffusion-v2-768-v``: v, ``…-v2-512``: ε, as
+        kohya writes it), an SD 2.1 unCLIP file ``"v_prediction"`` (its LDM configs' ``parameterization: "v"``), an
+        SD2 file by ComfyUI's weight test (:attr:`sd2_v_by_weights`)."""
         if V_PRED_KEY in self.markers:
             return "v_prediction"
+        if self.sidecar_prediction_type is not None:
+            return self.sidecar_prediction_type
         value = (self.metadata.get("modelspec.prediction_type") or self.metadata.get("modelspec.predict_key", "")).lower()
         architecture = self.metadata.get("modelspec.architecture", "")
         if not value and architecture.startswith("stable-diffusion-v2-"):
@@ -108,6 +112,29 @@ class SingleFile:
         if not value and self.sd2_v_by_weights:
             return "v_prediction"
         return "v_prediction" if value in ("v", "v_prediction", "v-prediction") else "epsilon"
+
+    @property
+    def sidecar_config(self) -> Path | None:
+        """A1111's model config beside the file, ``<stem>.yaml`` (``sd_models_config.find_checkpoint_config_near_filename``:
+        SD2-768-v checkpoints are shared with ``v2-inference-v.yaml`` copied so, and EveryDream2 writes it), or ``None``."""
+        config = self.path.with_suffix(".yaml")
+        return config if self.path.suffix and config.is_file() else None
+
+    @property
+    def sidecar_prediction_type(self) -> str | None:
+        """The prediction :attr:`sidecar_config` gives, as A1111 builds the model from it: ``parameterization: "v"``
+        -> ``"v_prediction"``, none (LDM's default ``eps``) or ``"eps"`` -> ``"epsilon"``; ``None`` without such a
+        file, or with one that cannot be read or names another (``x0``)."""
+        config = self.sidecar_config
+        if config is None:
+            return None
+        try:
+            text = config.read_text(encoding="utf-8", errors="replace")[:1_000_000]
+        except OSError:
+            return None
+        found = _PARAMETERIZATION.findall(text)
+        value = found[0] if found else "eps"
+        return {"v": "v_prediction", "eps": "epsilon"}.get(value)
 
     @property
     def sd2_v_by_weights(self) -> bool:

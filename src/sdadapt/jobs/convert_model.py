@@ -346,6 +346,9 @@ def _load_file(file: Path, *, ema: bool, prediction_type: str | None, clip_stats
         notes.append(f"{markers_said(checkpoint.markers)} markers (a folder's scheduler config says them, an LDM file "
                      "its markers)" + (f"; --prediction-type {prediction_type} given" if prediction_type is not None
                                        else ""))
+    elif prediction_type is None and checkpoint.sidecar_prediction_type is not None:
+        notes.append(f"{checkpoint.sidecar_prediction_type} from {checkpoint.sidecar_config.name} beside it (A1111's "
+                     "model config)")
     elif prediction_type is None and checkpoint.architecture == "sd2" and not any(
             key in metadata for key in ("modelspec.prediction_type", "modelspec.predict_key")):
         notes.append("SD2 file without prediction metadata: written as "
