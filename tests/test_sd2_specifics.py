@@ -155,3 +155,9 @@ def test_a1111s_config_beside_an_sd2_file_gives_its_prediction(tmp_path, capsys)
     assert scheduler["prediction_type"] == "v_prediction"
     (tmp_path / "model.yaml").write_text(_EPS_CONFIG)
     assert read_single_file(path).prediction_type == "epsilon"
+    (tmp_path / "model.yaml").write_text("model:\n  target: sgm.models.diffusion.DiffusionEngine\n  params:\n"
+                                         "    denoiser_config:\n      params:\n        scaling_config:\n"
+                                         "          target: sgm.modules.diffusionmodules.denoiser_scaling.VScaling\n")
+    assert read_single_file(path).prediction_type == "v_prediction"  # (an SGM config: its denoiser scaling)
+    (tmp_path / "model.yaml").write_text("something: else\n")  # (no model config: the file's own rules)
+    assert read_single_file(path).sidecar_prediction_type is None and read_single_file(path).prediction_type == "epsilon"

@@ -122,15 +122,21 @@ class SingleFile:
 
     @property
     def sidecar_prediction_type(self) -> str | None:
-        """The prediction :attr:`sidecar_config` gives, as A1111 builds the model from it: ``parameterization: "v"``
-        -> ``"v_prediction"``, none (LDM's default ``eps``) or ``"eps"`` -> ``"epsilon"``; ``None`` without such a
-        file, or with one that cannot be read or names another (``x0``)."""
+        """The prediction :attr:`sidecar_config` gives, as A1111 builds the model from it: an LDM config's
+        (``ldm.models.diffusion.ddpm`` targets) ``parameterization: "v"`` -> ``"v_prediction"``, none (LDM's default
+        ``eps``) or ``"eps"`` -> ``"epsilon"``; an SGM config's (SDXL) denoiser scaling ``VScaling`` /
+        ``EpsScaling``. ``None`` without such a file, or with one that cannot be read, is of neither kind or names
+        another (``x0``)."""
         config = self.sidecar_config
         if config is None:
             return None
         try:
             text = config.read_text(encoding="utf-8", errors="replace")[:1_000_000]
         except OSError:
+            return None
+        if "VScaling" in text or "EpsScaling" in text:  # (sgm: denoiser_config.params.scaling_config.target)
+            return "v_prediction" if "VScaling" in text else "epsilon"
+        if "ldm.models.diffusion.ddpm" not in text:
             return None
         found = _PARAMETERIZATION.findall(text)
         value = found[0] if found else "eps"
