@@ -624,7 +624,15 @@ class DiffusersSystem(nn.Module):
             for component, module in self.components().items():
                 if dtype is not None:
                     module = copy.deepcopy(module).to(dtype)
-                module.save_pretrained(tmp / component)
+                if component.startswith("text_encoder"):  # (transformers 5 saves a CLIPTextModel's keys without
+                    # text_model., which transformers 4 — kohya's, A1111's — loads as a random encoder with a warning,
+                    # and diffusers' LDM script writes under the wrong names: written with it, as every hub folder is)
+                    from .formats.clip_keys import add_text_model
+
+                    module.save_pretrained(tmp / component, state_dict={
+                        add_text_model(key, ""): value for key, value in module.state_dict().items()})
+                else:
+                    module.save_pretrained(tmp / component)
             if ema is not None:
                 self._save_ema_folder(tmp / "unet_ema", ema, dtype)
             for name in ("tokenizer", "tokenizer_2") if self.is_sdxl else ("tokenizer",):
