@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from toy_adapter_files import random_adapter_file
 from torch import nn
+from toy_adapter_files import random_adapter_file
 
 import sdadapt
 from sdadapt.formats.files import read_safetensors, write_safetensors

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 from train_inputs import captioned_pngs, lora_train_args
 
