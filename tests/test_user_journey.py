@@ -82,6 +82,15 @@ def test_a_diffusers_pipeline_folder_given_for_a_file_says_what_to_pass(tmp_path
         check_input_file(tmp_path / "pipe")
 
 
+def test_a_training_checkpoint_folder_without_model_index_says_how_to_use_it(tmp_path, capsys):
+    """SimpleTuner's / accelerate's ``checkpoint-N/`` hold the trained parts only (``unet/``, ``unet_ema/``)."""
+    for part in ("unet", "unet_ema"):
+        (tmp_path / "checkpoint-500" / part).mkdir(parents=True)
+    assert main(["convert", str(tmp_path / "checkpoint-500"), "--to", "ldm", "-o", str(tmp_path / "m.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert "(unet/, unet_ema/) without model_index.json, not a pipeline folder: copy the base model's folder" in err
+
+
 def test_a_folder_given_for_a_file_lists_the_weight_files_inside(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")

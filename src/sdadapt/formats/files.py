@@ -800,6 +800,12 @@ def _folder_message(folder: Path, what: str) -> str:
         return (f"{folder}: is a diffusers pipeline folder, not a {what}; this command takes one file: a "
                 f"single-file checkpoint (.safetensors/.ckpt), or one component's file such as "
                 f"{folder / 'unet' / 'diffusion_pytorch_model.safetensors'} (that component only)")
+    parts = [name for name in ("unet", "unet_ema", "vae", "text_encoder") if (folder / name).is_dir()]
+    if parts:  # (a training checkpoint-N folder: SimpleTuner's, accelerate's — the trained parts only)
+        return (f"{folder}: a diffusers model's parts ({', '.join(f'{name}/' for name in parts)}) without "
+                "model_index.json, not a pipeline folder: copy the base model's folder and put these parts in it "
+                "(unet/, and unet_ema/ for --ema), or pass one component's file such as "
+                f"{folder / parts[0] / 'diffusion_pytorch_model.safetensors'}")
     try:
         inside = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     except OSError:
