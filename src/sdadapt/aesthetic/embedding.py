@@ -145,7 +145,8 @@ def aesthetic_embedding_from_folder(
 
     def batches() -> Iterator[Tensor]:
         for start in range(0, len(files), batch_size):
-            batch = torch.stack([read_image(f, size=size) for f in files[start : start + batch_size]])
+            # (alpha dropped: openai-CLIP's convert("RGB"), as vicgalle's script and the A1111 extension read images)
+            batch = torch.stack([read_image(f, size=size, alpha="drop") for f in files[start : start + batch_size]])
             yield preprocess(batch) if preprocess is not None else batch
 
     return aesthetic_embedding(batches(), image_encoder, normalize_each=normalize_each)

@@ -1,8 +1,8 @@
 """The job behind ``python -m sdadapt invert IMAGE --prompt ...``: invert, save, reconstruct, edit.
 
 :func:`run_invert` reads the image (any size: the shorter side is resized to the model's size
-and the centre cropped, exactly as ``train`` reads its folders; grayscale and RGBA are converted
-to RGB, alpha over white), inverts it with its caption, writes ``OUT.png`` (the reconstruction),
+and the centre cropped; grayscale and RGBA are converted to RGB, the alpha dropped as the notebook's
+``load_512``), inverts it with its caption, writes ``OUT.png`` (the reconstruction),
 ``OUT.safetensors`` (the inversion) and, with an edit prompt, ``OUT-edit.png`` (the edit
 regenerated from the same inversion), and returns a plain dict. Progress goes through
 ``progress(done, total, label)`` with labels ``"invert"``, ``"null-text"``, ``"reconstruct"``,
@@ -152,12 +152,11 @@ def run_invert(
         raise ValueError(no_pooled)
     size = system.image_size
     width, height, mode = _image_header(source)
-    picture = read_image(source, size=size)  # (3, size, size) in [-1, 1], as `train` reads images
+    picture = read_image(source, size=size, alpha="drop")  # (3, size, size) in [-1, 1]; alpha dropped, as load_512
     resized = None
     if (width, height) != (size, size):
-        resized = (f"resized {width}x{height} -> {size}x{size} (shorter side to {size}, centre crop), "
-                   "as the train command reads images")
-    converted = None if mode in ("RGB", "?") else f"converted {mode} -> RGB" + (" (alpha over white)" if "A" in mode else "")
+        resized = f"resized {width}x{height} -> {size}x{size} (shorter side to {size}, centre crop)"
+    converted = None if mode in ("RGB", "?") else f"converted {mode} -> RGB" + (" (alpha dropped)" if "A" in mode else "")
     t0 = time.perf_counter()
     # (guidance None: the library's default, invert_latents': 7.5, an EDM model's card scale for Euler)
     inversion = invert_image(system, picture, prompt, method=method, guidance=guidance, num_steps=steps, init=init,

@@ -203,7 +203,7 @@ def read_class_folder(folder: str | os.PathLike, *, count: int, class_prompt: st
             raise InputError(f"--class-data-dir {root}: {file.name} was made for the class prompt {recorded!r}, not "
                              f"{class_prompt!r}: give another folder for this class prompt (or remove the folder's "
                              "images to make them again)")
-        image = read_image(file)  # (3, H, W)
+        image = read_image(file, alpha="drop")  # (3, H, W); alpha dropped, as train's own images and diffusers
         want = size if size is not None else (tuple(images[0].shape[1:]) if images else None)
         if want is not None and tuple(image.shape[1:]) != tuple(want):
             raise InputError(f"--class-data-dir {root}: {file.name} is {image.shape[2]}x{image.shape[1]} (width x height), "
