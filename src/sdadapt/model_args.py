@@ -57,10 +57,14 @@ def as_module(model: object, *, caller: str, one_model: bool = True) -> nn.Modul
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (a pipeline: the message names its components),
             or (``one_model``) holds several models.
+        ValueError: ``model`` is a peft ``PeftModel`` or holds peft's adapter layers (diffusers' ``add_adapter`` /
+            ``load_lora_weights``): sdadapt adapts plain ``nn.Linear`` / ``nn.Conv2d`` layers and would skip the
+            wrapped ones silently, or name peft's wrappers in the files it writes.
     """
     if isinstance(model, nn.Module):
         if is_compiled(model):
             model = model._orig_mod
+        _refuse_peft(model, caller)
         parts = [name for name in _COMPONENT_ATTRIBUTES if isinstance(model._modules.get(name), nn.Module)]
         if one_model and "unet" in parts and len(parts) > 1:
             raise TypeError(
@@ -75,6 +79,22 @@ def as_module(model: object, *, caller: str, one_model: bool = True) -> nn.Modul
         else " (for a diffusers pipeline pass pipe.unet or pipe.text_encoder)"
     )
     raise TypeError(f"{caller} takes a torch nn.Module (a UNet or a text encoder), got {type(model).__name__}{hint}")
+
+
+def _refuse_peft(model: nn.Module, caller: str) -> None:
+    """Refuse a model peft has wrapped (see :func:`as_module`), naming a wrapped layer and the way out."""
+    if type(model).__module__.split(".")[0] == "peft":
+        raise ValueError(f"{caller}: got a peft {type(model).__name__}; pass the plain model: merge its adapters "
+                         "(model.merge_and_unload()) or take model.get_base_model() after model.unload()")
+    wrapped = next(((name, module) for name, module in model.named_modules()
+                    if type(module).__module__.split(".")[0] == "peft"), None)
+    if wrapped is not None:
+        name, module = wrapped
+        cls = type(module)
+        raise ValueError(f"{caller}: this {type(model).__name__} holds peft adapter layers (e.g. {name}: "
+                         f"{cls.__module__}.{cls.__qualname__}), which sdadapt cannot adapt or name: merge them into "
+                         "the weights first (diffusers: model.fuse_lora() then model.unload_lora(); peft: "
+                         "merge_and_unload()) or remove them (model.unload_lora() / delete_adapters())")
 
 
 def check_layer_state(state: object, *, caller: str) -> None:

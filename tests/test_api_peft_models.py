@@ -1,0 +1,36 @@
+"""A model peft has wrapped is refused by name (it was adapted silently wrong: ``inject`` skipped the wrapped layers,
+``save_kohya`` wrote ``base_model.model.`` names, ``apply_lora`` said "cannot adapt a Linear")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_clip, tiny_unet_sd1
+
+import sdadapt
+from sdadapt.adapters import LoRAConfig
+
+peft = pytest.importorskip("peft")
+
+
+def test_a_model_with_peft_layers_is_refused_naming_a_layer_and_the_way_out():
+    unet = tiny_unet_sd1()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.add_adapter(peft.LoraConfig(r=4, target_modules=["to_q", "to_k"]))
+    for call in (lambda: sdadapt.inject(unet, "unet-attention", LoRAConfig(rank=2)),
+                 lambda: sdadapt.apply_lora(unet, {}),
+                 lambda: sdadapt.select(unet, "unet-attention")):
+        with pytest.raises(ValueError, match=r"holds peft adapter layers \(e\.g\. .*to_q: peft\.tuners\.lora.*fuse_lora"):
+            call()
+    unet.unload_lora()  # (a way out the message names: then sdadapt adapts the plain model, every layer)
+    assert unet.state_dict().keys() == before.keys()
+    handle = sdadapt.inject(unet, "unet-attention", LoRAConfig(rank=2))
+    assert {name.rsplit(".", 1)[-1] for name in handle.modules} >= {"to_q", "to_k", "to_v"}
+    handle.remove()
+
+
+def test_a_peft_model_is_refused_naming_merge_and_unload():
+    model = peft.get_peft_model(tiny_clip(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"got a peft PeftModel; pass the plain model: merge its adapters"):
+        sdadapt.inject(model, "text-encoder", LoRAConfig(rank=2))
+    assert torch.is_tensor(next(model.parameters()))
