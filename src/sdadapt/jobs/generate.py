@@ -1050,7 +1050,7 @@ def run_generate(
     load = load_system if loaded is None else loaded.load  # (a prompts file's lines: loaded once, each a copy)
     system = load(model, device=resolve_device(device), tokenizer=tokenizer, prediction_type=prediction_type,
                   clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say, clip_stats=clip_stats)
-    _a1111_clip_skip(system, model, say)
+    _a1111_clip_skip(system, model, clip_skip, say)
     from .generate_inpaint import _is_inpainting_model
 
     if vae_encode == "sample" and not encodes_pixels and not _is_inpainting_model(system):
@@ -1116,7 +1116,7 @@ def run_generate(
 
         refiner_system = load(str(refiner), device=resolve_device(device), prediction_type=prediction_type,
                               clip_skip=clip_skip, max_token_length=max_token_length, vae=vae, log=say)
-        _a1111_clip_skip(refiner_system, refiner, say)
+        _a1111_clip_skip(refiner_system, refiner, clip_skip, say)
         check_refiner_pair(system, refiner_system)
         refiner_system.emphasis = emphasis
         say(f"refiner {refiner}: takes over at {refiner_switch_at:g} of the "
@@ -1131,7 +1131,7 @@ def run_generate(
         hires_system = load(str(hires_checkpoint), device=resolve_device(device), tokenizer=tokenizer,
                             prediction_type=prediction_type, clip_skip=clip_skip, max_token_length=max_token_length,
                             vae=vae, log=say, clip_stats=clip_stats)
-        _a1111_clip_skip(hires_system, hires_checkpoint, say)
+        _a1111_clip_skip(hires_system, hires_checkpoint, clip_skip, say)
         check_hires_pair(system, hires_system, upscaler=hires_upscaler, hires_model=hires_checkpoint)
         hires_system.emphasis = emphasis
         say(f"hires checkpoint {hires_checkpoint}: runs the hires pass")
@@ -1861,12 +1861,11 @@ def _layers_text(report: dict) -> str:
     return text + (f"; {plural(unused, 'layer')} on text-encoder layers SD2 never reads, left out" if unused else "")
 
 
-def _a1111_clip_skip(system, model, say: Callable[[str], None]) -> None:
+def _a1111_clip_skip(system, model, skip: int, say: Callable[[str], None]) -> None:
     """Clip skip on an SD2 model is not applied, as A1111 (``sd_hijack_open_clip.py`` never reads
     ``CLIP_stop_at_last_layers``, yet writes "Clip skip: 2" into the infotext when the setting is 2) and ComfyUI (its SD2
     states are already OpenCLIP's penultimate layer, which "CLIP Set Last Layer -2" keeps): the same image as theirs.
     kohya's training (and its sample images) and Forge apply it; ``train --clip-skip`` does so here."""
-    skip = getattr(system, "clip_skip", 1)
     if skip > 1 and str(getattr(system, "base_model", "")).startswith("sd2"):
         system.clip_skip = 1
         say(f"--clip-skip {skip}: not applied on SD2 ({model}), as A1111 and ComfyUI (their SD2 text states are "
