@@ -319,8 +319,35 @@ class AdapterHandle:
         note_adapted_layer(layer)
         return old
 
+    def bake(self) -> None:
+        """Merge the adapter into its layers' weights for good and remove it (peft's ``merge_and_unload``): each layer
+        keeps ``W + ΔW`` (and its bias ``+ Δb``) where :meth:`remove` alone restores ``W`` — it undoes a
+        :meth:`merge` too. The model's modules and ``state_dict()`` keys are its own again.
+
+        Raises:
+            RuntimeError: the handle was removed, another adapter is merged on one of its layers (unmerge it first:
+                its merge is relative to the weights before this one), or :meth:`merge` refuses (disabled, fp8).
+        """
+        self._check_alive()
+        for layer_name, layer in self._layers.items():
+            others = [n for n in (_slot_of(layer, create=False).merged_names or []) if n != self.name]  # type: ignore[union-attr]
+            if others:
+                raise RuntimeError(f"adapter {self.name!r}: {layer_name} also has {others[0]!r} merged; unmerge() it "
+                                   "before baking this one")
+        self.merge()
+        with torch.no_grad():
+            baked = [(layer, layer.weight.detach().clone(),
+                      None if getattr(layer, "bias", None) is None else layer.bias.detach().clone())
+                     for layer in self._layers.values()]
+            self.remove()
+            for layer, weight, bias in baked:
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
+
     def remove(self) -> None:
-        """Undo the injection: hooks, adapter children and PiSSA residuals; idempotent."""
+        """Undo the injection: hooks, adapter children and PiSSA residuals — and a :meth:`merge` (:meth:`bake` keeps
+        the merged weights); idempotent."""
         if self._removed:
             return
         self.unmerge()
