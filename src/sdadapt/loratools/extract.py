@@ -406,6 +406,7 @@ def low_rank_factors(
     return up, down, alpha_value, s, residual, math.sqrt(norm_sq)
 
 
+@torch.no_grad()  # (parameters given: no autograd graph kept for the SVDs)
 def extract_layer(
     base: Tensor,
     tuned: Tensor,

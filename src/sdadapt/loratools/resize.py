@@ -282,6 +282,7 @@ def dense_layer_delta(
     return file_layer_delta(dict(tensors), geometry, base_weight=base_weight, scale=scale, dtype=dtype, name=name)
 
 
+@torch.no_grad()  # (parameters given: no autograd graph kept for the SVDs)
 def resize_lora_state(
     state: Mapping[str, Tensor],
     *,
