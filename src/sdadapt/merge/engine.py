@@ -806,8 +806,10 @@ class MergedSource:
             )
         common = first_set.intersection(*(s.keys() for s in sources[1:]))
         not_sd = ("; none of them is a Stable Diffusion checkpoint's (unet, text encoder, VAE: LDM or diffusers "
-                  "names), and merge_file / merge_state_dicts merge checkpoints: for another model's state dict apply "
-                  "an operator per tensor, e.g. {k: sdadapt.merge.weighted_sum([a[k], b[k]], 0.3) for k in a}"
+                  "names), and merge_file / merge_state_dicts merge checkpoints: a bare model's state_dict() needs its "
+                  "component first ({f'unet.{k}': v for k, v in unet.state_dict().items()}); for another model's "
+                  "state dict apply an operator per tensor, e.g. {k: sdadapt.merge.weighted_sum([a[k], b[k]], 0.3) "
+                  "for k in a}"
                   if common and all(key_component(k) == "other" for k in common) else "")
         return MergeError(
             f"nothing to merge: the inputs share {len(first_set & set(sources[1].keys()))} tensor name(s), but none is "
@@ -1156,10 +1158,24 @@ def merge_state_dicts(
 ) -> tuple[dict[str, Tensor], MergeReport]:
     """Run ``step`` over in-memory state dicts (one per input) and return ``(merged, report)``.
 
-    ``step.inputs`` only names the inputs here (any strings); nested steps are not allowed.
+    ``step.inputs`` only names the inputs here (any strings); nested steps are not allowed. Each state holds a
+    whole checkpoint's tensors, LDM-named or diffusers-named with the component first (``unet.…``,
+    ``text_encoder.…``, ``vae.…``): a bare ``unet.state_dict()`` needs that prefix.
+
+    Raises:
+        TypeError: a state is not a mapping (a module: pass its ``state_dict()``).
+        ValueError: nested steps, or another number of states than ``step.inputs``.
+        MergeError: nothing to merge (see its message).
     """
     if any(isinstance(i, MergeStep) for i in step.inputs):
         raise ValueError("merge_state_dicts takes flat steps; run nested steps first")
+    for name, state in zip(step.inputs, states):
+        if not isinstance(state, Mapping):
+            fix = " (a module: pass its state_dict())" if isinstance(state, torch.nn.Module) else ""
+            raise TypeError(f"merge_state_dicts: input {name!r} is a {type(state).__name__}, not a state dict{fix}")
+    if len(states) != len(step.inputs):
+        raise ValueError(f"merge_state_dicts: {len(states)} state dict(s) for the {len(step.inputs)} input(s) of the "
+                         f"{step.operator} step ({', '.join(map(str, step.inputs))}); give one per input")
     step = resolve_seeds(step)
     sources = [DictSource(s, name=str(n)) for s, n in zip(states, step.inputs)]
     merged = MergedSource(step, sources=sources, device=device)
