@@ -215,7 +215,17 @@ def oft_delta_weight(
     stored_rotation: bool = False,
 ) -> Tensor:
     """``ΔW = scale · (W' − W)`` with ``W'`` from :func:`oft_merged_weight` (see the module docstring
-    for how ``scale`` compares with LyCORIS' multiplier; ``stored_rotation``: ``blocks`` is an old ``oft_diag``).
+    for how ``scale`` compares with LyCORIS' multiplier).
+
+    Args:
+        base_weight: W, (out, in, *kernel).
+        blocks: ``oft_blocks``, (n, b, b) Diag-OFT or (m, n, b, b) BOFT with ``n·b = out``: each block's generator
+            ``Q``, made a rotation ``R = (I + Q)(I − Q)⁻¹`` (Cayley, ``Q`` skew-symmetrised) that turns its ``b``
+            output rows as ``W'[k] = R_kᵀ · W[k]`` (Diag-OFT, :func:`diag_oft_rotate` — the transpose, as LyCORIS;
+            BOFT: ``m`` butterfly stages, :func:`boft_rotate`); with ``stored_rotation`` an old ``oft_diag``, ``R``
+            itself.
+        rescale, constraint, stored_rotation: as :func:`oft_merged_weight`.
+        scale: the strength (1: the whole rotation).
 
     Returns:
         (out, in, *kernel) in float32 (float64 when the inputs are).
