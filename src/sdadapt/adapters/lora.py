@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
+from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates, geometry_of
 from .tucker import rebuild_tucker
 from .weight_casts import cast_scaled_weight, cast_weight, read_through_cast
 
@@ -105,7 +105,7 @@ def lora_forward(
     up: Tensor,
     down: Tensor,
     scale: float | Tensor,
-    geometry: LayerGeometry,
+    geometry: LayerGeometry | nn.Module,
     *,
     dropout: float = 0.0,
     rank_dropout: float = 0.0,
@@ -119,7 +119,8 @@ def lora_forward(
     Args:
         x: the base layer's input, (..., in) for linear, (B, in, H, W) for conv.
         up, down: as in :func:`lora_delta_weight`.
-        geometry: the base layer's geometry (conv stride/padding/dilation for ``down``).
+        geometry: the base layer's geometry (conv stride/padding/dilation for ``down``), or the base layer itself
+            (``nn.Linear`` / ``nn.Conv2d``: :func:`~sdadapt.adapters.base.geometry_of`).
         dropout: dropout on the rank activations (kohya's placement; cheaper than peft's
             dropout on the input, which keeps a second copy of ``x`` alive).
         rank_dropout: drops whole rank channels per sample and rescales by ``1/(1-p)``.
@@ -129,6 +130,8 @@ def lora_forward(
     Returns:
         Δy with the base layer's output shape: (..., out) or (B, out, H', W').
     """
+    if isinstance(geometry, nn.Module):
+        geometry = geometry_of(geometry)
     if mid is None:
         h = geometry.conv(x, down)  # (..., r) or (B, r, H', W')
     else:
