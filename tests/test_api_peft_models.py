@@ -34,3 +34,12 @@ def test_a_peft_model_is_refused_naming_merge_and_unload():
     with pytest.raises(ValueError, match=r"got a peft PeftModel; pass the plain model: merge its adapters"):
         sdadapt.inject(model, "text-encoder", LoRAConfig(rank=2))
     assert torch.is_tensor(next(model.parameters()))
+
+
+def test_a_kohya_files_raw_keys_name_load_lora():
+    model = torch.nn.Module()
+    model.to_q = torch.nn.Linear(4, 4)
+    state = {"lora_unet_to_q.lora_down.weight": torch.zeros(2, 4), "lora_unet_to_q.lora_up.weight": torch.zeros(4, 2)}
+    for call in (sdadapt.apply_lora, sdadapt.load_adapter):
+        with pytest.raises(ValueError, match=r"a kohya / LyCORIS file's keys .* sdadapt\.load_lora\(path\)"):
+            call(model, state)

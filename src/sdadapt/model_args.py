@@ -103,6 +103,7 @@ def check_layer_state(state: object, *, caller: str) -> None:
     Raises:
         TypeError: ``state`` is not a mapping, is an ``AdapterHandle``, or is ``{component: state}``
             (``load_lora``'s first result): pass ``components["unet"]`` (or the component meant).
+        ValueError: ``state`` holds a kohya / LyCORIS file's keys (``lora_unet_…``): read them with ``load_lora``.
     """
     if not isinstance(state, Mapping):
         what = type(state).__name__
@@ -114,6 +115,11 @@ def check_layer_state(state: object, *, caller: str) -> None:
             f"{caller} takes one model's adapter state {{'<layer>.<tensor>': tensor}}, but this holds component "
             f"dicts {nested} (what load_lora returns): pass one of them, e.g. components[{nested[0]!r}]"
         )
+    keys = [key for key in state if isinstance(key, str)]
+    if keys and all(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")) for key in keys):
+        raise ValueError(f"{caller}: these are a kohya / LyCORIS file's keys (e.g. {keys[0]!r}), not layer names: read "
+                         "the file with sdadapt.load_lora(path) (or the state with sdadapt.formats.from_kohya(state)) "
+                         "and pass its components['unet'] / components['text_encoder']")
 
 
 def check_components(components: object, *, caller: str) -> None:
