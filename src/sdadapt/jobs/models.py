@@ -80,6 +80,9 @@ def load_system(model: str, *, device: str = "cpu", tokenizer: str | None = None
         vae_weights_file(vae)  # a missing --vae is refused before the model loads
     system = load_model(model, tokenizer=tokenizer, prediction_type=prediction_type, clip_skip=clip_skip, device=device,
                         max_token_length=max_token_length, clip_stats=clip_stats)
+    if log is not None and (Path(model) / "unet_ema").is_dir():  # (diffusers' examples, SimpleTuner, EveryDream2)
+        log(f"{model}: its unet/ is used, not the EMA copy in unet_ema/ (as diffusers' from_pretrained); `python -m "
+            "sdadapt convert MODEL --ema --to diffusers -o OUT` makes a model of the EMA weights")
     if vae is not None:
         from ..external_vae import replace_vae
 
