@@ -31,7 +31,7 @@ At init ``m = ‖W‖`` and ``ΔW = 0``, so ``W' = W`` exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -102,6 +102,7 @@ class DoRAConfig:
     """
 
     inner: Any = field(default_factory=LoRAConfig)
+    _: KW_ONLY
     wd_on_out: bool = True
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ from .lora import _scaled
 __all__ = ["FullConfig", "FullModule"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FullConfig:
     """A trainable dense delta per layer (LyCORIS ``full``).
 

@@ -83,7 +83,7 @@ def glora_delta_weight(base_weight: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, 
     return (wa + wb) * scale
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GLoRAConfig(ConvRankAlpha):
     """GLoRA hyper-parameters (LyCORIS ``algo=glora``).
 

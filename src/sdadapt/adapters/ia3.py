@@ -103,7 +103,7 @@ def ia3_delta_weight(base_weight: Tensor, weight: Tensor, *, on_input: bool, sca
     return base_weight * (vector * scale)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class IA3Config:
     """(IA)³ hyper-parameters (LyCORIS ``algo=ia3``).
 

@@ -82,7 +82,7 @@ def _product(first: Tensor, second: Tensor) -> Tensor:
     return first * second
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoHaConfig(ConvRankAlpha):
     """LoHa hyper-parameters.
 

@@ -198,7 +198,7 @@ def _layout_from_tensors(geometry: LayerGeometry, tensors: dict[str, Tensor], na
     return LoKrLayout(a, b, c, d, rank, shapes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoKrConfig(ConvRankAlpha):
     """LoKr hyper-parameters (LyCORIS names).
 

@@ -185,7 +185,7 @@ def pissa_factors(weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tens
     return up, down, residual
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoRAConfig(ConvRankAlpha):
     """LoRA / LoCon hyper-parameters.
 

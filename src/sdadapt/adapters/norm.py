@@ -63,7 +63,7 @@ def norm_delta_output(x: Tensor, geometry: LayerGeometry, weight: Tensor, bias: 
                     "geometry_of(an nn.GroupNorm / nn.LayerNorm)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NormConfig:
     """LyCORIS norm-module hyper-parameters (its ``train_norm=True``; target GroupNorm/LayerNorm layers).
 

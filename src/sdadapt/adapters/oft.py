@@ -235,7 +235,7 @@ def oft_delta_weight(
     return (merged - base_weight.to(merged.dtype)) * scale
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OFTConfig:
     """OFT hyper-parameters (LyCORIS ``algo=diag-oft`` / ``algo=boft`` network args).
 

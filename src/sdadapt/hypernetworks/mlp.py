@@ -95,7 +95,7 @@ def dropout_structure_for(layer_structure: Iterable[float], *, use_dropout: bool
     return (0.0, *([0.3] * (n - 3)), 0.3 if last_layer_dropout else 0.0, 0.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HypernetworkConfig:
     """How each MLP is built (A1111's creation settings; file keys in brackets).
 

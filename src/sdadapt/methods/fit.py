@@ -128,7 +128,7 @@ class NonFiniteLossError(_NonFinite):  # type: ignore[misc,valid-type]
 DEFAULT_MIN_SNR_GAMMA = 5.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FitConfig:
     """Loop options (the step's own options — min-SNR, noise offset, mixed precision, gradient
     accumulation, clipping — are in ``step``).

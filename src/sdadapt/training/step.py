@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepConfig:
     """What one step does (defaults: plain epsilon MSE, uniform timesteps, clip 1.0)."""
 
