@@ -306,10 +306,12 @@ def masked_images(tmp_path):
     return folder, pixels
 
 
-def _expected_alpha(arr: np.ndarray, *, flipped: bool = False, crop: tuple[int, int] | None = None) -> np.ndarray:
-    """kohya's alpha mask of a toy-resolution (32) image at the toy latents' size (16), by hand."""
+def _expected_alpha(arr: np.ndarray, *, flipped: bool = False, crop: tuple[int, int] | None = None,
+                    scaled: bool = True) -> np.ndarray:
+    """kohya's alpha mask of a toy-resolution (32) image at the toy latents' size (16), by hand (``scaled=False``:
+    the 64x64 image's window at its own size, kohya's no-bucket random crop)."""
     alpha = arr[..., 3].astype(np.float64) / 255 if arr.shape[-1] == 4 else np.ones(arr.shape[:2])
-    if alpha.shape == (64, 64):
+    if alpha.shape == (64, 64) and scaled:
         alpha = _block_mean(alpha, 2)  # scaled down to cover 32x32: area
     top, left = crop if crop is not None else ((alpha.shape[0] - 32) // 2, (alpha.shape[1] - 32) // 2)
     alpha = alpha[top: top + 32, left: left + 32]
@@ -426,7 +428,10 @@ def test_train_with_random_crops_and_flips_sends_the_masks_of_each_window(masked
     assert len(seen) == 3
     a = pixels["a"]  # 48 px wide: 17 windows, each one's mask computed by hand, mirrored or not
     windows = [_expected_alpha(a, flipped=f, crop=(0, left)) for left in range(17) for f in (False, True)]
-    others = [_expected_alpha(pixels[n], flipped=f) for n in ("b", "c") for f in (False, True)]
+    # b (64x64) unscaled, a 32x32 window anywhere in it (kohya's no-bucket random crop); c (32x32) whole
+    others = [_expected_alpha(pixels["b"], flipped=f, crop=(top, left), scaled=False)
+              for top in range(33) for left in range(33) for f in (False, True)]
+    others += [_expected_alpha(pixels["c"], flipped=f) for f in (False, True)]
     for batch in seen:
         assert batch["loss_mask"].shape == (3, 1, 16, 16)
         for row in batch["loss_mask"]:
