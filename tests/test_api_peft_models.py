@@ -43,3 +43,18 @@ def test_a_kohya_files_raw_keys_name_load_lora():
     for call in (sdadapt.apply_lora, sdadapt.load_adapter):
         with pytest.raises(ValueError, match=r"a kohya / LyCORIS file's keys .* sdadapt\.load_lora\(path\)"):
             call(model, state)
+
+
+def test_a_front_end_finds_a_peft_folders_component_with_its_own_pipeline(tmp_path):
+    """``sdadapt.formats.peft_component``: public, any object with unet / text_encoder modules (a pipeline)."""
+    from types import SimpleNamespace
+
+    from sdadapt.formats import load_lora, peft_component, save_peft
+
+    pipe = SimpleNamespace(unet=tiny_unet_sd1(), text_encoder=tiny_clip())
+    for name, target in (("text_encoder", "text-encoder"), ("unet", "unet-attention")):
+        handle = sdadapt.inject(getattr(pipe, name), target, LoRAConfig(rank=2))
+        save_peft(tmp_path / name, handle.state_dict(), model=getattr(pipe, name))
+        handle.remove()
+        components, _ = load_lora(tmp_path / name)
+        assert peft_component(pipe, components["model"], source=str(tmp_path / name)) == name

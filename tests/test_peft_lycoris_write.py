@@ -289,7 +289,7 @@ def test_generate_lora_with_a_peft_folder_gives_the_image_of_its_kohya_twin(tmp_
 def test_a_peft_lokr_folder_is_placed_by_its_shapes_not_its_names(systems):
     """Layer names alone matched a LoHa/LoKr folder to every component that has those names; the shapes decide now:
     a LoKr folder for a 64-wide text encoder fits the SD1 text encoder, not a 32-wide CLIP of the same layer names."""
-    from sdadapt.jobs.generate_peft import peft_component
+    from sdadapt.formats import peft_component
 
     system = systems("sd1")
     state = _random_adapter(system.text_encoder, TEXT_ENCODER, sdadapt.LoKrConfig(rank=2), seed=1)

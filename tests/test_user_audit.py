@@ -429,7 +429,7 @@ def test_a_peft_adapter_folder_is_taken_by_lora_as_its_kohya_twin(tmp_path, caps
     adapter_model.safetensors) now gives the image of the same LoRA as a kohya file, on the component its layers fit
     (the UNet or the text encoder, found by layer names and input widths)."""
     from sdadapt.formats import load_lora, save_kohya
-    from sdadapt.jobs.generate_peft import peft_component
+    from sdadapt.formats import peft_component
     from sdadapt.jobs.models import load_system
 
     model = sd1

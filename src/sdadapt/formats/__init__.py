@@ -24,6 +24,7 @@ from .kohya import from_kohya, load_kohya, save_kohya, to_kohya
 from .layers import LayerNotFoundError, canonical_state, resolve_layers
 from .lora_tensors import check_lora_tensors
 from .mixed_lora import is_mixed_lora, load_mixed_lora
+from .peft_component import peft_component
 from .model_keys import (
     DIFFUSERS_COMPONENTS,
     KeyMapError,
@@ -53,6 +54,7 @@ __all__ = [
     "save_diffusers",
     "load_peft",
     "save_peft",
+    "peft_component",
     "from_comfy",
     "to_comfy",
     "load_comfy",

@@ -2301,7 +2301,7 @@ def _apply_lora_parts(system, path: Path, scale: float, *, unet_scale: float | N
     else:
         components, metadata = load_lora(path, layers_per_block=model_layers_per_block(getattr(system, "unet", None)))
         if "model" in components:  # a peft adapter: one model's layers, its component found by them
-            from .generate_peft import peft_component
+            from ..formats.peft_component import peft_component
 
             components = {peft_component(system, components["model"], source=f"{option} {path}"): components["model"]}
         if files is not None:

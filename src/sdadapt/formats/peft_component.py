@@ -1,4 +1,4 @@
-"""``generate --lora FOLDER``: which pipeline component a peft adapter adapts.
+"""Which pipeline component a peft adapter adapts (``generate --lora FOLDER``; front-ends loading a peft folder).
 
 A peft adapter (``adapter_model.safetensors`` + ``adapter_config.json``, as ``PeftModel.save_pretrained`` and
 ``convert --to peft`` write it) holds one model's layers and names no pipeline component
@@ -25,7 +25,7 @@ def _fits(module: nn.Module, state: dict[str, Tensor]) -> bool:
     ``a·b = out``, ``c·d = in`` all count, not the layer names alone."""
     from ..adapters.base import LayerGeometry
     from ..adapters.registry import adapter_from_file_tensors
-    from ..formats.layers import LayerNotFoundError, group_by_layer, resolve_layers
+    from .layers import LayerNotFoundError, group_by_layer, resolve_layers
 
     layers = group_by_layer(state)
     try:
@@ -47,6 +47,13 @@ def _fits(module: nn.Module, state: dict[str, Tensor]) -> bool:
 def peft_component(system: object, state: dict[str, Tensor], *, source: str) -> str:
     """The one component of :data:`PEFT_COMPONENTS` on ``system`` that holds every layer of the peft adapter
     ``state`` (canonical keys; each layer's tensor shapes checked against the module's weight).
+
+    ``system``: anything with ``unet`` / ``text_encoder`` / ``text_encoder_2`` modules (a diffusers pipeline,
+    :class:`~sdadapt.diffusers_system.DiffusersSystem`). Example::
+
+        components, _ = sdadapt.load_lora("my_peft_adapter/")        # {"model": state}
+        name = sdadapt.formats.peft_component(pipe, components["model"], source="my_peft_adapter")
+        sdadapt.apply_lora(getattr(pipe, name), components["model"], scale=0.8)
 
     Raises:
         ValueError: no component, or several, fit (``source`` names the request, e.g. ``--lora FOLDER``); the message
