@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import run_unet, tiny_unet_sd1, unet_inputs
 
 import sdadapt
 from sdadapt.adapters import DoRAConfig, LoKrConfig, LoRAConfig
-from tiny_models import run_unet, tiny_unet_sd1, unet_inputs
 
 
 def _randomised(handle, seed: int) -> None:

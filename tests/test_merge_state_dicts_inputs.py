@@ -9,7 +9,7 @@ import torch
 from sdadapt.merge import MergeError, MergeStep, merge_state_dicts
 
 pytest.importorskip("diffusers")
-from tiny_models import tiny_unet_sd1  # noqa: E402
+from tiny_models import tiny_unet_sd1
 
 
 def test_inputs_are_counted_typed_and_a_bare_unet_is_told_its_prefix():
