@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from torch import Tensor
@@ -120,7 +121,7 @@ class SingleFile:
         config = self.path.with_suffix(".yaml")
         return config if self.path.suffix and config.is_file() else None
 
-    @property
+    @cached_property
     def sidecar_prediction_type(self) -> str | None:
         """The prediction :attr:`sidecar_config` gives, as A1111 builds the model from it: an LDM config's
         (``ldm.models.diffusion.ddpm`` targets) ``parameterization: "v"`` -> ``"v_prediction"``, none (LDM's default
