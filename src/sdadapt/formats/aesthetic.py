@@ -27,12 +27,12 @@ from torch import Tensor
 from ..errors import InputError
 from .files import (
     WeightFileError,
-    atomic_write,
     check_finite,
     check_output_file,
     read_weights,
     write_safetensors,
 )
+from .torch_files import save_torch_file
 
 __all__ = ["AESTHETIC_KEY", "load_aesthetic_embedding", "save_aesthetic_embedding", "as_aesthetic_vector"]
 
@@ -132,4 +132,4 @@ def save_aesthetic_embedding(path: str | os.PathLike, embedding: Tensor, *, over
     if metadata:
         raise InputError(f"{target}: a .pt aesthetic embedding is a bare tensor and holds no metadata; use .safetensors")
     check_output_file(target, overwrite=overwrite, needed_bytes=vector.numel() * vector.element_size() + 1024, suffix=None)
-    return atomic_write(target, lambda tmp: torch.save(vector, tmp), overwrite=overwrite)
+    return save_torch_file(target, vector, overwrite=overwrite)

@@ -46,7 +46,6 @@ from torch import Tensor
 from ..embeddings.embedding import Embedding
 from ..errors import OutputError, OutputExistsError, WeightFileError
 from .files import (
-    atomic_write,
     check_finite,
     check_output_file,
     read_safetensors_header,
@@ -54,6 +53,7 @@ from .files import (
     staged_outputs,
     write_safetensors,
 )
+from .torch_files import save_torch_file
 
 __all__ = [
     "KV_PARAMS",
@@ -423,10 +423,10 @@ def save_custom_diffusion_file(
                 write_safetensors(file, state, {"format": "pt"}, overwrite=overwrite, stage=stage)
         else:
             payload: dict[str, object] = {**_attn1_placeholders(tensors), **tensors}
-            atomic_write(target, lambda tmp: torch.save(payload, tmp), overwrite=overwrite, stage=stage)
+            save_torch_file(target, payload, overwrite=overwrite, stage=stage)
             for state, file in zip(states, companions):
                 cpu = {k: v.detach().to("cpu").clone() for k, v in state.items()}
-                atomic_write(file, lambda tmp, cpu=cpu: torch.save(cpu, tmp), overwrite=overwrite, stage=stage)
+                save_torch_file(file, cpu, overwrite=overwrite, stage=stage)
         written = stage.paths
     for file in stale:  # only once every new file is in place (a failed save above leaves all as they were)
         try:

@@ -43,12 +43,12 @@ from .files import (
     WeightFileError,
     _check_is_file,
     _torch_load_error,
-    atomic_write,
     read_safetensors,
     sniff_format,
     write_safetensors,
 )
 from .kohya import STALE_METADATA, modelspec_date
+from .torch_files import save_torch_file
 
 __all__ = [
     "A1111_TOKEN",
@@ -435,7 +435,7 @@ def save_embedding(path: str | os.PathLike, embedding: Embedding, *, format: str
     if target.suffix.lower() == ".safetensors":
         return write_safetensors(target, obj, metadata, stage=stage)
     cpu = _to_cpu(obj)
-    return atomic_write(target, lambda tmp: torch.save(cpu, tmp), stage=stage)
+    return save_torch_file(target, cpu, stage=stage)
 
 
 def _to_cpu(obj):

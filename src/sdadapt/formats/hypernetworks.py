@@ -42,10 +42,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
-from .files import WeightFileError, atomic_write, check_finite_output, read_weights, write_safetensors
+from .files import WeightFileError, check_finite_output, read_weights, write_safetensors
+from .torch_files import save_torch_file
 
 __all__ = [
     "SETTING_KEYS",
@@ -347,4 +347,4 @@ def write_hypernetwork_file(path: str | os.PathLike, tensors: Mapping[str, Tenso
     check_finite_output(cpu, path=target)
     if suffix == ".safetensors":
         return write_safetensors(target, cpu, settings_to_metadata(settings), overwrite=overwrite)
-    return atomic_write(target, lambda tmp: torch.save(obj, tmp), overwrite=overwrite)
+    return save_torch_file(target, obj, overwrite=overwrite)

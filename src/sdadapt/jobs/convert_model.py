@@ -514,10 +514,20 @@ def _read_back(target: Path, to: str, modules: Mapping[str, nn.Module], *, dtype
         config = json.loads((target / "scheduler" / "scheduler_config.json").read_text())
         prediction = config.get("prediction_type", "epsilon")
     else:
-        from ..formats.model_keys import split_components
-        from ..formats.single_file import read_single_file
+        from safetensors import safe_open
 
-        checkpoint = read_single_file(target)
+        from ..formats.files import read_safetensors_header
+        from ..formats.model_keys import split_components
+        from ..formats.single_file import split_single_file
+
+        # As A1111, ComfyUI and diffusers' from_single_file read a file: safetensors' memory map (the header
+        # validated first). Its pages are the page cache's, which the kernel can drop under pressure, so the read-back
+        # adds no second anonymous copy of the model (sdadapt's own reader allocates every tensor).
+        _, metadata = read_safetensors_header(target)
+        with safe_open(target, framework="pt") as mapped:
+            tensors = {key: mapped.get_tensor(key) for key in mapped.keys()}  # noqa: SIM118 (safe_open is no dict)
+        checkpoint = split_single_file(tensors, metadata=metadata, path=target)
+        del tensors
         flat = {f"{c}.{k}": v for c, part in checkpoint.components.items() for k, v in part.items()}
         states = split_components(flat, expected={c: m.state_dict().keys() for c, m in modules.items()})
         for name, module in modules.items():
