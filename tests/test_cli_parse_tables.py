@@ -49,6 +49,16 @@ def test_every_sampler_name_is_a_sampler_function_and_back():
     assert set(sampler_tables.A1111_AUTOMATIC) <= set(sampler_tables.SCHEDULE_SAMPLERS)
 
 
+def test_a1111_k_aliases_name_the_same_sampler_in_the_api_and_on_the_command_line():
+    """``sample_latents(sampler="k_dpmpp_2m")`` takes what ``generate --sampler k_dpmpp_2m`` takes (A1111's alias
+    lists, modules/sd_samplers_kdiffusion.py); the API refused k_dpmpp_2m, k_dpmpp_2m_sde, k_heun, k_euler_ancestral."""
+    aliases = [a for a in sampler_tables.A1111_LABELS if a.startswith("k_")]
+    assert {"k_dpmpp_2m", "k_dpmpp_2m_sde", "k_heun", "k_euler_ancestral"} <= set(aliases)
+    for alias in aliases:
+        assert sampler_tables.canonical_sampler(alias) == sampler_tables.sampler_from_label(alias)[0], alias
+        assert sampler_tables.canonical_sampler(alias.upper()) == sampler_tables.A1111_LABELS[alias], alias
+
+
 def test_the_method_tables_are_the_registrys():
     import importlib
 

@@ -293,6 +293,9 @@ A1111_LABELS: dict[str, str] = {
     "k_dpmpp_sde": "dpmpp_sde", "k_dpmpp_2s_a": "dpmpp_2s_a", "k_dpmpp_3m_sde": "dpmsolver++_3m_sde",
     "k_dpmpp_2m_sde_heun": "dpmsolver++_sde_heun", "k_dpm_fast": "dpm_fast", "k_dpm_ad": "dpm_adaptive",
 }
+# (A1111's k_ aliases are sampler names too, for sample_latents and canonical_sampler as for the labels: one list)
+SAMPLER_ALIASES.update({alias: name for alias, name in A1111_LABELS.items()
+                        if alias.startswith("k_") and alias not in SAMPLER_ALIASES})
 #: A1111's aliases of its " Karras" labels (1.6–1.8: "DPM++ SDE Karras" is ``k_dpmpp_sde_ka``, ...), read as
 #: the base alias + " Karras". (A1111 lists ``k_dpmpp_2m_sde_ka`` for both "DPM++ 2M SDE" and its Karras label;
 #: its alias map keeps the later, Karras one.)
