@@ -993,6 +993,19 @@ class DiffusersSystem(nn.Module):
         :meth:`plan_conditions`, each text conditioned by this same rule."""
         return self._prompt_condition([prompt], None, breaks=True)
 
+    def emphasised_prompt(self, prompt: str) -> tuple[Tensor, Any]:
+        """``(ids, condition)`` of one prompt read with A1111's emphasis in one window (batch 1, native size; a
+        longer prompt cut as :meth:`tokenize` cuts it, ``BREAK`` a word): the ids the emphasis leaves (the brackets
+        and weights taken out, :meth:`tokenize_weighted`) (1, L), and their condition with the weights applied by
+        :attr:`emphasis` (:meth:`_emphasised`, A1111's "Original" by default). What A1111's aesthetic-gradients hook
+        is handed (``remade_batch_tokens`` and ``z``); with :attr:`emphasis` "None" :meth:`tokenize`'s ids and
+        :meth:`condition`."""
+        if self._literal_prompts() or not any(mark in prompt for mark in "()[]\\"):
+            ids = self.tokenize([prompt])
+            return ids, self.condition(ids)
+        weighted = self.tokenize_weighted([prompt], a1111=True)
+        return weighted["ids"], self._emphasised(weighted["ids"], weighted["weights"], None)
+
     def _padding(self, pad_conds: Any, time_ids: Tensor | None) -> Any:
         """``pad_conds`` padding with this model's states of ``""`` (A1111's ``cond_stage_model_empty_prompt``: each
         model its own, the refiner's too), or ``None``."""

@@ -29,11 +29,11 @@ OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".avif")  # (what write_ima
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def is_image_file(path: Path) -> bool:
+def is_image_file(path: Path, *, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> bool:
     """A training image of a folder: a file with one of :data:`IMAGE_SUFFIXES` (any case) whose name does not start
     with ``.`` — hidden files, such as the ``._name.png`` resource forks macOS leaves on exFAT / SMB copies, are
     not images (kohya's ``glob_images`` never matches them either)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    return path.suffix.lower() in suffixes and not path.name.startswith(".") and path.is_file()
 
 
 class ImageFolderError(ValueError):

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 
-__all__ = ["aesthetic_embedding", "aesthetic_embedding_from_folder", "image_files"]
+__all__ = ["AESTHETIC_IMAGE_SUFFIXES", "aesthetic_embedding", "aesthetic_embedding_from_folder", "image_files"]
 
 
 def _batches(images: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
@@ -110,14 +110,19 @@ def aesthetic_embedding(
     return mean
 
 
+#: the image files of an aesthetic folder: the A1111 extension's (``check_is_valid_image_file``: png, jpg, jpeg,
+#: gif, tiff, webp; a GIF's first frame) and the training folders' (:data:`sdadapt.images.IMAGE_SUFFIXES`: bmp)
+AESTHETIC_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".tiff", ".tif", ".webp", ".bmp")
+
+
 def image_files(folder: str | os.PathLike) -> list[Path]:
-    """The image files of ``folder`` (sorted; the suffixes :data:`sdadapt.images.IMAGE_SUFFIXES`)."""
-    from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder, is_image_file
+    """The image files of ``folder`` (sorted; the suffixes :data:`AESTHETIC_IMAGE_SUFFIXES`, any case)."""
+    from ..images import ImageFolderError, check_image_folder, is_image_file
 
     root = check_image_folder(folder)
-    files = sorted(p for p in root.iterdir() if is_image_file(p))
+    files = sorted(p for p in root.iterdir() if is_image_file(p, suffixes=AESTHETIC_IMAGE_SUFFIXES))
     if not files:
-        raise ImageFolderError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        raise ImageFolderError(f"{root}: no images ({', '.join(AESTHETIC_IMAGE_SUFFIXES)}) in the folder")
     return files
 
 

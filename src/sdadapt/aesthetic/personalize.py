@@ -145,8 +145,35 @@ def _is_transformers_clip(module: nn.Module) -> bool:
     return type(module).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection") and type(module).__module__.startswith("transformers.")
 
 
-def _pooled_positions(encoder: nn.Module, ids: Tensor) -> Tensor | None:
-    """(B,) position of the pooled token for the encoders known to be causal, else ``None``."""
+#: CLIP's ``<|endoftext|>`` in its BPE vocabulary (49408 entries, the last two ``<|startoftext|>``, ``<|endoftext|>``):
+#: every SD text encoder's (CLIP-L, OpenCLIP-H/bigG share the vocabulary)
+CLIP_EOS_ID = 49407
+
+
+def _legacy_eos(encoder: nn.Module, eos_id: int | None) -> int | None:
+    """The ``<eos>`` id to pool at where transformers would pool elsewhere, else ``None``: a transformers CLIP whose
+    config has the legacy ``eos_token_id`` 2 (SD1.x diffusers folders) pools at the *largest* id, which is an added
+    (textual-inversion) token's where one is in the prompt; CLIP's text embedding is the first ``<eos>``'s state
+    (A1111's extension and vicgalle's script run a CLIP without added tokens; kohya's ``_pool_workaround``).
+    ``eos_id`` (the tokenizer's) if given, else :data:`CLIP_EOS_ID` for a table of CLIP's size, else ``None`` (the
+    largest id, as transformers: a small test vocabulary)."""
+    if not _is_transformers_clip(encoder):
+        return None
+    inner = getattr(encoder, "text_model", encoder)
+    config_eos = getattr(inner, "eos_token_id", None)
+    if config_eos is None:
+        config_eos = getattr(getattr(encoder, "config", None), "eos_token_id", None)
+    if config_eos != 2:
+        return None
+    if eos_id is not None:
+        return int(eos_id)
+    vocab = getattr(getattr(encoder, "config", None), "vocab_size", 0) or 0
+    return CLIP_EOS_ID if vocab >= CLIP_EOS_ID + 1 else None
+
+
+def _pooled_positions(encoder: nn.Module, ids: Tensor, eos_id: int | None = None) -> Tensor | None:
+    """(B,) position of the pooled token for the encoders known to be causal, else ``None``: each row's first
+    ``<eos>`` (:func:`_legacy_eos`)."""
     from ..toy.text_encoder import ToyTextEncoder
 
     if isinstance(encoder, ToyTextEncoder):
@@ -158,8 +185,11 @@ def _pooled_positions(encoder: nn.Module, ids: Tensor) -> Tensor | None:
             eos = getattr(getattr(encoder, "config", None), "eos_token_id", None)
         if eos is None:
             return None
-        if eos == 2:  # transformers' legacy configs pool at the largest id
-            return ids.to(torch.int).argmax(dim=-1)
+        if eos == 2:  # transformers' legacy configs pool at the largest id: the <eos> where no id is added
+            legacy = _legacy_eos(encoder, eos_id)
+            if legacy is None:
+                return ids.to(torch.int).argmax(dim=-1)
+            eos = legacy
         return (ids.to(torch.int) == eos).int().argmax(dim=-1)
     return None
 
@@ -171,9 +201,11 @@ class _EncoderView(nn.Module):
     the conditioning.
     """
 
-    def __init__(self, encoder: nn.Module, projection: nn.Module | Tensor | None, clip_skip: int) -> None:
+    def __init__(self, encoder: nn.Module, projection: nn.Module | Tensor | None, clip_skip: int,
+                 eos_id: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.legacy_eos = _legacy_eos(encoder, eos_id)
         self.projection = projection if isinstance(projection, nn.Module) else None
         self._projection_weight = projection if isinstance(projection, Tensor) else None
         self.clip_skip = clip_skip
@@ -199,6 +231,8 @@ class _EncoderView(nn.Module):
 
     def _features(self, ids: Tensor) -> Tensor:
         out = self.encoder(ids)
+        if self.legacy_eos is not None:  # (transformers pools at the largest id: an added token's, if any; without
+            return self._features_at_eos(out, ids)  # one, the same state)
         projected = getattr(out, "text_embeds", None)
         if projected is not None:
             if self.projection is not None or self._projection_weight is not None:
@@ -226,6 +260,25 @@ class _EncoderView(nn.Module):
             "sdadapt.aesthetic.toy_text_projection), or projection=torch.nn.Identity() if its pooled output "
             "already lies in the image-embedding space"
         )
+
+    def _features_at_eos(self, out, ids: Tensor) -> Tensor:
+        """CLIP's text embedding (B, E) pooled at each row's first ``<eos>``: the final-normed state there
+        (``last_hidden_state``), through the encoder's own ``text_projection`` or ``projection``."""
+        states = out.last_hidden_state  # (B, L, D)
+        first = (ids == self.legacy_eos).int().argmax(dim=-1)  # (B,)
+        pooled = states[torch.arange(states.shape[0], device=states.device), first.to(states.device)]  # (B, D)
+        own = getattr(self.encoder, "text_projection", None)
+        if own is not None and getattr(out, "text_embeds", None) is not None:
+            if self.projection is not None or self._projection_weight is not None:
+                raise InputError(f"{type(self.encoder).__name__} already projects its output (text_embeds); "
+                                 "do not pass projection=")
+            return own(pooled)
+        if self.projection is not None:
+            return self.projection(pooled)
+        if self._projection_weight is not None:
+            return F.linear(pooled, self._projection_weight.to(pooled))
+        raise InputError(f"{type(self.encoder).__name__} has no text projection: pass projection= (CLIP's "
+                         "text_projection, sdadapt.aesthetic.load_text_projection)")
 
     def _hidden(self, ids: Tensor) -> Tensor:
         if self.clip_skip > 1:
@@ -298,10 +351,12 @@ def _compute_dtype(encoder: nn.Module) -> torch.dtype | None:
     return torch.float32 if any(p.dtype in half for p in encoder.parameters()) else None
 
 
-def text_features(text_encoder: nn.Module, input_ids: Tensor, *, projection: nn.Module | Tensor | None = None) -> Tensor:
-    """CLIP text embeddings (B, E) of ``input_ids`` (B, L) — ``get_text_features`` (not normalised)."""
+def text_features(text_encoder: nn.Module, input_ids: Tensor, *, projection: nn.Module | Tensor | None = None,
+                  eos_id: int | None = None) -> Tensor:
+    """CLIP text embeddings (B, E) of ``input_ids`` (B, L) — ``get_text_features`` (not normalised), pooled at
+    each row's first ``<eos>`` (``eos_id``: as :func:`personalize_text_encoder`'s)."""
     with torch.no_grad():
-        return _EncoderView(text_encoder, projection, 1)(input_ids, "features")
+        return _EncoderView(text_encoder, projection, 1, eos_id)(input_ids, "features")
 
 
 def _check_options(steps: int, lr: float, weight: float, clip_skip: int, text_angle: float) -> None:
@@ -334,6 +389,7 @@ def personalize_text_encoder(
     text_ids: Tensor | None = None,
     text_angle: float = 0.1,
     text_negative: bool = False,
+    eos_id: int | None = None,
     callback: Callable[[int, int, float], None] | None = None,
 ) -> Tensor:
     """Personalise ``text_encoder`` toward an aesthetic embedding for ``input_ids``; return the
@@ -367,6 +423,10 @@ def personalize_text_encoder(
             known to be causal (transformers CLIP, the toy encoder), off otherwise.
         text_ids: (1, L) ids of A1111's "aesthetic text": the target is turned toward its
             features by ``text_angle`` (away, with ``text_negative``) — :func:`rotate_toward_text`.
+        eos_id: the tokenizer's ``<eos>`` id: the loss pools each row there (CLIP's text embedding). Only read
+            for a transformers CLIP with the legacy ``eos_token_id`` 2 (SD1.x diffusers folders), which transformers
+            pools at the largest id — an added textual-inversion token's where one is in the prompt; default
+            CLIP's 49407 (:data:`CLIP_EOS_ID`) for a table of CLIP's size.
         callback: ``callback(step, steps, loss)`` after each step (one host sync per step).
 
     Returns:
@@ -391,7 +451,7 @@ def personalize_text_encoder(
         ids = input_ids.clone()
         if isinstance(projection, Tensor):
             projection = projection.detach().clone()
-        view = _EncoderView(text_encoder, projection, clip_skip)
+        view = _EncoderView(text_encoder, projection, clip_skip, eos_id)
         if base is None:
             with torch.no_grad():
                 base = view(ids, "hidden")
@@ -410,9 +470,9 @@ def personalize_text_encoder(
                 with torch.no_grad():
                     text = functional_call(view, upcast, (text_ids.to(ids.device), "features"))
             else:
-                text = text_features(text_encoder, text_ids.to(ids.device), projection=projection)
+                text = text_features(text_encoder, text_ids.to(ids.device), projection=projection, eos_id=eos_id)
             target = rotate_toward_text(target, text, angle=text_angle, negative=text_negative)
-        positions = _pooled_positions(text_encoder, ids)
+        positions = _pooled_positions(text_encoder, ids, eos_id)
         if truncate and positions is None:
             raise InputError(f"truncate=True: {type(text_encoder).__name__} is not an encoder sdadapt knows to be causal "
                              "(transformers CLIP, the toy encoder); leave truncate unset")

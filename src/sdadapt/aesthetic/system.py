@@ -102,18 +102,34 @@ def aesthetic_conditioning(system, prompts: list[str], embedding: Tensor, *, pro
         projection = system_projection(system)
     clip_skip = int(getattr(system, "clip_skip", 1))
     text_ids = system.tokenize([text]) if text else None
+    eos_id = _eos_id(system)
     parts = []
     for prompt in prompts:
-        ids = system.tokenize([prompt])
-        cond = system.condition(ids)
+        if hasattr(system, "emphasised_prompt"):  # (A1111: the base z emphasised, the personalisation on the ids the
+            ids, cond = system.emphasised_prompt(prompt)  # emphasis leaves; the extension's hook gets both so)
+        else:
+            ids = system.tokenize([prompt])
+            cond = system.condition(ids)
         context = cond["context"] if isinstance(cond, dict) else cond
         personal = personalize_text_encoder(system.text_encoder, ids, embedding, steps=aesthetic_steps, lr=lr, weight=weight,
                                             slerp=slerp, projection=projection, clip_skip=clip_skip, base=context,
-                                            text_ids=text_ids, text_angle=text_angle, text_negative=text_negative)
+                                            text_ids=text_ids, text_angle=text_angle, text_negative=text_negative,
+                                            eos_id=eos_id)
         parts.append({**cond, "context": personal} if isinstance(cond, dict) else personal)
     if isinstance(parts[0], dict):
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return torch.cat(parts)
+
+
+def _eos_id(system) -> int | None:
+    """The ``<eos>`` id of a system's (transformers or sdadapt) CLIP tokenizer, or ``None`` (the toy: its encoder
+    knows its own)."""
+    from ..clip_tokenizer import CLIPTokenizer, special_token_ids
+
+    tokenizer = getattr(system, "tokenizer", None)
+    if not isinstance(tokenizer, CLIPTokenizer) and getattr(tokenizer, "eos_token_id", None) is None:
+        return None
+    return special_token_ids(tokenizer)[1]
 
 
 def aesthetic_sample(system, prompts: list[str], embedding: Tensor, *, projection: Tensor | nn.Module | None = None,
