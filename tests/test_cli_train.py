@@ -162,3 +162,24 @@ def test_dreamartist_negative_file_is_an_output_the_overwrite_check_protects(tmp
     assert main(argv) == 8
     err = capsys.readouterr().err
     assert "style-neg.pt" in err and "--overwrite" in err and negative.read_bytes() == b"precious" and not out.exists()
+
+
+def test_dreamartist_takes_the_extensions_cfg_field_and_continues_a_pair(tmp_path, capsys):
+    """``--cfg-scale 1.5-3.5:cos`` (the extension's field) trains as --cfg-scale 1.5 --cfg-high 3.5 --cfg-schedule cos;
+    ``--init-weights style.pt`` continues the pair written before (style.pt + style-neg.pt)."""
+    images = _images(tmp_path / "imgs", n=2, size=32)
+    first, second = tmp_path / "style.pt", tmp_path / "more.pt"
+    base = ["train", "dreamartist", "--images", str(images), "--model", "toy", "--token", "sks", "--steps", "1",
+            "--vectors", "2", "--negative-vectors", "3"]
+    assert main([*base, "--cfg-scale", "1.5-3.5:cos", "-o", str(first)]) == 0
+    assert main([*base, "--cfg-scale", "1.5-3.5:cos", "--init-weights", str(first), "-o", str(second)]) == 0
+    capsys.readouterr()
+    start, start_neg = (sdadapt.load_embedding(p) for p in (first, tmp_path / "style-neg.pt"))
+    moved, moved_neg = (sdadapt.load_embedding(p) for p in (second, tmp_path / "more-neg.pt"))
+    assert next(iter(moved.vectors.values())).shape == (2, 64) and next(iter(moved_neg.vectors.values())).shape[0] == 3
+    # one step from the saved vectors (lr 5e-3 default-ish scale), not from a fresh start: close to them
+    for a, b in ((start, moved), (start_neg, moved_neg)):
+        (x,), (y,) = a.vectors.values(), b.vectors.values()
+        assert 0 < float((x - y).abs().max()) < 0.1
+    assert main([*base, "--cfg-scale", "1-3:sine", "-o", str(tmp_path / "bad.pt")]) == 2
+    assert "unknown schedule 'sine'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sdadapt.embeddings.table import find_token_embedding
+from sdadapt.errors import InputError
 from sdadapt.embeddings.tokens import tokenizer_side
 from sdadapt.methods import FitConfig, fit
 from sdadapt.methods.dreamartist import negative_files, prepare_dreamartist
@@ -112,6 +113,8 @@ def test_training_loss_and_gradients_are_the_extensions(data, low, high, schedul
     ("a red circle", 1, 3),
     ("a red circle", 3, 2),
     ("red", 3, 6),            # the extension's 3 / 6 with a one-token init word
+    ("a red circle", 6, 6),   # 1 < n < k: each token repeated in place (a a red red circle circle), not cycled
+    ("red circle", 3, 6),
 ])
 def test_both_embeddings_start_as_create_embedding_makes_them(init_word, vectors, negative_vectors):
     system = build_toy(seed=2)
@@ -123,7 +126,7 @@ def test_both_embeddings_start_as_create_embedding_makes_them(init_word, vectors
     positive, negative = (p.detach() for p in da.params)
     da.remove()
     # ui.py:13-14 create_embedding(name, nvpt, init_text) and create_embedding(name + '-neg', nvpt_neg, init_text_neg),
-    # both init texts the same word here; the rows agree with sdadapt's cycling rule as the init word has >= k tokens
+    # both init texts the same word here
     torch.testing.assert_close(positive, _reference_rows(weight, init_ids, vectors), rtol=0, atol=0)
     torch.testing.assert_close(negative, _reference_rows(weight, init_ids, negative_vectors), rtol=0, atol=0)
 
@@ -200,3 +203,57 @@ def test_sample_guides_at_the_training_scale_with_the_negative_trigger(monkeypat
     negative = da.negative.expand("purple-neg")
     da.remove()
     assert seen["guidance"] == want and seen["negative"] == negative
+
+
+# ------------------------------------------------------------------------------ the extension's fields
+@pytest.mark.parametrize(("text", "want"), [
+    ("3.0", (3.0, None, "ln")), ("1.5-3.0", (1.5, 3.0, "ln")), ("1.5-3.5:cos", (1.5, 3.5, "cos")),
+    (" 2-5:cos2 ", (2.0, 5.0, "cos2")), (7.5, (7.5, None, "ln")),
+])
+def test_the_cfg_field_reads_as_get_cfg_range(text, want):
+    """cptuning.py:331-340 ``get_cfg_range``: ``low-high:type``; the type defaults to ln."""
+    from sdadapt.methods.dreamartist import parse_dynamic_cfg
+
+    assert parse_dynamic_cfg(text) == want
+
+
+def test_a_cfg_field_trains_as_its_three_options(data):
+    from sdadapt.methods.dreamartist import parse_dynamic_cfg
+
+    images, captions = data
+    with pytest.raises(ValueError, match="unknown schedule 'sin'"):
+        parse_dynamic_cfg("1-3:sin")
+    with pytest.raises(ValueError, match="low-high"):
+        parse_dynamic_cfg("high")
+    system = build_toy(seed=7)
+    losses = []
+    for options in ({"cfg_scale": "1.5-3.5:cos"}, {"cfg_scale": 1.5, "cfg_high": 3.5, "cfg_schedule": "cos"}):
+        torch.manual_seed(0)
+        da = prepare_dreamartist(system, token="purple", vectors=2, negative_vectors=3, **options)
+        assert (da.cfg_scale, da.cfg_high, da.cfg_schedule) == (1.5, 3.5, "cos")
+        losses.append(fit(system, da, images, captions, config=FitConfig(steps=3, learning_rate=1e-2, seed=0)))
+        da.remove()
+    assert losses[0] == losses[1]
+    with pytest.raises(ValueError, match="whole CFG field"):
+        prepare_dreamartist(system, token="purple", cfg_scale="1-3", cfg_high=4.0)
+
+
+def test_init_weights_continues_a_saved_pair(tmp_path, data):
+    """The extension trains an existing ``name`` / ``name-neg`` pair on (cptuning.py:394-402): ``init_weights`` starts
+    both embeddings from the pair's files, exactly (no noise)."""
+    images, captions = data
+    system = build_toy(seed=4)
+    da = prepare_dreamartist(system, token="purple", vectors=2, negative_vectors=3)
+    fit(system, da, images, captions, config=FitConfig(steps=3, learning_rate=1e-2, seed=0))
+    trained = [p.detach().clone() for p in da.params]
+    path = da.save(tmp_path / "purple.pt")
+    da.remove()
+    again = prepare_dreamartist(system, token="purple", vectors=2, negative_vectors=3, init_weights=path)
+    for a, b in zip(again.params, trained):
+        assert torch.equal(a.detach(), b)
+    again.remove()
+    with pytest.raises(InputError, match="--negative-vectors 3"):
+        prepare_dreamartist(system, token="purple", vectors=2, negative_vectors=2, init_weights=path)
+    (tmp_path / "purple-neg.pt").unlink()
+    with pytest.raises(InputError, match="purple-neg.pt .the negative. is not beside it"):
+        prepare_dreamartist(system, token="purple", vectors=2, negative_vectors=3, init_weights=path)

@@ -173,16 +173,28 @@ EMBEDDING_OPTIONS = (
     MethodOption("vectors", int, "vectors per trigger word: it becomes this many tokens (default 1)", ("--vectors",), "K"),
     MethodOption("norm_weight", float, "textual inversion: weight of the norm penalty keeping the vectors at the "
                  "vocabulary's scale (default 0: off)", ("--norm-weight",), "W"),
-    MethodOption("init_weights", str, "textual inversion: start the vectors from this embedding file (kohya's --weights: "
-                 "A1111 .pt/.safetensors, kohya emb_params, diffusers, SDXL clip_l + clip_g; its vector count must be "
-                 "--vectors); --init-word is then unused", ("--init-weights",), "FILE"),
+    MethodOption("init_weights", str, "textual inversion, DreamArtist: start the vectors from this embedding file "
+                 "(kohya's --weights: A1111 .pt/.safetensors, kohya emb_params, diffusers, SDXL clip_l + clip_g; its "
+                 "vector count must be --vectors; DreamArtist: FILE and the FILE-neg beside it, --negative-vectors); "
+                 "--init-word is then unused", ("--init-weights",), "FILE"),
 )
-DREAMARTIST_OPTIONS = EMBEDDING_OPTIONS[:3] + (
+
+
+def _number_or_text(text: str) -> float | str:
+    """A number, else the text as it is (DreamArtist's CFG field: ``3`` or ``1.5-3.5:cos``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+DREAMARTIST_OPTIONS = EMBEDDING_OPTIONS[:3] + EMBEDDING_OPTIONS[4:5] + (
     MethodOption("negative_vectors", int, "DreamArtist: vectors of the negative embedding (default: = --vectors)",
                  ("--negative-vectors",), "K"),
     MethodOption("negative_init_word", str, "DreamArtist: start the negative embedding from this word's token embeddings "
                  "(the extension's 'Initialization text (negative)'; default: --init-word)", ("--negative-init-word",), "WORD"),
-    MethodOption("cfg_scale", float, "DreamArtist: training CFG scale (default 3), the low end with --cfg-high", ("--cfg-scale",), "S"),
+    MethodOption("cfg_scale", _number_or_text, "DreamArtist: training CFG scale (default 3), the low end with "
+                 "--cfg-high; or the extension's dynamic 'low-high:type' (e.g. 1.5-3.5:cos)", ("--cfg-scale",), "S"),
     MethodOption("cfg_high", float, "DreamArtist: dynamic CFG from --cfg-scale (t=0) to this (t=T)", ("--cfg-high",), "S"),
     MethodOption("cfg_schedule", str, "DreamArtist: dynamic CFG shape ln, cos or cos2 (default ln)", ("--cfg-schedule",), "TYPE"),
     MethodOption("neg_lr_weight", float, "DreamArtist: the negative embedding's learning rate relative to the positive's",

@@ -202,12 +202,13 @@ def initial_embedding(
     init_word: str | None = None,
     sdxl: bool = False,
     generator: torch.Generator | None = None,
+    repeat_in_place: bool = False,
 ) -> Embedding:
     """Starting vectors for a new trigger word (what textual inversion then trains).
 
     Per encoder, vector ``i`` is the token-embedding row of the init word's token
     ``i mod n`` (:func:`~sdadapt.embeddings.table.initial_rows`: kohya's cycling rule; A1111 and
-    diffusers agree for a one-token init word). ``init_word=None``: the trigger's own row when the
+    diffusers agree for a one-token init word; ``repeat_in_place``: A1111's ``i·n // k``). ``init_word=None``: the trigger's own row when the
     vocabulary already has it as one token (re-learning an existing word, e.g. the toy's held-out
     colour), else ``N(0, σ²)`` with the table's σ.
 
@@ -232,5 +233,6 @@ def initial_embedding(
         else:
             own = side.known_single_token(name)
             init_ids = [own] if own is not None and own < table.num_embeddings else None
-        out[key] = initial_rows(table.weight, init_ids, vectors, generator=generator).cpu()
+        out[key] = initial_rows(table.weight, init_ids, vectors, generator=generator,
+                                repeat_in_place=repeat_in_place).cpu()
     return Embedding(name, out)

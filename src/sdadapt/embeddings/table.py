@@ -114,6 +114,7 @@ def initial_rows(
     count: int,
     *,
     generator: torch.Generator | None = None,
+    repeat_in_place: bool = False,
 ) -> Tensor:
     """Starting vectors ``(count, D)`` float32 for a new token.
 
@@ -121,7 +122,8 @@ def initial_rows(
     ``init_ids[i mod n]`` — kohya's rule. It equals A1111's (``embedded[i·n // k]`` of the first ``k``
     init tokens) when ``n >= k`` or ``n == 1``, and diffusers' (every vector = the one initializer
     token) when ``n == 1``; for ``1 < n < k`` A1111 repeats each token in place (a a b b) where this
-    cycles (a b a b). Without: ``N(0, σ²)`` with σ the table's own standard deviation.
+    cycles (a b a b) — ``repeat_in_place=True`` is A1111's rule (its ``create_embedding``, and
+    DreamArtist's). Without: ``N(0, σ²)`` with σ the table's own standard deviation.
 
     Raises:
         ValueError: ``count < 1``, or an init id outside the table.
@@ -133,7 +135,12 @@ def initial_rows(
         bad = [i for i in init_ids if not 0 <= int(i) < table.shape[0]]
         if bad:
             raise ValueError(f"init token ids {bad} are outside the {table.shape[0]}-row embedding table")
-        picks = torch.tensor([int(init_ids[i % len(init_ids)]) for i in range(count)], device=table.device)
+        if repeat_in_place:  # (A1111: the first k tokens, row i·n // k of them)
+            first = list(init_ids[:count])
+            order = [first[i * len(first) // count] for i in range(count)]
+        else:
+            order = [init_ids[i % len(init_ids)] for i in range(count)]
+        picks = torch.tensor([int(i) for i in order], device=table.device)
         return table[picks].float().clone()
     std = float(table.float().std())
     noise = torch.randn((count, table.shape[1]), generator=generator, dtype=torch.float32)

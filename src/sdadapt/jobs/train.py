@@ -2564,7 +2564,7 @@ def _check_loraplus_unet_base_weights_block_lr(method_options: dict) -> None:
         parse_block_lr(method_options["block_lr"])
     start = method_options.get("init_weights")  # (textual inversion's starting embedding: kohya's weights)
     if start and not Path(start).is_file():
-        raise FileNotFoundError(f"--init-weights {start}: no such file (the embedding textual inversion starts from)")
+        raise FileNotFoundError(f"--init-weights {start}: no such file (the embedding the run starts from)")
 
 
 #: ``_write_run_record``'s default ``preset_file``: read the preset file when the record is written

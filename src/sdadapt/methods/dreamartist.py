@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..embeddings import Embedding, EmbeddingHandle, initial_embedding, inject_embedding
+from ..errors import InputError
 from ..formats.a1111_fields import trained_embedding
 from ..formats.embeddings import load_embedding, save_embedding
 from ..formats.files import staged_outputs
@@ -33,6 +34,7 @@ from .textual_inversion import (
     _Frozen,
     _trained_modules,
     _word_pattern,
+    starting_embedding,
     system_text_parts,
 )
 
@@ -44,6 +46,7 @@ __all__ = [
     "cfg_scale_at",
     "load_dreamartist",
     "negative_name",
+    "parse_dynamic_cfg",
     "prepare_dreamartist",
     "replace_word",
     "sample_dreamartist",
@@ -76,6 +79,29 @@ def cfg_scale_at(t: Tensor, *, low: float, high: float | None = None, schedule: 
     elif schedule == "cos2":
         r = 1 - torch.cos(r * math.pi / 2)
     return low + (high - low) * r
+
+
+def parse_dynamic_cfg(text: str | float) -> tuple[float, float | None, str]:
+    """The extension's CFG field (``get_cfg_range``): ``"3"`` -> ``(3.0, None, "ln")``, ``"1.5-3.5"`` -> ``(1.5, 3.5,
+    "ln")``, ``"1.5-3.5:cos"`` -> ``(1.5, 3.5, "cos")`` — ``(cfg_scale, cfg_high, cfg_schedule)`` of
+    :func:`prepare_dreamartist`. A number is ``(number, None, "ln")``.
+
+    Raises:
+        ValueError: not of that form, or an unknown schedule (naming the field).
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text), None, "ln"
+    body, _, schedule = str(text).strip().partition(":")
+    schedule = schedule.strip() or "ln"
+    low, dash, high = body.partition("-")
+    try:
+        values = (float(low), float(high) if dash else None)
+    except ValueError:
+        raise ValueError(f"CFG scale {text!r}: a number (3), or DreamArtist's dynamic 'low-high' with an optional "
+                         f"':type' ({', '.join(CFG_SCHEDULES)}), e.g. '1.5-3.5:cos'") from None
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"CFG scale {text!r}: unknown schedule {schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}")
+    return values[0], values[1], schedule
 
 
 def negative_name(name: str) -> str:
@@ -247,9 +273,10 @@ def prepare_dreamartist(
     vectors: int = 1,
     negative_vectors: int | None = None,
     negative_init_word: str | None = None,
-    cfg_scale: float = 3.0,
+    init_weights: str | os.PathLike | None = None,
+    cfg_scale: float | str = 3.0,
     cfg_high: float | None = None,
-    cfg_schedule: str = "ln",
+    cfg_schedule: str | None = None,
     neg_lr_weight: float = 1.0,
     rec_weight: float = 0.0,
     noise: float = 1e-3,
@@ -265,19 +292,42 @@ def prepare_dreamartist(
         negative_vectors: ``k`` of the negative (default: ``vectors``).
         negative_init_word: the negative's own init word (the extension's "Initialization text
             (negative)"); default ``init_word``.
+        init_weights: continue a trained pair: the positive's file (any embedding format) and the
+            ``<stem>-neg`` file beside it give the starting vectors (no noise added; their counts must be
+            ``vectors`` / ``negative_vectors``, as textual inversion's ``--init-weights``); the init words are unused.
         cfg_scale, cfg_high, cfg_schedule: the training guidance scale, or with ``cfg_high`` the
-            dynamic schedule from ``cfg_scale`` (t = 0) to ``cfg_high`` (t = T−1).
+            dynamic schedule from ``cfg_scale`` (t = 0) to ``cfg_high`` (t = T−1), shape ``cfg_schedule``
+            (default ``"ln"``). ``cfg_scale`` may be the extension's text ``"low-high:type"``
+            (:func:`parse_dynamic_cfg`), then without ``cfg_high`` / ``cfg_schedule``.
         neg_lr_weight: the negative's learning rate relative to the positive's.
         rec_weight: weight of the L1 reconstruction loss through ``system.decode_latents`` (0: off;
             needs a decoder with gradients, as the toy model's).
     """
+    if isinstance(cfg_scale, str):
+        if cfg_high is not None or cfg_schedule is not None:
+            raise ValueError(f"cfg_scale {cfg_scale!r} is the extension's whole CFG field; give cfg_high / cfg_schedule "
+                             "only with a number")
+        cfg_scale, cfg_high, cfg_schedule = parse_dynamic_cfg(cfg_scale)
+    cfg_schedule = cfg_schedule or "ln"
     encoders, tokenizers, sdxl = system_text_parts(system)
     k_neg = negative_vectors or vectors
-    positive = initial_embedding(encoders, tokenizers, token, vectors=vectors, init_word=init_word, sdxl=sdxl)
+    if init_weights is not None:  # (the extension trains an existing name / name-neg pair on)
+        first = Path(init_weights)
+        second = first.with_name(negative_name(first.stem) + first.suffix)
+        if not second.is_file():
+            raise InputError(f"--init-weights {first}: a DreamArtist pair continues from both embeddings, and "
+                             f"{second.name} (the negative) is not beside it")
+        positive = starting_embedding(first, token=token, vectors=vectors, text_encoder=encoders, sdxl=sdxl)
+        negative = starting_embedding(second, token=negative_name(token), vectors=k_neg, text_encoder=encoders,
+                                      sdxl=sdxl, flag="--negative-vectors")
+        return DreamArtist(system, positive, negative, cfg_scale=cfg_scale, cfg_high=cfg_high,
+                           cfg_schedule=cfg_schedule, neg_lr_weight=neg_lr_weight, rec_weight=rec_weight)
+    positive = initial_embedding(encoders, tokenizers, token, vectors=vectors, init_word=init_word, sdxl=sdxl,
+                                 repeat_in_place=True)  # (the extension's create_embedding: A1111's i·n // k)
     negative_word = init_word if negative_init_word is None else negative_init_word
     if negative_word is not None:  # the negative's own k rows from its init word (DreamArtist's create_embedding for <name>-neg)
         start = initial_embedding(encoders, tokenizers, negative_name(token), vectors=k_neg, init_word=negative_word,
-                                  sdxl=sdxl).vectors
+                                  sdxl=sdxl, repeat_in_place=True).vectors
     else:  # the trigger's own row, or the positive's random rows (cycled): the pair starts together
         start = {key: v[torch.arange(k_neg) % v.shape[0]] for key, v in positive.vectors.items()}
     negative = Embedding(negative_name(token), {key: v + noise * torch.randn_like(v) for key, v in start.items()})

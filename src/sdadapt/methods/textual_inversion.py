@@ -294,7 +294,8 @@ def _width_name(width: int) -> str:
     return f"{width} wide: {_WIDTHS[width]}" if width in _WIDTHS else f"{width} wide"
 
 
-def starting_embedding(path: str | os.PathLike, *, token: str, vectors: int, text_encoder, sdxl: bool) -> Embedding:
+def starting_embedding(path: str | os.PathLike, *, token: str, vectors: int, text_encoder, sdxl: bool,
+                       flag: str = "--vectors") -> Embedding:
     """kohya's ``--weights`` of textual inversion (``--init-weights``): the vectors of an embedding file to start from.
 
     Reads what :func:`sdadapt.load_embedding` reads (kohya ``emb_params``, A1111 ``string_to_param``
@@ -305,6 +306,7 @@ def starting_embedding(path: str | os.PathLike, *, token: str, vectors: int, tex
 
     Args:
         text_encoder: the system's text encoder, or ``{"clip_l": ..., "clip_g": ...}`` (``sdxl``).
+        flag: the option that sets ``vectors``, for the message.
 
     Raises:
         WeightFileError: a missing, unreadable or non-embedding file (naming it).
@@ -332,7 +334,7 @@ def starting_embedding(path: str | os.PathLike, *, token: str, vectors: int, tex
                              "give an embedding trained on this model family")
         if rows.shape[0] != vectors:
             raise InputError(f"--init-weights {path}: it has {rows.shape[0]} vector(s) per token, the run {vectors}; set "
-                             f"--vectors {rows.shape[0]} (kohya's num_vectors_per_token, which refuses the mismatch too)")
+                             f"{flag} {rows.shape[0]} (kohya's num_vectors_per_token, which refuses the mismatch too)")
         out[key] = rows.detach().to(device="cpu", dtype=table.dtype).clone()
     return Embedding(token, out)
 
