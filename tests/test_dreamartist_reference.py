@@ -257,3 +257,38 @@ def test_init_weights_continues_a_saved_pair(tmp_path, data):
     (tmp_path / "purple-neg.pt").unlink()
     with pytest.raises(InputError, match="purple-neg.pt .the negative. is not beside it"):
         prepare_dreamartist(system, token="purple", vectors=2, negative_vectors=3, init_weights=path)
+
+
+def test_the_reconstruction_loss_decodes_a_vae_with_gradients(tmp_path):
+    """The extension decodes with ``decode_first_stage.__wrapped__`` (gradients, cptuning.py:537-544): a diffusers
+    system's VAE decodes x̂0 with autograd (checkpointed per block; it was refused), the same loss and gradients as a
+    plain differentiable decode, the VAE's checkpointing flag as it was."""
+    pytest.importorskip("diffusers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_systems import tiny_diffusers_system
+
+    from sdadapt.training import diffusion
+
+    system = tiny_diffusers_system(tmp_path, max_token_length=75)
+    da = prepare_dreamartist(system, token="sks", rec_weight=0.5)
+    g = torch.Generator().manual_seed(0)
+    latents, x_t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 700])
+    prediction = torch.randn(2, 4, 8, 8, generator=g) * (1 + da.params[0].sum() * 1e-2)  # (depends on the rows)
+    loss = da.extra_loss({"x_t": x_t, "t": t, "latents": latents}, prediction)
+    (grad,) = torch.autograd.grad(loss, da.params[0], retain_graph=True)
+    assert not system.vae.is_gradient_checkpointing
+    x0_hat = diffusion.predicted_x0("epsilon", x_t, prediction, t, system.alphas_cumprod)
+    scale = system.scaling_factor
+    with torch.enable_grad():
+        decoded = system.vae.decode(x0_hat / scale).sample  # (no checkpointing, unclamped)
+    target = system.vae.decode(latents / scale).sample.detach()
+    ref = 0.5 * (decoded.float() - target.float()).abs().mean()
+    (ref_grad,) = torch.autograd.grad(ref, da.params[0])
+    assert float(grad.abs().max()) > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-9)
+    da.remove()

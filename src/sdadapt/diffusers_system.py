@@ -735,6 +735,29 @@ class DiffusersSystem(nn.Module):
         images = self.vae.decode(latents).sample.float()
         return images.clamp(-1, 1) if clamp else images
 
+    def decode_latents_with_grad(self, latents: Tensor) -> Tensor:
+        """:meth:`decode_latents` unclamped with autograd through the decoder (its weights stay frozen): latents
+        (B, C, h, w) -> images (B, 3, 8h, 8w), differentiable in ``latents`` — A1111's
+        ``decode_first_stage.__wrapped__``, which DreamArtist's reconstruction loss decodes with. Each decoder
+        block is gradient-checkpointed for the call (diffusers' ``enable_gradient_checkpointing``), so the
+        backward keeps one block's activations at a time."""
+        vae = self.vae
+        was = bool(getattr(vae, "is_gradient_checkpointing", False))
+        if not was:
+            vae.enable_gradient_checkpointing()
+        try:
+            with torch.enable_grad():
+                latents = latents.to(vae.dtype)
+                if self.latent_stats is not None:
+                    mean, std = self._stats(latents)
+                    latents = latents * std / self.scaling_factor + mean
+                else:
+                    latents = latents / self.scaling_factor
+                return vae.decode(latents).sample.float()
+        finally:
+            if not was:
+                vae.disable_gradient_checkpointing()
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The latent (C, h, w) of a ``height`` x ``width`` image."""
         # (the VAE's latent channels: an inpainting UNet takes 9 in, the latent's 4 plus its image conditioning)

@@ -197,14 +197,16 @@ class DreamArtist:
     def _reconstruction_loss(self, prepared, prediction: Tensor) -> Tensor:
         system = self.system
         x0_hat = diffusion.predicted_x0(system.prediction_type, prepared["x_t"], prediction, prepared["t"], system.alphas_cumprod)
-        decoded = system.decode_latents(x0_hat)
+        with_grad = getattr(system, "decode_latents_with_grad", None)  # (a VAE: unclamped, as A1111's decode_first_stage)
+        decoded = with_grad(x0_hat) if with_grad is not None else system.decode_latents(x0_hat)
         if not decoded.requires_grad:
             raise ValueError(
                 f"{type(system).__name__}.decode_latents gives no gradients (it runs under no_grad), so the "
                 "reconstruction loss cannot train the embeddings; use rec_weight=0 with this system"
             )
         with torch.no_grad():
-            target = system.decode_latents(prepared["latents"])
+            target = system.decode_latents(prepared["latents"], clamp=False) if with_grad is not None else \
+                system.decode_latents(prepared["latents"])
         return self.rec_weight * (decoded.float() - target.float()).abs().mean()
 
     # ------------------------------------------------------------------ use
@@ -300,8 +302,9 @@ def prepare_dreamartist(
             (default ``"ln"``). ``cfg_scale`` may be the extension's text ``"low-high:type"``
             (:func:`parse_dynamic_cfg`), then without ``cfg_high`` / ``cfg_schedule``.
         neg_lr_weight: the negative's learning rate relative to the positive's.
-        rec_weight: weight of the L1 reconstruction loss through ``system.decode_latents`` (0: off;
-            needs a decoder with gradients, as the toy model's).
+        rec_weight: weight of the L1 reconstruction loss through the system's decoder (0: off): a diffusers
+            system's ``decode_latents_with_grad`` (the VAE, checkpointed), else ``decode_latents`` if it has
+            gradients (the toy's).
     """
     if isinstance(cfg_scale, str):
         if cfg_high is not None or cfg_schedule is not None:
