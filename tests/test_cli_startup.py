@@ -132,7 +132,11 @@ def test_help_version_and_usage_errors_do_not_import_torch():
     argvs += [["demo", "--method", "lorra"], ["train", "lorra"], ["train", "lora", "--lr-scheduler", "cosin"],
               ["train", "lora", "--network-d", "4"], ["train", "lora", "--sample-sampler", "eulr"],
               ["generate", "--sampler", "DPM++ 2M Karas"], ["generate", "--schedule", "karas"],
-              ["generate", "--hires-upscaler", "lanczoz"]]
+              ["generate", "--hires-upscaler", "lanczoz"], ["generate", "--model", "toy", "--prompt", "a", "--seed", "1"],
+              ["train", "LoRA"], ["merge", "weighted_sum"], ["insepct", "x"],
+              ["train", "lora", "--network_train_unet_only"], ["train", "lora", "--learning_rate_te1", "1e-5"],
+              ["train", "lora", "--huggingface_repo_id", "a/b"], ["extract-lora", "a", "b", "--dim", "8", "-o", "e"],
+              ["merge-lora", "--sd_model", "A", "--models", "L", "--ratios", "0.8", "--save_to", "m"]]
     done = subprocess.run([sys.executable, "-c", _CLI_RUNNER, json.dumps(argvs)], capture_output=True, text=True,
                           timeout=300, env={**_env(), "PYTHONPATH": str(SRC)})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -157,6 +161,22 @@ def test_help_version_and_usage_errors_do_not_import_torch():
     assert "did you mean 'DPM++ 2M Karras'?" in by_argv["generate --sampler DPM++ 2M Karas"][1]
     assert "unknown schedule 'karas'" in by_argv["generate --schedule karas"][1]
     assert "argument --hires-upscaler: --hires-upscaler 'lanczoz': not one of" in by_argv["generate --hires-upscaler lanczoz"][1]
+    # a whole option is no abbreviation (only -o is missing here: --prompt and --seed are options themselves)
+    missing_out = by_argv["generate --model toy --prompt a --seed 1"][1]
+    assert "required: -o/--out" in missing_out and "not abbreviated" not in missing_out, missing_out
+    assert "invalid choice: 'LoRA', did you mean 'lora'?" in by_argv["train LoRA"][1]
+    assert "invalid choice: 'weighted_sum', did you mean 'weighted-sum'?" in by_argv["merge weighted_sum"][1]
+    assert "invalid choice: 'insepct', did you mean 'inspect'?" in by_argv["insepct x"][1]
+    # kohya's flags (docs/train.md's table, kohya's LoRA scripts) name the option to use here
+    assert "--network_train_unet_only: kohya's option; here --no-text-encoder" in \
+        by_argv["train lora --network_train_unet_only"][1]
+    assert "here --text-encoder-lr" in by_argv["train lora --learning_rate_te1 1e-5"][1]
+    assert "--huggingface_repo_id: kohya's option is not taken here (sdadapt uploads nothing" in \
+        by_argv["train lora --huggingface_repo_id a/b"][1]
+    assert "--dim: kohya's script's option; here --rank" in by_argv["extract-lora a b --dim 8 -o e"][1]
+    merge = by_argv["merge-lora --sd_model A --models L --ratios 0.8 --save_to m"][1]
+    assert "--ratios: kohya's script's option; here --scale" in merge and "--save_to: kohya's script's option; here -o" \
+        in merge, merge
 
 
 def _parsers(parser: argparse.ArgumentParser, name: str = "python -m sdadapt"):

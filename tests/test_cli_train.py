@@ -183,3 +183,32 @@ def test_dreamartist_takes_the_extensions_cfg_field_and_continues_a_pair(tmp_pat
         assert 0 < float((x - y).abs().max()) < 0.1
     assert main([*base, "--cfg-scale", "1-3:sine", "-o", str(tmp_path / "bad.pt")]) == 2
     assert "unknown schedule 'sine'" in capsys.readouterr().err
+
+
+def test_the_help_names_each_methods_default_step_count():
+    """``train --help`` says each method's default ``--steps`` (it said 600 for all; dreambooth trains 1000, the
+    embedding methods 400)."""
+    from sdadapt.cli.train import STEP_DEFAULTS_HELP
+    from sdadapt.methods import METHODS
+
+    usual, *others = STEP_DEFAULTS_HELP.split("; ")
+    said = {name.strip(): int(steps) for part in others for names, steps in [part.rsplit(" ", 1)]
+            for name in names.split(",")}
+    for name, method in METHODS.items():
+        assert method.steps == said.get(name, int(usual)), name
+
+
+def test_errors_name_the_option_not_the_librarys_keyword(tmp_path, capsys):
+    """The command line says ``pass --overwrite``; the library's ``(overwrite=True)`` twin is for Python callers."""
+    from sdadapt.cli.options import error_line
+    from sdadapt.errors import OutputExistsError
+
+    images = _images(tmp_path / "imgs", n=2, size=32)
+    out = tmp_path / "style.safetensors"
+    out.write_bytes(b"keep")
+    assert main(["train", "lora", "--images", str(images), "--model", "toy", "--steps", "1", "-o", str(out)]) == 8
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err, err
+    assert error_line(OutputExistsError("x: pass --skip-unmatched (skip_unmatched=True) to merge")) == \
+        "x: pass --skip-unmatched to merge"
+    assert str(OutputExistsError("x (overwrite=True)")) == "x (overwrite=True)"  # (the exception keeps it)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
@@ -53,9 +54,12 @@ class _OneLineErrors(CheckedParser):
         message = " ".join(message.split())
         if message.startswith("the following arguments are required"):  # (argparse checks them before extras:
             known = _visible_options(self)
-            hints = [hint for arg in getattr(self, "_arg_strings", ()) if arg.startswith("--")  # an abbreviation
-                     for hint in [_abbreviation_hint(arg.split("=", 1)[0], known)] if hint]  # of one is named too)
+            given = [arg.split("=", 1)[0] for arg in getattr(self, "_arg_strings", ()) if arg.startswith("--")]
+            hints = [hint for flag in given if flag not in self._option_string_actions  # (an abbreviation of one is
+                     for hint in [_kohya_tool_hint(self.prog.split()[-1], flag)  # named too, and kohya's script
+                                  or _abbreviation_hint(flag, known)] if hint]  # flags; a whole option is not one)
             message += f" ({'; '.join(hints)})" if hints else ""
+        message = _with_closest_choice(message)
         self.exit(2, f"error: {safe_text(self.prog)}: {safe_text(message)} (see {safe_text(self.prog)} --help)\n")
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
@@ -70,7 +74,8 @@ class _OneLineErrors(CheckedParser):
                 flag = extra.split("=", 1)[0]
                 close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
                 abbreviation = _abbreviation_hint(flag, known)
-                kohya = _kohya_hint(flag, known) if command.prog.split()[-1] == "train" else None
+                name = command.prog.split()[-1]
+                kohya = _kohya_hint(flag, known) if name == "train" else _kohya_tool_hint(name, flag)
                 if kohya:
                     hints.append(kohya)
                 elif abbreviation:
@@ -81,23 +86,83 @@ class _OneLineErrors(CheckedParser):
         return namespace
 
 
+def _with_closest_choice(message: str) -> str:
+    """argparse's ``invalid choice: 'X' (choose from ...)`` with the closest choice named first (``did you mean
+    'weighted-sum'?``): case and ``_`` / ``-`` aside (``LoRA``, ``weighted_sum``), else by spelling (``insepct``)."""
+    found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if found is None:
+        return message
+    given = found.group(1)  # (Python >= 3.12.8 lists the choices unquoted)
+    choices = re.findall(r"'([^']*)'", found.group(2)) or [c.strip() for c in found.group(2).split(",")]
+
+    def plain(text: str) -> str:
+        return text.lower().replace("_", "-")
+
+    same = [choice for choice in choices if plain(choice) == plain(given)]
+    close = same or difflib.get_close_matches(plain(given), choices, n=1, cutoff=0.7)
+    if not close:
+        return message
+    return message.replace(f"invalid choice: '{given}'", f"invalid choice: '{given}', did you mean '{close[0]}'?", 1)
+
+
 def _visible_options(parser: argparse.ArgumentParser) -> list[str]:
     """``parser``'s ``--`` options that its ``--help`` shows (the hidden ones only catch other tools' flags)."""
     return [flag for action in parser._actions if action.help != argparse.SUPPRESS
             for flag in action.option_strings if flag.startswith("--")]
 
 
+#: kohya sd-scripts flags whose counterpart here is another kind of option (``--config`` reads them so: cli/train.py
+#: read_config)
+_KOHYA_FLAGS = {
+    "network_train_unet_only": "--no-text-encoder", "network_train_text_encoder_only": "--no-unet",
+    "use_8bit_adam": "--optimizer AdamW8bit", "use_lion_optimizer": "--optimizer Lion",
+    "use_object_template": "--templates object --templates-replace-captions",
+    "use_style_template": "--templates style --templates-replace-captions",
+    "learning_rate_te1": "--text-encoder-lr", "learning_rate_te2": "--text-encoder-2-lr",
+}
+
+
+_FIRST, _SECOND = "the first positional argument", "the second positional argument"
+#: the flags of kohya's LoRA scripts (networks/extract_lora_from_models.py, resize_lora.py, merge_lora.py,
+#: svd_merge_lora.py) -> the command's own, per command
+_KOHYA_TOOL_FLAGS: dict[str, dict[str, str]] = {
+    "extract-lora": {"dim": "--rank", "conv_dim": "--conv-rank", "save_to": "-o", "save_precision": "--dtype",
+                     "model_org": f"{_FIRST} (the base model)", "model_tuned": f"{_SECOND} (the tuned model)",
+                     "load_precision": "nothing (each model is read in its own dtype)", "sdxl": "--base-model sdxl",
+                     "v2": "--base-model sd2"},
+    "resize-lora": {"new_rank": "--rank", "new_conv_rank": "--conv-rank", "save_to": "-o",
+                    "save_precision": "--dtype", "model": "the positional argument (the LoRA)"},
+    "merge-lora": {"sd_model": f"{_FIRST} (the checkpoint)", "models": "the positional arguments after the checkpoint",
+                   "ratios": "--scale", "save_to": "-o", "save_precision": "--dtype",
+                   "precision": "nothing (the merge runs in float32)"},
+    "combine-loras": {"models": "the positional arguments", "ratios": "--scale", "save_to": "-o",
+                      "save_precision": "--dtype", "new_rank": "--rank", "new_conv_rank": "--conv-rank"},
+}
+
+
+def _kohya_tool_hint(command: str, flag: str) -> str | None:
+    """What ``command`` calls the flag of kohya's script for the same job (``extract-lora --dim`` -> ``--rank``),
+    else ``None``."""
+    table = _KOHYA_TOOL_FLAGS.get(command, {})
+    name = flag[2:] if flag.startswith("--") else ""
+    return f"{flag}: kohya's script's option; here {table[name]}" if name in table else None
+
+
 def _kohya_hint(flag: str, known: list[str]) -> str | None:
     """What ``train`` calls kohya sd-scripts' command-line ``flag`` (``--output_dir`` -> ``-o DIR/NAME.safetensors``,
     ``--network_module`` -> the method), from the tables its ``--config`` reads kohya's keys by
     (docs/train.md "kohya sd-scripts flags"); ``None`` for a flag that is none of kohya's there."""
-    from .train import KOHYA_IGNORED, KOHYA_KEYS
+    from .train import _REFUSED_WHEN_ON, KOHYA_IGNORED, KOHYA_KEYS
 
     name = flag[2:].replace("-", "_") if flag.startswith("--") else ""
     if "--" + name.replace("_", "-") in known:  # (kohya's name with dashes is an option: "did you mean" says so)
         return None
     if name in ("output_dir", "output_name"):
         return f"{flag}: kohya's --output_dir and --output_name are one option here: -o DIR/NAME.safetensors"
+    if name in _KOHYA_FLAGS:
+        return f"{flag}: kohya's option; here {_KOHYA_FLAGS[name]}"
+    if name in _REFUSED_WHEN_ON:
+        return f"{flag}: kohya's option is not taken here ({_REFUSED_WHEN_ON[name]})"
     if name in KOHYA_IGNORED:
         why = f" ({KOHYA_IGNORED[name]})" if KOHYA_IGNORED[name] else ""
         return f"{flag}: kohya's option has no counterpart here{why}; leave it out"

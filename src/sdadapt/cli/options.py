@@ -432,6 +432,10 @@ def _unpickling_refusal(exc: BaseException) -> BaseException | None:
     return None
 
 
+#: a library message's keyword twin of a command-line option, "--overwrite (overwrite=True)"
+_KEYWORD_TWIN = re.compile(r"(--[\w-]+) \(\w+=(?:True|False)\)")
+
+
 def error_line(exc: BaseException, *, limit: int = 2000) -> str:
     """The one line ``python -m sdadapt`` prints for ``exc`` (without ``error: ``): whitespace
     collapsed, control characters escaped, at most ``limit`` characters, and never torch's advice to
@@ -456,6 +460,7 @@ def error_line(exc: BaseException, *, limit: int = 2000) -> str:
             if isinstance(exc, KeyError) and exc.args:
                 text = f"missing key {exc.args[0]!r}"
     text = _ADVICE.sub("", text)
+    text = _KEYWORD_TWIN.sub(r"\1", text)  # ("pass --overwrite (overwrite=True)": the library's twin is for callers)
     text = safe_text(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -29,6 +29,10 @@ __all__ = ["register", "read_config", "parse_network_args", "steps_or_share", "k
 #: an option the command line did not give (the TOML file or the default then decides)
 _UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
 
+#: each method's default step count as ``train --help`` says it (the registry's ``Method.steps``, read without importing
+#: the methods: tests/test_cli_train.py checks they agree)
+STEP_DEFAULTS_HELP = "600; dreambooth 1000; textual-inversion, dreamartist, custom-diffusion 400"
+
 #: kohya sd-scripts config names -> sdadapt's (TOML keys)
 KOHYA_KEYS = {
     "pretrained_model_name_or_path": "model",
@@ -1046,7 +1050,7 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
 
     optim = train.add_argument_group("optimisation")
     add(optim, "--steps", "--max-train-steps", dest="steps", type=int, metavar="N",
-        help="optimiser steps (default: the method's, 600); or --epochs")
+        help=f"optimiser steps (default: the method's: {STEP_DEFAULTS_HELP}); or --epochs")
     add(optim, "--epochs", "--max-train-epochs", dest="epochs", type=int, metavar="N",
         help="train N epochs (each image x its repeats once per epoch)")
     add(optim, "--batch-size", "--train-batch-size", dest="batch_size", type=int, metavar="N", help="default 4")
@@ -1302,14 +1306,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "before/after scores (held-out-concept accuracy, image-image and image-text similarity, prior accuracy), "
         "write a PNG grid and the adapter file. About a minute on a 2-core CPU; no downloads.",
     )
-    demo.add_argument("--method", choices=methods, default="lora")
+    demo.add_argument("--method", choices=methods, default="lora", help="the method to teach it with (default lora)")
     demo.add_argument("--concept", choices=["cross", "purple"], default="cross", help="held-out shape or colour to teach")
-    demo.add_argument("--images", type=int, default=8, help="training images (default 8)")
+    demo.add_argument("--images", type=int, default=8, metavar="N",
+                      help="how many training images of the concept the toy model draws (default 8; train --images "
+                      "takes a folder)")
     demo.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the method's)")
     demo.add_argument("--prior", action=BooleanFlag, default=None,
                       help="regularise with the model's own images of held-in prompts (prior preservation; "
                       "default: the method's — on for the LoRA family and dreambooth)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the images, the training and the samples (default 0)")
     add_output_options(demo, out_help="output folder for before_after.png and CONCEPT-METHOD.safetensors "
                        "(default ./sdadapt-demo)", required=False, default="sdadapt-demo",
                        dtype_help="float32, as trained; applies to the adapter file")
