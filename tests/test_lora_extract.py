@@ -26,7 +26,7 @@ from sdadapt.loratools.extract import (
     truncated_svd,
 )
 from sdadapt.loratools.resize import factored_svd, resize_layer, resize_lora_state
-from docs_pages import run_block
+from docs_pages import run_block_with
 
 SETTINGS = settings(max_examples=15, deadline=None)
 
@@ -431,7 +431,7 @@ def test_block_weight_vectors_expand_like_kohya():
 
 # ------------------------------------------------------------------------------------ docs page
 def test_lora_tools_page_example_runs_and_says_what_it_claims(capsys):
-    namespace = run_block("lora-tools.md")
+    namespace = run_block_with("lora-tools.md", "import os, tempfile")
     # Eckart–Young on the single layer
     error = torch.linalg.norm(namespace["tuned_w"] - namespace["base_w"] - namespace["delta"])
     assert float(error) == pytest.approx(float(namespace["sigma"][2:].square().sum().sqrt()), rel=1e-4)

@@ -90,6 +90,7 @@ __all__ = [
     "extract_layer",
     "check_rank_method",
     "extract_lora",
+    "extract_lora_state",
 ]
 
 RankMethod = Literal["fixed", "sv_ratio", "sv_cumulative", "sv_fro"]
@@ -494,6 +495,84 @@ def check_clamp(clamp_quantile: float | None) -> None:
 
 
 # -------------------------------------------------------------------------------- the file job
+def _check_extract_options(*, rank, conv_rank, alpha, conv_alpha, method, param, clamp_quantile, min_diff,
+                           min_layer_diff, niter, dtype, base_model, device) -> torch.device:
+    check_rank_method(method, param)
+    check_save_dtype(dtype)
+    check_base_model(base_model)
+    positive_int(rank, name="rank (--rank)")
+    positive_int(conv_rank, name="conv_rank (--conv-rank)", allow_none=True)
+    finite_number(alpha, name="alpha (--alpha)", low=0.0, low_open=True, high=1e6, allow_none=True)
+    finite_number(conv_alpha, name="conv_alpha (--conv-alpha)", low=0.0, low_open=True, high=1e6, allow_none=True)
+    finite_number(min_diff, name="min_diff (--min-diff)", low=0.0)
+    finite_number(min_layer_diff, name="min_layer_diff (--min-layer-diff)", low=0.0)
+    check_clamp(clamp_quantile)
+    if isinstance(niter, bool) or not isinstance(niter, int) or not 0 <= niter <= 100:
+        raise InputError(f"niter (--niter) must be a whole number in [0, 100], got {niter!r}")
+    return check_device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
+
+
+def extract_lora_state(
+    base: str | os.PathLike | Mapping[str, Tensor] | torch.nn.Module,
+    tuned: str | os.PathLike | Mapping[str, Tensor] | torch.nn.Module,
+    *,
+    rank: int = 4,
+    conv_rank: int | None = None,
+    alpha: float | None = None,
+    conv_alpha: float | None = None,
+    method: str = "fixed",
+    param: float | None = None,
+    clamp_quantile: float | None = None,
+    min_diff: float = 0.01,
+    min_layer_diff: float = 0.0,
+    split: str = "up",
+    randomized: bool = False,
+    niter: int = 2,
+    device: str | torch.device | None = None,
+    base_model: str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, dict[str, Tensor]], LoRAJobReport]:
+    """:func:`extract_lora` in memory: the LoRA ``tuned − base`` as sdadapt's canonical state, nothing written.
+
+    ``base`` and ``tuned`` are each a file, a state dict or a module (its ``state_dict()``, read as it is: no
+    copy) in the naming :func:`extract_lora` reads — an LDM checkpoint's keys or a diffusers UNet's (a
+    ``UNet2DConditionModel`` itself). Write the result with ``sdadapt.save_lora(path, components, format="kohya",
+    base_model=report.base_model)`` or apply it with ``sdadapt.apply_lora``.
+
+    The options are :func:`extract_lora`'s (``out`` and ``overwrite`` aside).
+
+    Returns:
+        ``({component: {"<layer>.lora_down.weight" (r, in[, kh, kw]), "<layer>.lora_up.weight" (out, r[, 1, 1]),
+        "<layer>.alpha" ()}}, report)`` — the report's ``path`` is ``None``, its errors those of the factors returned.
+
+    Raises:
+        WeightFileError: unreadable inputs, different architectures, nothing to extract.
+        InputError: an option out of range.
+    """
+    device = _check_extract_options(rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method,
+                                    param=param, clamp_quantile=clamp_quantile, min_diff=min_diff,
+                                    min_layer_diff=min_layer_diff, niter=niter, dtype=dtype, base_model=base_model,
+                                    device=device)
+    with _source(base, "base") as base_src, _source(tuned, "tuned") as tuned_src:
+        components, report, _ = _extract(
+            base_src, tuned_src, rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method,
+            param=param, clamp_quantile=clamp_quantile, min_diff=min_diff, min_layer_diff=min_layer_diff, split=split,
+            randomized=randomized, niter=niter, device=device, base_model=base_model, dtype=dtype, progress=progress)
+    return components, report
+
+
+def _source(value, name: str):
+    """A file -> :func:`~sdadapt.merge.sources.open_source`; a state dict or module -> an in-memory source."""
+    from ..merge.sources import MemorySource, open_source
+
+    if isinstance(value, torch.nn.Module):
+        return MemorySource(value.state_dict(), name=f"<{name} {type(value).__name__}>")
+    if isinstance(value, Mapping):
+        return MemorySource(value, name=f"<{name} state dict>")
+    return open_source(value)
+
+
 def extract_lora(
     base: str | os.PathLike,
     tuned: str | os.PathLike,
@@ -517,7 +596,8 @@ def extract_lora(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> LoRAJobReport:
-    """Extract a LoRA (``tuned − base``) from two checkpoints and write it in kohya format.
+    """Extract a LoRA (``tuned − base``) from two checkpoints and write it in kohya format
+    (:func:`extract_lora_state` does it in memory).
 
     Targets are kohya's: every Linear / 1x1 conv in the UNet's transformer blocks, and the text
     encoders' q/k/v/out and MLP layers; with ``conv_rank`` also the resnets, down- and upsamplers
@@ -539,7 +619,7 @@ def extract_lora(
         randomized, niter: randomized SVD (:func:`torch.svd_lowrank`) for speed on big layers.
         device: run the SVDs there (e.g. ``"cuda"``); default ``"cuda"`` when available.
         base_model: kohya naming/metadata; default detected from the checkpoint's keys.
-        dtype: dtype of the written factors (default float32; alphas are always float32).
+        dtype: dtype of the factors (default float32; alphas are always float32).
 
     Returns:
         :class:`LoRAJobReport` (ranks, alphas, skipped layers, and per layer the error
@@ -553,93 +633,19 @@ def extract_lora(
     """
     from ..merge.sources import open_source
 
-    check_rank_method(method, param)
-    check_save_dtype(dtype)
-    check_base_model(base_model)
-    positive_int(rank, name="rank (--rank)")
-    positive_int(conv_rank, name="conv_rank (--conv-rank)", allow_none=True)
-    finite_number(alpha, name="alpha (--alpha)", low=0.0, low_open=True, high=1e6, allow_none=True)
-    finite_number(conv_alpha, name="conv_alpha (--conv-alpha)", low=0.0, low_open=True, high=1e6, allow_none=True)
-    finite_number(min_diff, name="min_diff (--min-diff)", low=0.0)
-    finite_number(min_layer_diff, name="min_layer_diff (--min-layer-diff)", low=0.0)
-    check_clamp(clamp_quantile)
-    if isinstance(niter, bool) or not isinstance(niter, int) or not 0 <= niter <= 100:
-        raise InputError(f"niter (--niter) must be a whole number in [0, 100], got {niter!r}")
-    device = check_device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
+    device = _check_extract_options(rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method,
+                                    param=param, clamp_quantile=clamp_quantile, min_diff=min_diff,
+                                    min_layer_diff=min_layer_diff, niter=niter, dtype=dtype, base_model=base_model,
+                                    device=device)
     check_output(out, overwrite=overwrite, needed_bytes=0)
     check_inputs(base, tuned)
     check_not_input(out, base, tuned)
     with open_source(base) as base_src, open_source(tuned) as tuned_src:
-        base_shapes = {k: tuple(base_src.shape(k)) for k in base_src.keys()}
-        tuned_shapes = {k: tuple(tuned_src.shape(k)) for k in tuned_src.keys()}
-        base_layers = checkpoint_layers(base_shapes)
-        tuned_layers = checkpoint_layers(tuned_shapes)
-        if not base_layers:
-            sample = ", ".join(list(base_shapes)[:5])
-            raise WeightFileError(
-                f"{base}: no UNet or text-encoder weights found (keys look like: {sample}); expected an LDM "
-                "checkpoint (model.diffusion_model.*, cond_stage_model.*, conditioner.*) or a diffusers UNet file"
-            )
-        _check_same_architecture(base, tuned, base_layers, tuned_layers, base_shapes, tuned_shapes)
-        model = base_model or detect_base_model(base_shapes)
-        conv = conv_rank is not None
-        todo = [
-            (name, slot)
-            for name, slot in base_layers.items()
-            if is_lora_target(slot.component, slot.layer, slot_shape(base_shapes[slot.key], slot), conv=conv)
-        ]
-        if not todo:
-            raise WeightFileError(f"{base}: none of its layers is a LoRA target (attention/MLP Linear layers)")
-        report = LoRAJobReport(path=Path(out), base_model=model)
-        components: dict[str, dict[str, Tensor]] = {}
-        max_diff: dict[str, float] = {}
-        cache: dict[str, tuple[Tensor, Tensor]] = {}
-        for done, ((component, layer), slot) in enumerate(todo, 1):
-            base_w, tuned_w = _read_pair(base_src, tuned_src, slot, tuned_layers[(component, layer)], cache)
-            for path, weight, key in ((base, base_w, slot.key), (tuned, tuned_w, tuned_layers[(component, layer)].key)):
-                if has_nonfinite(weight):
-                    raise WeightFileError(
-                        f"{path}: tensor {key!r} holds NaN/inf ({int((~torch.isfinite(weight)).sum())} values); a LoRA "
-                        "cannot be extracted from a broken checkpoint — use an intact copy"
-                    )
-            diff = float((tuned_w.float() - base_w.float()).abs().max()) if base_w.numel() else 0.0
-            max_diff[component] = max(max_diff.get(component, 0.0), diff)
-            name = f"{component}:{layer}"
-            if diff <= min_layer_diff:
-                report.skipped[name] = f"max |Δ| = {diff:.3g} <= min_layer_diff {min_layer_diff:g}"
-            else:
-                is_kxk = base_w.dim() == 4 and base_w.shape[2] * base_w.shape[3] > 1
-                # the factors come back in the file's dtype: the reported error is that of the file
-                with layer_errors(tuned, name):
-                    extracted = extract_layer(
-                        base_w, tuned_w,
-                        rank=conv_rank if is_kxk and conv_rank is not None else rank,
-                        alpha=conv_alpha if is_kxk and conv_alpha is not None else alpha,
-                        method=method, param=param, clamp_quantile=clamp_quantile, split=split,  # type: ignore[arg-type]
-                        randomized=randomized, niter=niter, device=device, dtype=dtype or torch.float32,
-                    )
-                state = components.setdefault(component, {})
-                state[f"{layer}.lora_down.weight"] = extracted.down
-                state[f"{layer}.lora_up.weight"] = extracted.up
-                state[f"{layer}.alpha"] = torch.tensor(extracted.alpha, dtype=torch.float32)
-                report.layers[name] = LayerReport(extracted.rank, extracted.alpha, extracted.residual_norm, extracted.norm)
-            if progress is not None:
-                progress(done, len(todo), layer)
-    for component, largest in max_diff.items():
-        if component.startswith("text_encoder") and largest <= min_diff and component in components:
-            for layer_key in [k for k in components[component] if k.endswith(".alpha")]:
-                name = f"{component}:{layer_key[: -len('.alpha')]}"
-                report.layers.pop(name, None)
-                keep = (f"min_diff / --min-diff {_round_below(largest):g} keeps it" if largest > 0
-                        else "its weights are the base's")
-                report.skipped[name] = (f"text encoder unchanged: its max |Δ| = {largest:.3g} <= min_diff {min_diff:g} "
-                                        f"(kohya's rule; {keep})")
-            del components[component]
-    if not components:
-        raise WeightFileError(
-            f"{tuned}: no layer differs from {base} by more than the thresholds (min_diff={min_diff:g}, "
-            f"min_layer_diff={min_layer_diff:g}); is it really a fine-tune of that base?"
-        )
+        components, report, base_shapes = _extract(
+            base_src, tuned_src, rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method,
+            param=param, clamp_quantile=clamp_quantile, min_diff=min_diff, min_layer_diff=min_layer_diff, split=split,
+            randomized=randomized, niter=niter, device=device, base_model=base_model, dtype=dtype, progress=progress)
+    report.path = Path(out)
     meta = {
         "ss_training_comment": f"extracted by sdadapt from {Path(tuned).name} - {Path(base).name}",
         "sdadapt.extract": json.dumps(
@@ -655,10 +661,87 @@ def extract_lora(
     needed = sum(t.numel() * t.element_size() for s in components.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
     save_kohya(
-        out, components, base_model=model, metadata=meta, overwrite=overwrite,
+        out, components, base_model=report.base_model, metadata=meta, overwrite=overwrite,
         layers_per_block=unet_layers_per_block(base_shapes),
     )
     return report
+
+
+def _extract(base_src, tuned_src, *, rank, conv_rank, alpha, conv_alpha, method, param, clamp_quantile, min_diff,
+             min_layer_diff, split, randomized, niter, device, base_model, dtype, progress):
+    """The extraction over two open sources: ``(components, report (path None), the base's shapes)``."""
+    base, tuned = base_src.path, tuned_src.path
+    base_shapes = {k: tuple(base_src.shape(k)) for k in base_src.keys()}
+    tuned_shapes = {k: tuple(tuned_src.shape(k)) for k in tuned_src.keys()}
+    base_layers = checkpoint_layers(base_shapes)
+    tuned_layers = checkpoint_layers(tuned_shapes)
+    if not base_layers:
+        sample = ", ".join(list(base_shapes)[:5])
+        raise WeightFileError(
+            f"{base}: no UNet or text-encoder weights found (keys look like: {sample}); expected an LDM "
+            "checkpoint (model.diffusion_model.*, cond_stage_model.*, conditioner.*) or a diffusers UNet file"
+        )
+    _check_same_architecture(base, tuned, base_layers, tuned_layers, base_shapes, tuned_shapes)
+    model = base_model or detect_base_model(base_shapes)
+    conv = conv_rank is not None
+    todo = [
+        (name, slot)
+        for name, slot in base_layers.items()
+        if is_lora_target(slot.component, slot.layer, slot_shape(base_shapes[slot.key], slot), conv=conv)
+    ]
+    if not todo:
+        raise WeightFileError(f"{base}: none of its layers is a LoRA target (attention/MLP Linear layers)")
+    report = LoRAJobReport(path=None, base_model=model)
+    components: dict[str, dict[str, Tensor]] = {}
+    max_diff: dict[str, float] = {}
+    cache: dict[str, tuple[Tensor, Tensor]] = {}
+    for done, ((component, layer), slot) in enumerate(todo, 1):
+        base_w, tuned_w = _read_pair(base_src, tuned_src, slot, tuned_layers[(component, layer)], cache)
+        for path, weight, key in ((base, base_w, slot.key), (tuned, tuned_w, tuned_layers[(component, layer)].key)):
+            if has_nonfinite(weight):
+                raise WeightFileError(
+                    f"{path}: tensor {key!r} holds NaN/inf ({int((~torch.isfinite(weight)).sum())} values); a LoRA "
+                    "cannot be extracted from a broken checkpoint — use an intact copy"
+                )
+        diff = float((tuned_w.float() - base_w.float()).abs().max()) if base_w.numel() else 0.0
+        max_diff[component] = max(max_diff.get(component, 0.0), diff)
+        name = f"{component}:{layer}"
+        if diff <= min_layer_diff:
+            report.skipped[name] = f"max |Δ| = {diff:.3g} <= min_layer_diff {min_layer_diff:g}"
+        else:
+            is_kxk = base_w.dim() == 4 and base_w.shape[2] * base_w.shape[3] > 1
+            # the factors come back in the file's dtype: the reported error is that of the file
+            with layer_errors(tuned, name):
+                extracted = extract_layer(
+                    base_w, tuned_w,
+                    rank=conv_rank if is_kxk and conv_rank is not None else rank,
+                    alpha=conv_alpha if is_kxk and conv_alpha is not None else alpha,
+                    method=method, param=param, clamp_quantile=clamp_quantile, split=split,  # type: ignore[arg-type]
+                    randomized=randomized, niter=niter, device=device, dtype=dtype or torch.float32,
+                )
+            state = components.setdefault(component, {})
+            state[f"{layer}.lora_down.weight"] = extracted.down
+            state[f"{layer}.lora_up.weight"] = extracted.up
+            state[f"{layer}.alpha"] = torch.tensor(extracted.alpha, dtype=torch.float32)
+            report.layers[name] = LayerReport(extracted.rank, extracted.alpha, extracted.residual_norm, extracted.norm)
+        if progress is not None:
+            progress(done, len(todo), layer)
+    for component, largest in max_diff.items():
+        if component.startswith("text_encoder") and largest <= min_diff and component in components:
+            for layer_key in [k for k in components[component] if k.endswith(".alpha")]:
+                name = f"{component}:{layer_key[: -len('.alpha')]}"
+                report.layers.pop(name, None)
+                keep = (f"min_diff / --min-diff {_round_below(largest):g} keeps it" if largest > 0
+                        else "its weights are the base's")
+                report.skipped[name] = (f"text encoder unchanged: its max |Δ| = {largest:.3g} <= min_diff {min_diff:g} "
+                                        f"(kohya's rule; {keep})")
+            del components[component]
+    if not components:
+        raise WeightFileError(
+            f"{tuned}: no layer differs from {base} by more than the thresholds (min_diff={min_diff:g}, "
+            f"min_layer_diff={min_layer_diff:g}); is it really a fine-tune of that base?"
+        )
+    return components, report, base_shapes
 
 
 def _kohya_network_metadata(*, rank: int, alpha: float | None = None, conv_rank: int | None = None,

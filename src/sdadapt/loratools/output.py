@@ -72,13 +72,13 @@ class LoRAJobReport:
     """What an extract/resize/combine job wrote.
 
     Attributes:
-        path: the output file.
+        path: the output file (``None``: nothing written, :func:`~sdadapt.loratools.extract.extract_lora_state`).
         base_model: ``"sd1"``, ``"sd2"``, ``"sd2-v"`` or ``"sdxl"`` (decides the kohya naming).
         layers: ``{"component:layer": LayerReport}``.
         skipped: ``{"component:layer": reason}`` — layers (or whole text encoders) not written.
     """
 
-    path: Path
+    path: Path | None
     base_model: str
     layers: dict[str, LayerReport] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)

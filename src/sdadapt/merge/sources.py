@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from math import prod
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from torch import Tensor
 from ..formats.files import WeightFileError, _header_and_start, check_input_file, read_weights, sniff_format
 from ..formats.header import TORCH_DTYPES, read_tensor
 
-__all__ = ["TensorSource", "open_source", "sha256_of", "short_hash", "legacy_hash", "SAFETENSORS_DTYPES"]
+__all__ = ["MemorySource", "TensorSource", "open_source", "sha256_of", "short_hash", "legacy_hash", "SAFETENSORS_DTYPES"]
 
 #: safetensors dtype names -> torch dtypes (the ones this torch can hold)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = dict(TORCH_DTYPES)
@@ -140,6 +140,67 @@ class TensorSource:
 
     def __repr__(self) -> str:
         return f"TensorSource({str(self.path)!r}, {len(self)} tensors{'' if self.lazy else ', in memory'})"
+
+
+class MemorySource:
+    """:class:`TensorSource`'s reading interface over tensors already in memory (a state dict): ``get`` returns the
+    tensor itself, detached, on its device (no copy: a reader that changes it in place changes the dict).
+
+    Attributes:
+        path: the name errors give it (``"<tuned state dict>"``); no file.
+        metadata: empty.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], *, name: str = "<state dict>") -> None:
+        bad = next((k for k, v in tensors.items() if not isinstance(v, Tensor)), None)
+        if bad is not None:
+            raise WeightFileError(f"{name}: {bad!r} is a {type(tensors[bad]).__name__}, not a tensor")
+        self.path = name
+        self.metadata: dict[str, str] = {}
+        self._tensors = dict(tensors)
+        self.lazy = False
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def _tensor(self, key: str) -> Tensor:
+        if key not in self._tensors:
+            raise KeyError(f"{self.path}: has no tensor {key!r}")
+        return self._tensors[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensor(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor(key).dtype
+
+    def nbytes(self, key: str) -> int:
+        tensor = self._tensor(key)
+        return tensor.numel() * tensor.element_size()
+
+    def get(self, key: str) -> Tensor:
+        return self._tensor(key).detach()
+
+    def close(self) -> None:
+        self._tensors = {}
+
+    def __enter__(self) -> MemorySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MemorySource({self.path!r}, {len(self)} tensors)"
 
 
 def open_source(path: str | os.PathLike) -> TensorSource:
