@@ -2321,8 +2321,12 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
             if options.fp8_base or options.fp8_base_unet:  # fp8 weights compute under the run's autocast only
                 bf16 = torch.autocast(system.alphas_cumprod.device.type,
                                       dtype=torch.bfloat16 if options.mixed_precision == "bf16" else torch.float16)
+            # (a trained trigger of k vectors spelled as its k tokens, as kohya's sample prompts replace it; the
+            # system's tokenizer knows only the embeddings it loaded)
+            expand = getattr(adaptation, "expand", None) or (lambda text: text)
+            negative = None if sample.negative is None else expand(sample.negative)
             with bf16 or contextlib.nullcontext():  # --full-bf16: the UNet's weights are bf16 now
-                image = generate(system, [sample.prompt], negative=sample.negative, seed=sample.seed, steps=sample.steps,
+                image = generate(system, [expand(sample.prompt)], negative=negative, seed=sample.seed, steps=sample.steps,
                                  guidance=sample.guidance, sampler=sample.sampler or options.sample_sampler,
                                  height=sample.height or (height if sized else None),
                                  width=sample.width or (width if sized else None),  # (kohya's Heun clamps x̂0)

@@ -161,14 +161,15 @@ class DreamArtist:
         """The prompt with the trigger replaced by the negative trigger (what the negative branch sees)."""
         return replace_word(prompt, self.token, self.negative_token)
 
-    def _expand(self, prompt: str) -> str:
+    def expand(self, prompt: str) -> str:
+        """A prompt as the system's tokenizer must see it: each trigger spelled as its vectors' tokens."""
         return self.negative.expand(self.positive.expand(prompt))  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ fit-loop hooks
     def tokenize(self, captions: list[str]) -> Tensor:
         """``(N, 2, L)``: ids of each caption (``[:, 0]``) and of its negative caption (``[:, 1]``)."""
-        pos = self.system.tokenize([self._expand(c) for c in captions])
-        neg = self.system.tokenize([self._expand(self.negative_prompt(c)) for c in captions])
+        pos = self.system.tokenize([self.expand(c) for c in captions])
+        neg = self.system.tokenize([self.expand(self.negative_prompt(c)) for c in captions])
         return torch.stack([pos, neg], dim=1)
 
     def training_model(self, system):
@@ -214,7 +215,7 @@ class DreamArtist:
                negative: str | None = None) -> Tensor:
         """Images with the learned negative as the unconditional prompt (see :func:`sample_dreamartist`);
         ``guidance`` defaults to the training scale (with dynamic CFG the mean of ``cfg_scale`` and ``cfg_high``)."""
-        return _sample(self.system, prompts, self._expand, negative_token=self.negative_token,
+        return _sample(self.system, prompts, self.expand, negative_token=self.negative_token,
                        guidance=self._guidance(guidance), seed=seed, steps=steps, negative=negative)
 
     def _guidance(self, guidance: float | None) -> float:
