@@ -292,15 +292,20 @@ def test_cli_is_the_scripts_chain_of_sides(plain_sd, tmp_path, monkeypatch):  # 
         return Image.fromarray(results[len(expected_handed) - 1][1]["pixels"][0], "RGB")
 
     grown = Image.open(tmp_path / "in.png").convert("RGB")
-    for side in ("is_left", "is_bottom"):  # (the script's order: left before down, whatever the order given)
-        grown = _a1111_expand(grown, 24, 64, 64, 2, 2, 1.0, 0.05, process, **{side: True})
+    # the script's run (outpainting_mk_2.py:172-185): each axis grows to a multiple of 64, shared between its sides
+    left, right, up, down = 24, 0, 0, 24
+    target_w, target_h = math.ceil((48 + left + right) / 64) * 64, math.ceil((40 + up + down) / 64) * 64
+    left = left * (target_w - 48) // (left + right)
+    down = target_h - 40 - up
+    assert (left, down) == (80, 24)  # (not the 24 asked: 48 + 24 is no multiple of 64)
+    for side, amount in (("is_left", left), ("is_bottom", down)):  # (the script's order: left before down)
+        grown = _a1111_expand(grown, amount, 64, 64, 2, 2, 1.0, 0.05, process, **{side: True})
     for (image, mask, latent, blur, fill, size), (init, a_mask, a_latent, a_size), (run, _) in zip(
             handed, expected_handed, results):
         assert np.array_equal(image, init) and np.array_equal(mask, a_mask) and np.array_equal(latent, a_latent)
         assert blur == (8.0, 8.0) and fill == "original" and size == a_size and run["seed"] == 5
-    assert [size for *_, size in handed] == [(64, 64), (128, 64)]  # (left: 64 of the 72; down: the whole canvas)
     written = Image.open(tmp_path / "out.png")
-    assert written.size == (72, 64) and np.array_equal(np.asarray(written.convert("RGB")), np.asarray(grown))
+    assert written.size == (128, 64) and np.array_equal(np.asarray(written.convert("RGB")), np.asarray(grown))
     assert read_png_text(tmp_path / "out.png")["parameters"] == results[0][1]["infotexts"][0]
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .sd_upscale import TileGrid, split_grid
 
-__all__ = ["OUTPAINT_DIRECTIONS", "OutpaintingCanvas", "check_outpainting", "outpainting_canvas"]
+__all__ = ["OUTPAINT_DIRECTIONS", "OutpaintingCanvas", "check_outpainting", "outpainting_canvas", "side_amounts"]
 
 #: the sides the script grows, in its order
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
@@ -54,6 +54,25 @@ def check_outpainting(pixels: int, mask_blur: int, directions, *, option: str = 
     return directions
 
 
+def side_amounts(width: int, height: int, pixels: int, directions) -> dict[str, int]:
+    """How many pixels each side of a ``width`` x ``height`` image grows, as both A1111 outpainting scripts share them
+    out (poor man's and mk2: ``target = ceil((W + left + right) / 64) · 64``, ``left = left·(target − W) // (left +
+    right)``, ``right = target − W − left``; rows alike): ``{side: amount}`` over :data:`OUTPAINT_DIRECTIONS`, 0 for a
+    side not in ``directions``. A 512 x 512 image grown 8 on every side gets 32 per side (576 x 576)."""
+    left, right, up, down = (pixels if side in directions else 0 for side in OUTPAINT_DIRECTIONS)
+    target_w = math.ceil((width + left + right) / 64) * 64
+    target_h = math.ceil((height + up + down) / 64) * 64
+    if left > 0:
+        left = left * (target_w - width) // (left + right)
+    if right > 0:
+        right = target_w - width - left
+    if up > 0:
+        up = up * (target_h - height) // (up + down)
+    if down > 0:
+        down = target_h - height - up
+    return dict(zip(OUTPAINT_DIRECTIONS, (left, right, up, down)))
+
+
 def outpainting_canvas(image, *, pixels: int, mask_blur: int, directions=OUTPAINT_DIRECTIONS, tile_w: int,
                        tile_h: int) -> OutpaintingCanvas:
     """A1111's Poor man's outpainting up to its img2img calls, on the PIL RGB ``image`` (module docstring).
@@ -65,17 +84,12 @@ def outpainting_canvas(image, *, pixels: int, mask_blur: int, directions=OUTPAIN
     from PIL import Image, ImageDraw
 
     directions = check_outpainting(pixels, mask_blur, directions)
-    left, right, up, down = (pixels if side in directions else 0 for side in OUTPAINT_DIRECTIONS)
-    target_w = math.ceil((image.width + left + right) / 64) * 64
-    target_h = math.ceil((image.height + up + down) / 64) * 64
-    if left > 0:
-        left = left * (target_w - image.width) // (left + right)
-    if right > 0:
-        right = target_w - image.width - left
-    if up > 0:
-        up = up * (target_h - image.height) // (up + down)
-    if down > 0:
-        down = target_h - image.height - up
+    left, right, up, down = side_amounts(image.width, image.height, pixels, directions).values()
+    # (the canvas is the rounded size on both axes, a side that does not grow included: the image sits at the top left)
+    target_w = math.ceil((image.width + (pixels if "left" in directions else 0) + (pixels if "right" in directions else 0))
+                         / 64) * 64
+    target_h = math.ceil((image.height + (pixels if "up" in directions else 0) + (pixels if "down" in directions else 0))
+                         / 64) * 64
     canvas = Image.new("RGB", (target_w, target_h))
     canvas.paste(image, (left, up))
 

@@ -74,6 +74,7 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
     from PIL import Image
 
     from ..images import check_output_suffix, numbered
+    from ..outpainting import side_amounts
     from ..outpainting_mk2 import MK2_DIRECTIONS, check_mk2, mk2_blur, mk2_step
     from ..resize_modes import open_init_image
     from .generate_runs import (
@@ -113,14 +114,17 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
     loaded = LoadedModels()
     size = _run_size(dict(given), loaded, say)
     blur_xy = mk2_blur(blur, sides)
-    say(f"outpainting mk2 of {init_image}: {pixels} pixels {', '.join(sides)}, regions up to {size[0]}x{size[1]}, "
-        f"mask blur {4 * blur_xy[0]} x / {4 * blur_xy[1]} y")
+    # (the script shares the growth out so each axis ends on a multiple of 64: 8 px on each side of a 512 image is 32)
+    amounts = side_amounts(image.width, image.height, pixels, sides)
+    say(f"outpainting mk2 of {init_image}: {', '.join(f'{side} {amounts[side]}' for side in sides)} pixels (to "
+        f"{image.width + amounts['left'] + amounts['right']}x{image.height + amounts['up'] + amounts['down']}), "
+        f"regions up to {size[0]}x{size[1]}, mask blur {4 * blur_xy[0]} x / {4 * blur_xy[1]} y")
     runs, written, reference = [], [], None
     with tempfile.TemporaryDirectory(prefix="sdadapt-outpaint-mk2-") as folder:
         for n, target in enumerate(outputs):
             grown, infotext = image, None
             for k, side in enumerate(sides):
-                step = mk2_step(grown, side, pixels, blur=blur_xy, size=size, noise_q=noise_q,
+                step = mk2_step(grown, side, amounts[side], blur=blur_xy, size=size, noise_q=noise_q,
                                 color_variation=color_variation)
                 files = {name: Path(folder) / f"{name}-{n}-{side}.png" for name in ("init", "mask", "latent")}
                 step.init.save(files["init"])
