@@ -167,19 +167,39 @@ def test_old_layouts_of_other_scales_and_what_is_refused(tmp_path):
         load_esrgan(tmp_path / "plus.pth")
 
 
-def _a1111_upscale_without_tiling(model, img):  # (modules/upscaler_utils.py, A1111 1.10)
-    img = np.array(img)
-    img = img[:, :, ::-1]
-    img = np.ascontiguousarray(np.transpose(img, (2, 0, 1))) / 255
-    img = torch.from_numpy(img).float()
-    img = img.unsqueeze(0)
-    with torch.no_grad():
-        output = model(img)
-    output = output.squeeze().float().cpu().clamp_(0, 1).numpy()
-    output = 255. * np.moveaxis(output, 0, 2)
-    output = output.astype(np.uint8)
-    output = output[:, :, ::-1]
-    return Image.fromarray(output, 'RGB')
+def _spandrel_call(model, image):
+    """spandrel 0.4 ``ImageModelDescriptor.__call__`` (the wrapper A1111 >= 1.8 runs its ESRGAN models through):
+    ``pad_tensor`` to the ESRGAN ``SizeRequirements(minimum=2, multiple_of=4 if shuffle_factor else 1)``, the model,
+    ``clamp_(0, 1)``, the padding cropped off (spandrel __helpers/size_req.py, model_descriptor.py)."""
+    w, h = image.shape[-1], image.shape[-2]
+    multiple = 4 if getattr(model, "unshuffle", 1) > 1 else 1
+
+    def ceil_modulo(x, mod):
+        return x if x % mod == 0 else (x // mod + 1) * mod
+
+    pad_w, pad_h = ceil_modulo(max(2, w), multiple) - w, ceil_modulo(max(2, h), multiple) - h
+    did_pad = bool(pad_w or pad_h)
+    if did_pad:
+        reflect_pad_w, reflect_pad_h = min(pad_w, w - 1), min(pad_h, h - 1)
+        image = torch.nn.functional.pad(image, (0, reflect_pad_w, 0, reflect_pad_h), "reflect")
+        image = torch.nn.functional.pad(image, (0, pad_w - reflect_pad_w, 0, pad_h - reflect_pad_h), "replicate")
+    output = model(image).clamp_(0, 1)
+    return output[..., : h * model.scale, : w * model.scale] if did_pad else output
+
+
+def _a1111_upscale_without_tiling(model, img):  # (modules/upscaler_utils.py upscale_pil_patch, A1111 >= 1.8 / Forge)
+    img = np.array(img.convert("RGB"))
+    img = img[:, :, ::-1]  # flip RGB to BGR
+    img = np.transpose(img, (2, 0, 1))  # HWC to CHW
+    img = np.ascontiguousarray(img) / 255  # Rescale to [0, 1]
+    param = next(model.parameters())
+    with torch.inference_mode():
+        tensor = torch.from_numpy(img).unsqueeze(0).to(device=param.device, dtype=param.dtype)
+        arr = _spandrel_call(model, tensor).squeeze(0).float().cpu().clamp_(0, 1).numpy()
+    arr = 255.0 * np.moveaxis(arr, 0, 2)  # CHW to HWC, rescale
+    arr = arr.round().astype(np.uint8)
+    arr = arr[:, :, ::-1]  # flip BGR to RGB
+    return Image.fromarray(arr, "RGB")
 
 
 def _a1111_upscale_with_model(model, img, tile_size, tile_overlap):
@@ -216,6 +236,23 @@ def test_the_tiled_upscale_is_a1111s(size, tile, overlap):
     assert ours.size == (size[0] * 2, size[1] * 2) and np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
+@pytest.mark.parametrize(("size", "tile", "overlap"), [((37, 23), 0, 0), ((38, 22), 0, 0), ((45, 31), 18, 6),
+                                                      ((1, 9), 0, 0)])
+@pytest.mark.parametrize("unshuffle", [2, 4])
+def test_an_unshuffle_model_takes_any_size_as_spandrel_pads_it(size, tile, overlap, unshuffle):
+    """Real-ESRGAN x2plus / x1 (pixel-unshuffle 2 / 4) at sizes no multiple of 4: A1111 >= 1.8 runs them through
+    spandrel, which pads (reflect, then replicate) and crops; sdadapt's unshuffle refused them or differed."""
+    model = RRDBNet(nf=8, nb=1, gc=4, upsamples=2 if unshuffle == 4 else 2, unshuffle=unshuffle)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    image = _picture(*size, seed=7)
+    ours = esrgan_upscale(model, image, tile_size=tile, tile_overlap=overlap)
+    theirs = _a1111_upscale_with_model(model, image, tile, overlap)
+    assert ours.size == (size[0] * model.scale, size[1] * model.scale)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
 def test_as_a1111s_upscaler_the_model_runs_then_lanczos_to_the_size(tmp_path):
     from sdadapt.sd_upscale import upscale_image
 
@@ -230,7 +267,7 @@ def test_as_a1111s_upscaler_the_model_runs_then_lanczos_to_the_size(tmp_path):
 
 
 def test_the_hires_pass_with_an_esrgan_model_encodes_a1111s_pixels(monkeypatch, tmp_path):
-    """A1111's non-latent hires input with an ESRGAN upscaler: 8-bit truncation, ``resize_image(0, ...)``: the
+    """A1111's non-latent hires input with an ESRGAN upscaler: 8-bit rounding, ``resize_image(0, ...)``: the
     model's ``Upscaler.upscale`` (its tiled upscale, Lanczos to dest), Lanczos to the size, /255, 2x − 1."""
     from test_hires_pixel_upscale_a1111 import _decoded, _run, _System
 

@@ -10,7 +10,8 @@ the old ESRGAN repository's (``model.0`` ... ``model.1.sub.N.RDB1.conv1.0`` ... 
 (``RRDB_trunk``, ``trunk_conv``, ``upconv1``, ``HRconv``), the shapes telling the width, the growth, the blocks and
 the scale. :func:`esrgan_upscale` is A1111's ``upscale_with_model``: the image cut by ``split_grid`` into 192 px
 tiles overlapping by 8 (its "Tile size for ESRGAN upscalers" / "Tile overlap"), each tile through the model in BGR
-order and back to 8 bits by truncation, the tiles blended by ``combine_grid`` at the model's scale.
+order and back to 8 bits rounded (A1111 ≥ 1.8, Forge; 1.7 truncated), the tiles blended by ``combine_grid`` at the
+model's scale; an RRDBNet with a pixel-unshuffle takes any tile size, padded as spandrel pads it for A1111.
 Real-ESRGAN's compact models (``realesr-general-x4v3``, ``realesr-animevideov3``: A1111's "R-ESRGAN General 4xV3",
 "R-ESRGAN AnimeVideo") are :class:`SRVGGNetCompact`, read by the same :func:`load_esrgan`.
 """
@@ -237,18 +238,38 @@ def load_esrgan(path: str | os.PathLike, *, device: str | torch.device = "cpu") 
     return model.eval().to(device)
 
 
+def _padded_call(model: nn.Module, x: Tensor) -> Tensor:
+    """The model on ``x`` (1, 3, h, w) as spandrel's ``ImageModelDescriptor`` calls it for A1111: an RRDBNet's input
+    padded at the right and bottom (reflect, then replicate past what reflection allows) to at least 2 px and, with
+    a pixel-unshuffle, a multiple of 4 (its ``SizeRequirements``), the output cropped to ``h·scale`` x ``w·scale``;
+    other models (the compact one) as they are."""
+    if not isinstance(model, RRDBNet):
+        return model(x)
+    h, w = x.shape[-2:]
+    multiple = 4 if model.unshuffle > 1 else 1
+    pad_w = math.ceil(max(2, w) / multiple) * multiple - w
+    pad_h = math.ceil(max(2, h) / multiple) * multiple - h
+    if not (pad_w or pad_h):
+        return model(x)
+    reflect_w, reflect_h = min(pad_w, w - 1), min(pad_h, h - 1)
+    x = F.pad(x, (0, reflect_w, 0, reflect_h), mode="reflect") if reflect_w or reflect_h else x
+    x = F.pad(x, (0, pad_w - reflect_w, 0, pad_h - reflect_h), mode="replicate")
+    return model(x)[..., : h * model.scale, : w * model.scale]
+
+
 def _tile_through(model: nn.Module, tile):
-    """A1111's ``upscale_without_tiling``: a PIL tile as BGR floats in [0, 1] (float64 / 255, then float32),
-    through the model, clamped, ``· 255`` truncated to uint8, back to RGB."""
+    """A1111's ``upscale_pil_patch`` (1.8 and later; Forge): a PIL tile as BGR floats in [0, 1] (float64 / 255, then
+    the model's dtype), through the model (:func:`_padded_call`), clamped, ``· 255`` rounded to uint8, back to RGB
+    (A1111 1.7 and earlier truncated)."""
     import numpy as np
     from PIL import Image
 
-    pixels = np.ascontiguousarray(np.transpose(np.array(tile)[:, :, ::-1], (2, 0, 1))) / 255
+    pixels = np.ascontiguousarray(np.transpose(np.array(tile.convert("RGB"))[:, :, ::-1], (2, 0, 1))) / 255
     parameter = next(model.parameters())
     with torch.no_grad():
-        out = model(torch.from_numpy(pixels).float().unsqueeze(0).to(parameter.device, parameter.dtype))
-    out = 255.0 * np.moveaxis(out.squeeze().float().cpu().clamp_(0, 1).numpy(), 0, 2)
-    return Image.fromarray(np.ascontiguousarray(out.astype(np.uint8)[:, :, ::-1]), "RGB")
+        out = _padded_call(model, torch.from_numpy(pixels).unsqueeze(0).to(parameter.device, parameter.dtype))
+    out = 255.0 * np.moveaxis(out.squeeze(0).float().cpu().clamp_(0, 1).numpy(), 0, 2)
+    return Image.fromarray(np.ascontiguousarray(out.round().astype(np.uint8)[:, :, ::-1]), "RGB")
 
 
 def esrgan_upscale(model: nn.Module, image, *, tile_size: int = ESRGAN_TILE, tile_overlap: int = ESRGAN_TILE_OVERLAP):
