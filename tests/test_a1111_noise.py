@@ -245,6 +245,10 @@ def test_the_noise_is_refused_before_start_and_for_another_shape():
         A1111Seeds(subseed_strength=0.5)
     assert A1111Seeds(subseed=5).for_batch(3, 2).subseeds == (5, 6)
     assert A1111Seeds(subseed=5).for_batch(3, 3).seeds == (3, 4, 5)  # A1111's all_seeds: seed + i
+    # ... + (x if subseed_strength == 0 else 0): with a variation strength every image has the seed, its variation
+    # seed differs (the API's several prompts drew seed + i before)
+    varied = A1111Seeds(subseed=5, subseed_strength=0.4).for_batch(3, 3)
+    assert varied.seeds == (3, 3, 3) and varied.subseeds == (5, 6, 7)
     with pytest.raises(ValueError, match="subseed must be >= 0"):
         A1111Seeds(subseed=-1)
     with pytest.raises(ValueError, match="seed \\+ ensd"):

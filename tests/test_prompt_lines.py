@@ -118,6 +118,10 @@ def test_a_lines_settings_over_the_runs():
                                                                                      "negative": "ugly"}
     assert line_settings({"prompt": "a cat"}, given_, insert="end") == {"prompt": "on grass a cat"}
     assert line_settings({"prompt": "a cat"}, {**given_, "prompt": ""}) == {"prompt": "a cat"}
+    # a line's empty prompt is set as it is (prompts_from_file.py: setattr(copy_p, k, v), joined only when both are
+    # non-empty): the run's "on grass" was kept before
+    assert line_settings({"prompt": "", "negative_prompt": ""}, {**given_, "negative": "ugly"}) == {
+        "prompt": "", "negative": ""}
     # (A1111: batch_size x n_iter images, the run's n_iter where the line gives none)
     assert line_settings({"batch_size": 2}, given_) == {"count": 6}
     assert line_settings({"n_iter": 2}, given_) == {"count": 2}

@@ -436,6 +436,13 @@ def test_seeds_drawn_once_kept_per_cell_or_varied(tmp_path, capsys):
 
     assert main([*base, "--seed", "-1", "--xyz-x", "Steps", "1, 1, 1", "-o", str(tmp_path / "a.png")]) == 0
     assert len(set(seeds("a", 3))) == 1 and "for every cell" in capsys.readouterr().err
+    # A1111's fix_seed fixes the variation seed too: one for the grid (each cell drew its own)
+    assert main([*base, "--seed", "3", "--noise", "a1111-cpu", "--subseed", "-1", "--subseed-strength", "0.3",
+                 "--xyz-x", "Steps", "1, 1, 1",
+                 "-o", str(tmp_path / "w.png")]) == 0
+    variation = [re.search(r"Variation seed: (\d+)", read_png_text(tmp_path / f"w-{k:02d}.png")["parameters"])[1]
+                 for k in range(3)]
+    assert len(set(variation)) == 1 and "--subseed -1: drew" in capsys.readouterr().err, variation
     assert main([*base, "--seed", "10", "--xyz-x", "Steps", "1-3", "--xyz-y", "CFG Scale", "1, 2", "--xyz-vary-seeds",
                  "x", "y", "-q", "-o", str(tmp_path / "v.png")]) == 0
     assert seeds("v", 6) == [10, 11, 12, 13, 14, 15]
@@ -521,3 +528,22 @@ def test_the_grids_infotext_makes_the_same_grid_again(tmp_path, capsys):
     assert main(["generate", "--model", "toy", "--infotext", str(tmp_path / "g-00.png"), "--xyz-sub-grids",
                  "-o", str(tmp_path / "one.png")]) == 2
     assert "has no X/Y/Z axes" in capsys.readouterr().err
+
+
+def test_a_batch_cell_is_its_batch_grid(tmp_path):
+    """A1111's cell is ``processed.images[0]``: with two or more images the batch grid ``process_images`` returns
+    first (xyz_grid.py:344; processing.py:1125-1134), so a 2x1 plot of count 4 is two 2x2 batch grids side by side."""
+    from PIL import Image
+
+    from sdadapt.cli import main
+    from sdadapt.labelled_grid import cells_grid
+
+    out = tmp_path / "g.png"
+    assert main(["generate", "--model", "toy", "--prompt", "a ring", "--steps", "1", "--seed", "2", "--count", "4",
+                 "--xyz-x", "Steps", "1, 2", "--xyz-no-legend", "-q", "-o", str(out)]) == 0
+    cells = []
+    for k in range(2):
+        batch = [np.asarray(Image.open(tmp_path / f"g-{k:02d}-{i:02d}.png").convert("RGB")) for i in range(4)]
+        cells.append(cells_grid(batch, rows=2))  # (round(sqrt(4)) rows: A1111's default)
+    expected = cells_grid(cells, rows=1)
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), expected)

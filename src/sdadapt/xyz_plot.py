@@ -96,7 +96,6 @@ _NOT_HERE = {
     "Image CFG Scale": "instruct-pix2pix models are not run here",
     "UniPC Order": "UniPC's order is not a setting here",
     "Face restore": "face restoration (GFPGAN / CodeFormer) is not in sdadapt",
-    "SGM noise multiplier": "A1111's SGM noise multiplier is not a setting here",
     "FP8 mode": "fp8 weight storage is not a generate setting here",
     "Distilled CFG Scale": "Forge's distilled CFG is for Flux models, which are not run here",
 }

@@ -116,8 +116,11 @@ def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresReq
             raise ValueError(f"--hires-sampler: {exc}") from None
     h, w = request.size
     if h < multiple or w < multiple or h % multiple or w % multiple:
-        raise ValueError(f"the hires size {w}x{h} must be a multiple of {multiple} in both sides; change "
-                         "--hires-scale or --hires-width/--hires-height")
+        # (A1111 runs such a size and its image comes out rounded down to a multiple of 8: the latent interpolated to
+        # size // 8, the pixel path's encoder flooring; sdadapt samples at a whole latent size only)
+        raise ValueError(f"the hires size {w}x{h} must be a multiple of {multiple} in both sides (A1111 runs it and "
+                         f"writes a {max(w // multiple, 1) * multiple}x{max(h // multiple, 1) * multiple} image); "
+                         "change --hires-scale, or give --hires-width/--hires-height")
     if request.upscale_to is not None and (request.upscale_to[0] < h or request.upscale_to[1] < w):
         up_h, up_w = request.upscale_to
         raise ValueError(f"the hires pass would enlarge to {up_w}x{up_h} and crop to {w}x{h}, which it does not "

@@ -147,11 +147,12 @@ def read_prompts_file(path: str | os.PathLike, *, log: Callable[[str], None] | N
     return lines
 
 
-def _joined(line_text: str | None, given: str, insert: str) -> str | None:
-    """The script's joining of a line's prompt and the one given (both non-empty: by a space, the line's first for
-    ``insert`` ``"start"``); ``None``: the line gives none."""
+def _joined(line_text: str, given: str, insert: str) -> str:
+    """The script's joining of a line's prompt and the one given: both non-empty, by a space (the line's first for
+    ``insert`` ``"start"``); else the line's, ``""`` included (its ``setattr(copy_p, k, v)``: a line's
+    ``--prompt ""`` runs with an empty prompt)."""
     if not line_text or not given:
-        return line_text or None
+        return line_text
     return f"{line_text} {given}" if insert == "start" else f"{given} {line_text}"
 
 
@@ -182,9 +183,8 @@ def line_settings(options: Mapping[str, object], given: Mapping[str, object], *,
     settings: dict[str, object] = {}
     for key, value in options.items():
         if key in ("prompt", "negative_prompt"):
-            joined = _joined(str(value), str(given.get("prompt" if key == "prompt" else "negative") or ""), insert)
-            if joined is not None:
-                settings["prompt" if key == "prompt" else "negative"] = joined
+            settings["prompt" if key == "prompt" else "negative"] = _joined(
+                str(value), str(given.get("prompt" if key == "prompt" else "negative") or ""), insert)
         elif key in ("seed", "subseed", "subseed_strength", "steps", "width", "height", "tiling"):
             settings[key] = value
         elif key == "cfg_scale":

@@ -91,6 +91,19 @@ def first_pictures(results: Iterable[Mapping]) -> tuple[list[np.ndarray], list[s
     return [run["pixels"][0] for run in runs], [run["infotexts"][0] for run in runs]
 
 
+def cell_pictures(results: Iterable[Mapping]) -> tuple[list[np.ndarray], list[str]]:
+    """:func:`first_pictures`, but a run of two or more images is its batch grid (:func:`.generate_grid.batch_grid_rows`
+    rows): what A1111's X/Y/Z plot puts in a cell, ``processed.images[0]`` — the grid ``process_images`` returns
+    first for a batch (its defaults "return grid" and "grid only if multiple")."""
+    from ..labelled_grid import cells_grid
+    from .generate_grid import batch_grid_rows
+
+    runs = list(results)
+    pictures = [run["pixels"][0] if len(run["pixels"]) < 2 else
+                cells_grid(list(run["pixels"]), rows=batch_grid_rows(len(run["pixels"]))) for run in runs]
+    return pictures, [run["infotexts"][0] for run in runs]
+
+
 def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None,
                given: Mapping[str, object]) -> Path:
     """Write an image a script makes of its runs — a grid, Outpainting mk2's grown image — ``(H, W, 3)`` uint8,

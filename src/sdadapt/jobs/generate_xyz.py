@@ -211,7 +211,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
     from .generate_runs import (
         check_outputs_free,
         check_script_alone,
-        first_pictures,
+        cell_pictures,
         require_pillow,
         run_named,
         write_grid,
@@ -244,6 +244,11 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
     if seed == RANDOM_SEED and not keep_random_seeds:  # (A1111's fix_seed: one seed for every cell)
         seed = fixed_seed(seed)
         say(f"--seed -1: drew {seed} for every cell (pass --seed {seed} to make the same grid again)")
+    subseed = given.get("subseed")
+    if subseed is not None and int(subseed) == RANDOM_SEED and not keep_random_seeds:  # type: ignore[call-overload]
+        subseed = fixed_seed(RANDOM_SEED)  # (fix_seed fixes p.subseed too: one variation seed for every cell)
+        given = {**given, "subseed": subseed}
+        say(f"--subseed -1: drew {subseed} for every cell (pass --subseed {subseed} to make the same grid again)")
     say(f"X/Y/Z plot: {nx * ny * nz * count} images on {nz} {nx}x{ny} grid{'s' if nz > 1 else ''}"
         + (f"; {count} images per cell" if count > 1 else ""))
     loaded = LoadedModels()
@@ -265,7 +270,7 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         results[index] = run_named(f"X/Y/Z cell {index} ({'; '.join(labels)})", settings, loaded=loaded, log=log)
         if progress is not None:
             progress(done + 1, len(order), cell_files[index].name)
-    pictures, texts = first_pictures(results[k] for k in range(nx * ny * nz))
+    pictures, texts = cell_pictures(results[k] for k in range(nx * ny * nz))  # (a batch: its grid, as A1111's)
     x_labels = [axis_label(run.axes[0][0], value) for value in run.axes[0][1]]
     y_labels = [axis_label(run.axes[1][0], value) for value in run.axes[1][1]]
     z_labels = [axis_label(run.axes[2][0], value) for value in run.axes[2][1]]

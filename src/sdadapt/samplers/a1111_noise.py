@@ -295,8 +295,11 @@ class A1111Seeds:
             raise ValueError(f"subseed must be >= 0 (A1111's variation seeds are), got {self.subseed}")
 
     def for_batch(self, seed: int, batch: int) -> A1111Noise:
-        """The noise of ``batch`` images with seeds ``seed, seed + 1, …`` (subseeds likewise)."""
+        """The noise of ``batch`` images with seeds ``seed, seed + 1, …`` — or ``seed`` for every image when the
+        variation strength is not 0, the images then differing by their variation seeds ``subseed, subseed + 1, …``
+        (A1111's ``process_images_inner``: ``all_seeds = [seed + (x if subseed_strength == 0 else 0) ...]``)."""
         subseeds = None if self.subseed is None else [int(self.subseed) + i for i in range(batch)]
-        return A1111Noise([int(seed) + i for i in range(batch)], source=self.source, subseeds=subseeds,
+        step = 0 if self.subseed_strength else 1
+        return A1111Noise([int(seed) + i * step for i in range(batch)], source=self.source, subseeds=subseeds,
                           subseed_strength=self.subseed_strength, seed_resize_from=self.seed_resize_from,
                           ensd=self.ensd)
