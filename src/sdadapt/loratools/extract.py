@@ -555,7 +555,7 @@ def extract_lora_state(
                                     min_layer_diff=min_layer_diff, niter=niter, dtype=dtype, base_model=base_model,
                                     device=device)
     with _source(base, "base") as base_src, _source(tuned, "tuned") as tuned_src:
-        components, report, _ = _extract(
+        components, report = _extract(
             base_src, tuned_src, rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method,
             param=param, clamp_quantile=clamp_quantile, min_diff=min_diff, min_layer_diff=min_layer_diff, split=split,
             randomized=randomized, niter=niter, device=device, base_model=base_model, dtype=dtype, progress=progress)
@@ -633,18 +633,18 @@ def extract_lora(
     """
     from ..merge.sources import open_source
 
-    device = _check_extract_options(rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method,
-                                    param=param, clamp_quantile=clamp_quantile, min_diff=min_diff,
-                                    min_layer_diff=min_layer_diff, niter=niter, dtype=dtype, base_model=base_model,
-                                    device=device)
+    _check_extract_options(rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method, param=param,
+                           clamp_quantile=clamp_quantile, min_diff=min_diff, min_layer_diff=min_layer_diff, niter=niter,
+                           dtype=dtype, base_model=base_model, device=device)  # (before the files are looked at)
     check_output(out, overwrite=overwrite, needed_bytes=0)
     check_inputs(base, tuned)
     check_not_input(out, base, tuned)
-    with open_source(base) as base_src, open_source(tuned) as tuned_src:
-        components, report, base_shapes = _extract(
-            base_src, tuned_src, rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method,
-            param=param, clamp_quantile=clamp_quantile, min_diff=min_diff, min_layer_diff=min_layer_diff, split=split,
-            randomized=randomized, niter=niter, device=device, base_model=base_model, dtype=dtype, progress=progress)
+    components, report = extract_lora_state(
+        base, tuned, rank=rank, conv_rank=conv_rank, alpha=alpha, conv_alpha=conv_alpha, method=method, param=param,
+        clamp_quantile=clamp_quantile, min_diff=min_diff, min_layer_diff=min_layer_diff, split=split,
+        randomized=randomized, niter=niter, device=device, base_model=base_model, dtype=dtype, progress=progress)
+    with open_source(base) as base_src:  # (the header again: the UNet's layout names the kohya keys)
+        layers_per_block = unet_layers_per_block({k: tuple(base_src.shape(k)) for k in base_src.keys()})
     report.path = Path(out)
     meta = {
         "ss_training_comment": f"extracted by sdadapt from {Path(tuned).name} - {Path(base).name}",
@@ -660,16 +660,14 @@ def extract_lora(
         meta.update(_kohya_network_metadata(rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha))
     needed = sum(t.numel() * t.element_size() for s in components.values() for t in s.values()) + 2**20
     check_output(out, overwrite=overwrite, needed_bytes=needed)
-    save_kohya(
-        out, components, base_model=report.base_model, metadata=meta, overwrite=overwrite,
-        layers_per_block=unet_layers_per_block(base_shapes),
-    )
+    save_kohya(out, components, base_model=report.base_model, metadata=meta, overwrite=overwrite,
+               layers_per_block=layers_per_block)
     return report
 
 
 def _extract(base_src, tuned_src, *, rank, conv_rank, alpha, conv_alpha, method, param, clamp_quantile, min_diff,
              min_layer_diff, split, randomized, niter, device, base_model, dtype, progress):
-    """The extraction over two open sources: ``(components, report (path None), the base's shapes)``."""
+    """The extraction over two open sources: ``(components, report (path None))``."""
     base, tuned = base_src.path, tuned_src.path
     base_shapes = {k: tuple(base_src.shape(k)) for k in base_src.keys()}
     tuned_shapes = {k: tuple(tuned_src.shape(k)) for k in tuned_src.keys()}
@@ -741,7 +739,7 @@ def _extract(base_src, tuned_src, *, rank, conv_rank, alpha, conv_alpha, method,
             f"{tuned}: no layer differs from {base} by more than the thresholds (min_diff={min_diff:g}, "
             f"min_layer_diff={min_layer_diff:g}); is it really a fine-tune of that base?"
         )
-    return components, report, base_shapes
+    return components, report
 
 
 def _kohya_network_metadata(*, rank: int, alpha: float | None = None, conv_rank: int | None = None,
