@@ -9,10 +9,10 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdadapt.aesthetic import aesthetic_conditioning, personalize_text_encoder  # noqa: E402
-from sdadapt.prompt_guidance import without_emphasis  # noqa: E402
+from sdadapt.aesthetic import aesthetic_conditioning, personalize_text_encoder
+from sdadapt.prompt_guidance import without_emphasis
 
 BOS, EOS, ADDED = 49406, 49407, 49408
 

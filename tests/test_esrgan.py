@@ -242,7 +242,7 @@ def test_the_tiled_upscale_is_a1111s(size, tile, overlap):
 def test_an_unshuffle_model_takes_any_size_as_spandrel_pads_it(size, tile, overlap, unshuffle):
     """Real-ESRGAN x2plus / x1 (pixel-unshuffle 2 / 4) at sizes no multiple of 4: A1111 >= 1.8 runs them through
     spandrel, which pads (reflect, then replicate) and crops; sdadapt's unshuffle refused them or differed."""
-    model = RRDBNet(nf=8, nb=1, gc=4, upsamples=2 if unshuffle == 4 else 2, unshuffle=unshuffle)
+    model = RRDBNet(nf=8, nb=1, gc=4, upsamples=2, unshuffle=unshuffle)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5)

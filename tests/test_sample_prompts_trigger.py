@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from sdadapt import sampling  # noqa: E402
-from sdadapt.jobs import TrainOptions, run_train  # noqa: E402
-from test_cli_train import _images, _tiny_pipeline  # noqa: E402
+from sdadapt import sampling
+from sdadapt.jobs import TrainOptions, run_train
+from test_cli_train import _images, _tiny_pipeline
 
 
 @pytest.mark.parametrize("method", ["textual-inversion", "dreamartist"])

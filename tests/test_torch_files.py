@@ -52,7 +52,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return torch.nn.modules.container.ParameterDict
         if module == "__builtin__" and name == "set":
             return set
-        raise Exception(f"global '{module}/{name}' is forbidden")
+        raise Exception(f"global '{module}/{name}' is forbidden")  # noqa: TRY002 (A1111's)
 
 
 def a1111_check_pt(filename) -> None:
@@ -60,10 +60,10 @@ def a1111_check_pt(filename) -> None:
     with zipfile.ZipFile(filename) as z:
         for name in z.namelist():
             if not _ALLOWED_ZIP_NAMES.match(name):
-                raise Exception(f"bad file inside {filename}: {name}")
+                raise Exception(f"bad file inside {filename}: {name}")  # noqa: TRY002 (A1111's)
         found = [f for f in z.namelist() if _DATA_PKL.match(f)]
         if len(found) != 1:
-            raise Exception(f"{len(found)} data.pkl in {filename}")
+            raise Exception(f"{len(found)} data.pkl in {filename}")  # noqa: TRY002 (A1111's)
         with z.open(found[0]) as file:
             _RestrictedUnpickler(file).load()
 

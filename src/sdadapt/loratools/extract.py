@@ -644,7 +644,7 @@ def extract_lora(
         clamp_quantile=clamp_quantile, min_diff=min_diff, min_layer_diff=min_layer_diff, split=split,
         randomized=randomized, niter=niter, device=device, base_model=base_model, dtype=dtype, progress=progress)
     with open_source(base) as base_src:  # (the header again: the UNet's layout names the kohya keys)
-        layers_per_block = unet_layers_per_block({k: tuple(base_src.shape(k)) for k in base_src.keys()})
+        layers_per_block = unet_layers_per_block({k: tuple(base_src.shape(k)) for k in base_src})
     report.path = Path(out)
     meta = {
         "ss_training_comment": f"extracted by sdadapt from {Path(tuned).name} - {Path(base).name}",
