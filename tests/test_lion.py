@@ -285,12 +285,12 @@ def test_a_fused_backward_full_finetune_with_lion_is_the_usual_loop_bit_for_bit(
                                                ("Lion8bit", torch.bfloat16), ("PagedLion8bit", torch.bfloat16),
                                                ("lion-bf16", torch.bfloat16)])
 def test_fit_builds_lion_for_its_names(name, state_dtype):
-    p = nn.Parameter(torch.zeros(3))
+    p = nn.Parameter(torch.zeros(4096))  # (bitsandbytes' min_8bit_size: a smaller tensor keeps a float32 momentum)
     config = FitConfig(optimizer=name, learning_rate=2e-4, optimizer_args=(("betas", (0.8, 0.9)),))
     opt = make_optimizer([{"params": [p]}], config)
     assert isinstance(opt, Lion) and opt.param_groups[0]["betas"] == (0.8, 0.9)
     assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[0]["lr"] == 2e-4  # lion-pytorch's decay
-    p.grad = torch.ones(3)
+    p.grad = torch.ones(4096)
     opt.step()
     assert opt.state[p]["exp_avg"].dtype == state_dtype
 

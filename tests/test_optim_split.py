@@ -66,9 +66,9 @@ def _record_chunks(monkeypatch) -> list[list]:
     seen: list[list] = []
     inner = AdamW._foreach_step
 
-    def spy(self, group, pieces):
+    def spy(self, group, pieces, kind):
         seen.append(list(pieces))
-        return inner(self, group, pieces)
+        return inner(self, group, pieces, kind)
 
     monkeypatch.setattr(AdamW, "_foreach_step", spy)
     return seen

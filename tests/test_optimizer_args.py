@@ -72,7 +72,7 @@ def test_a_key_given_twice_is_refused():
 
 @pytest.mark.parametrize("optimizer, args, message", [
     ("adamw", {"amsgrad": True}, "amsgrad is not an argument of the adamw optimizer; it takes betas, eps, weight_decay"),
-    ("adamw8bit", {"optim_bits": 8}, "it takes betas, eps, weight_decay, block_size, stochastic_rounding"),
+    ("adamw8bit", {"optim_bits": 8}, "it takes betas, eps, weight_decay, block_size, min_8bit_size, stochastic_rounding"),
     ("adafactor", {"betas": (0.9, 0.99)}, "betas is not an argument of the adafactor optimizer"),
     ("adamw", {"betas": 0.9}, "betas of adamw must be two numbers"),
     ("adamw", {"eps": (1e-30, 1e-3)}, "eps of adamw must be a number"),

@@ -51,6 +51,8 @@ _REFUSED_OPTIMIZERS = {"sgdnesterov8bit": (
     "dadaptsgd": "DAdaptSGD is not in sdadapt; " + _DADAPT_OTHERS,
     "radamschedulefree": ("RAdamScheduleFree is not in sdadapt; use AdamWScheduleFree with optimizer_args "
                           "warmup_steps=N (RAdam's rectification stands in for that warm-up) or SGDScheduleFree")}
+#: bitsandbytes' ``min_8bit_size``: its 8-bit optimisers keep the state of smaller tensors in float32
+BNB_MIN_8BIT_SIZE = 4096
 #: the optimisers ``FitConfig.cuda_graph`` can capture (built ``capturable=True``)
 _CAPTURABLE_OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor", "lion", "lion-bf16", "prodigy",
                           "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint", "adamw-schedulefree",
@@ -165,6 +167,8 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     if name in ("lion", "lion-bf16"):
         from ..training.lion import Lion
 
+        if name == "lion-bf16":  # (kohya's Lion8bit: bitsandbytes keeps tensors under 4096 elements in float32)
+            options = {"min_8bit_size": BNB_MIN_8BIT_SIZE, **options}
         return Lion(groups, lr=config.learning_rate, state_dtype=torch.float32 if name == "lion" else torch.bfloat16,
                     foreach=foreach, **options, **extra)
     from ..training.optim import Adafactor, AdamW
@@ -174,5 +178,7 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     if name == "adafactor":
         return Adafactor(groups, lr=None if options.get("relative_step") else config.learning_rate, foreach=foreach,
                          **options, **extra)
-    state_dtype: Any = "int8" if name == "adamw8bit" else torch.bfloat16
-    return AdamW(groups, lr=config.learning_rate, state_dtype=state_dtype, foreach=foreach, **options, **extra)
+    if name == "adamw8bit":  # (bitsandbytes' AdamW8bit, kohya's: tensors under 4096 elements keep float32 moments)
+        return AdamW(groups, lr=config.learning_rate, state_dtype="int8", foreach=foreach,
+                     **{"min_8bit_size": BNB_MIN_8BIT_SIZE, **options}, **extra)
+    return AdamW(groups, lr=config.learning_rate, state_dtype=torch.bfloat16, foreach=foreach, **options, **extra)

@@ -60,6 +60,9 @@ class Lion(torch.optim.Optimizer):
             first, which with ``weight_decay`` may move the decay factor ``1 − lr·λ`` by a float32 ulp.
         betas: ``(β₁, β₂)`` in ``[0, 1]``, default ``(0.9, 0.99)``.
         weight_decay: ``λ ≥ 0``, default ``0`` (lion-pytorch's).
+        min_8bit_size: with ``torch.bfloat16`` states, tensors of fewer elements keep a float32 momentum
+            (bitsandbytes' ``min_8bit_size``: its Lion8bit, which ``Lion8bit`` stands in for, keeps those in float32);
+            default 0: every tensor in bfloat16.
         state_dtype: ``torch.float32`` (4 B/param) or ``torch.bfloat16`` (2 B/param, written back
             with stochastic rounding: round-to-nearest would freeze ``m`` once ``(1 − β₂)·g`` falls
             below half its ulp).
@@ -99,6 +102,7 @@ class Lion(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         state_dtype: torch.dtype | str = torch.float32,
+        min_8bit_size: int = 0,
         stochastic_rounding: bool = True,
         generator: torch.Generator | None = None,
         foreach: bool = False,
@@ -106,7 +110,9 @@ class Lion(torch.optim.Optimizer):
     ) -> None:
         _check_common(_lr_value(lr), weight_decay)
         _check_betas(betas)
-        defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay,
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay, "min_8bit_size": min_8bit_size,
                     "state_dtype": _lion_state_dtype(state_dtype),
                     **_step_options(stochastic_rounding=stochastic_rounding, foreach=foreach, capturable=capturable)}
         super().__init__(params, defaults)
@@ -133,8 +139,9 @@ class Lion(torch.optim.Optimizer):
             _check_capturable_lr(group, "Lion")
             for p in params:
                 state = self.state[p]
-                if not state:
-                    dtype = torch.float32 if group["state_dtype"] == "float32" else torch.bfloat16
+                if not state:  # (a bf16 group's tensors under min_8bit_size: float32, as bitsandbytes' Lion8bit keeps them)
+                    low = group["state_dtype"] != "float32" and p.numel() >= group.get("min_8bit_size", 0)
+                    dtype = torch.bfloat16 if low else torch.float32
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             scalars = _lion_scalars(group)  # (once per group and step: device ops in capturable mode)
             if group["foreach"]:

@@ -18,6 +18,7 @@ float64 parameter is updated at float32 precision: use ``torch.optim.AdamW`` for
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -414,6 +415,9 @@ class AdamW(torch.optim.Optimizer):
         state_dtype: ``torch.float32``, ``torch.bfloat16`` or ``"int8"``.
         stochastic_rounding: stochastic rounding when writing bf16 weights.
         block_size: elements per absmax block of int8 states.
+        min_8bit_size: with ``"int8"``, tensors of fewer elements keep float32 moments (bitsandbytes' 8-bit
+            optimisers' ``min_8bit_size``, 4096 there: most rank ≤ 8 LoRA factors, which kohya's AdamW8bit therefore
+            updates exactly as AdamW); default 0: every tensor in 8 bits.
         generator: RNG for stochastic rounding (default: torch's global RNG).
         foreach: update all of a group's parameters with multi-tensor (``torch._foreach_*``) ops
             instead of one parameter at a time, with the low-precision weights, gradients and bf16
@@ -468,11 +472,14 @@ class AdamW(torch.optim.Optimizer):
         state_dtype: torch.dtype | str = torch.float32,
         stochastic_rounding: bool = True,
         block_size: int = 256,
+        min_8bit_size: int = 0,
         generator: torch.Generator | None = None,
         foreach: bool = False,
         capturable: bool = False,
     ) -> None:
         _check_common(_lr_value(lr), weight_decay)
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         if not eps >= 0.0:
@@ -480,7 +487,7 @@ class AdamW(torch.optim.Optimizer):
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        state_dtype=_state_dtype_name(state_dtype),
+                        state_dtype=_state_dtype_name(state_dtype), min_8bit_size=min_8bit_size,
                         block_size=block_size, **_step_options(stochastic_rounding=stochastic_rounding,
                                                                foreach=foreach, capturable=capturable))
         super().__init__(params, defaults)
@@ -529,9 +536,16 @@ class AdamW(torch.optim.Optimizer):
             self._paddings[key] = torch.cat(runs) if runs else None
         return self._paddings[key]
 
+    @staticmethod
+    def _kind(group: dict[str, Any], p: Tensor) -> str:
+        """The state storage of ``p``: the group's, but float32 for a tensor under ``min_8bit_size`` elements in an
+        int8 group (bitsandbytes' rule: its 8-bit optimisers keep small tensors' moments in float32)."""
+        kind = group["state_dtype"]
+        return "float32" if kind == "int8" and p.numel() < group.get("min_8bit_size", 0) else kind
+
     def _init_state(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> None:
         state["step"] = _new_step_count(p, group)
-        kind = group["state_dtype"]
+        kind = self._kind(group, p)
         if kind == "int8":
             blocks = -(-p.numel() // group["block_size"])
             for name in ("exp_avg", "exp_avg_sq"):
@@ -544,7 +558,7 @@ class AdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _load_moments(self, state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        kind = group["state_dtype"]
+        kind = self._kind(group, p)
         if kind == "float32":
             return state["exp_avg"], state["exp_avg_sq"]  # updated in place
         if kind == "bfloat16":
@@ -556,7 +570,7 @@ class AdamW(torch.optim.Optimizer):
         return m.view(p.shape), root_v.square_().view(p.shape)
 
     def _store_moments(self, state: dict[str, Any], p: Tensor, group: dict[str, Any], m: Tensor, v: Tensor) -> None:
-        kind = group["state_dtype"]
+        kind = self._kind(group, p)
         if kind == "bfloat16":
             copy_stochastic_(state["exp_avg"], m, self.generator)
             copy_stochastic_(state["exp_avg_sq"], v, self.generator)
@@ -614,12 +628,14 @@ class AdamW(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(self.state[p], p, group)
         _count_steps([self.state[p] for p in params])
-        block_size, int8 = group["block_size"], group["state_dtype"] == "int8"
-        for chunk in _chunks(params, _FOREACH_CHUNK_ELEMENTS, block_size=block_size, padded=int8,
-                             cut=lambda p: _cut(p, self.state[p], block_size, _FOREACH_CHUNK_ELEMENTS)):
-            self._foreach_step(group, chunk)
+        block_size = group["block_size"]
+        # (runs of parameters of one state kind, in order: an int8 group's small tensors keep float32 moments)
+        for kind, run in itertools.groupby(params, key=lambda p: self._kind(group, p)):
+            for chunk in _chunks(list(run), _FOREACH_CHUNK_ELEMENTS, block_size=block_size, padded=kind == "int8",
+                                 cut=lambda p: _cut(p, self.state[p], block_size, _FOREACH_CHUNK_ELEMENTS)):
+                self._foreach_step(group, chunk, kind)
 
-    def _foreach_step(self, group: dict[str, Any], pieces: list[_Piece]) -> None:
+    def _foreach_step(self, group: dict[str, Any], pieces: list[_Piece], kind: str) -> None:
         """The per-parameter update of :meth:`step` as multi-tensor ops over one chunk's ``pieces``
         (of parameters with a gradient, their state made and their step counted already)."""
         eps = group["eps"]
@@ -633,7 +649,7 @@ class AdamW(torch.optim.Optimizer):
         targets = [piece.of(piece.param) for piece in pieces]
         grads = _float32_many([piece.of(piece.param.grad) for piece in pieces])  # type: ignore[arg-type]
         weights = _float32_many(targets)
-        if group["state_dtype"] == "int8":
+        if kind == "int8":
             ms, vs, flats = self._load_int8_moments(states, pieces, targets, group)
             moment_targets: list[Tensor] = []
         else:
@@ -663,7 +679,7 @@ class AdamW(torch.optim.Optimizer):
             if moment_targets:
                 writes += [(moment_targets[i], m, True), (moment_targets[count + i], v, True)]
         _write_back_many(writes, self.generator)
-        if group["state_dtype"] == "int8":
+        if kind == "int8":
             self._store_int8_moments(states, pieces, group, *flats)
 
     def _load_int8_moments(self, states: list[dict[str, Any]], pieces: list[_Piece], targets: list[Tensor],

@@ -11,12 +11,14 @@ building the optimiser on a one-element probe before any model is loaded.
 optimiser               keys
 ======================  ====================================================================
 ``adamw``               ``betas``, ``eps``, ``weight_decay``
-``adamw8bit``           ``betas``, ``eps``, ``weight_decay``, ``block_size``, ``stochastic_rounding``
+``adamw8bit``           ``betas``, ``eps``, ``weight_decay``, ``block_size``, ``min_8bit_size``,
+                        ``stochastic_rounding``
 ``adamw-bf16``          ``betas``, ``eps``, ``weight_decay``, ``stochastic_rounding``
 ``adafactor``           ``eps`` (two numbers), ``clip_threshold``, ``decay_rate``, ``beta1``,
                         ``weight_decay``, ``scale_parameter``, ``relative_step``, ``warmup_init``,
                         ``factor_conv_as_matrix``, ``stochastic_rounding``
-``lion``, ``lion-bf16`` ``betas``, ``weight_decay``, ``stochastic_rounding``
+``lion``, ``lion-bf16`` ``betas``, ``weight_decay``, ``stochastic_rounding`` (``lion-bf16``:
+                        ``min_8bit_size`` too)
 ``sgd-nesterov``        ``momentum`` (kohya's default 0.9 when left out), ``dampening`` (0 only:
                         Nesterov needs it), ``weight_decay``
 ``prodigy``             ``betas``, ``beta3``, ``eps``, ``weight_decay``, ``decouple``,
@@ -78,12 +80,12 @@ _ADAMW = ("betas", "eps", "weight_decay")
 #: the keys each optimiser (its canonical name, :data:`sdadapt.methods.fit.OPTIMIZERS`) accepts
 OPTIMIZER_ARG_KEYS: dict[str, tuple[str, ...]] = {
     "adamw": _ADAMW,
-    "adamw8bit": (*_ADAMW, "block_size", "stochastic_rounding"),
+    "adamw8bit": (*_ADAMW, "block_size", "min_8bit_size", "stochastic_rounding"),
     "adamw-bf16": (*_ADAMW, "stochastic_rounding"),
     "adafactor": ("eps", "clip_threshold", "decay_rate", "beta1", "weight_decay", "scale_parameter", "relative_step",
                   "warmup_init", "factor_conv_as_matrix", "stochastic_rounding"),
     "lion": ("betas", "weight_decay", "stochastic_rounding"),
-    "lion-bf16": ("betas", "weight_decay", "stochastic_rounding"),
+    "lion-bf16": ("betas", "weight_decay", "min_8bit_size", "stochastic_rounding"),
     "sgd-nesterov": ("momentum", "dampening", "weight_decay"),
     "prodigy": ("betas", "beta3", "eps", "weight_decay", "decouple", "use_bias_correction", "safeguard_warmup", "d0",
                 "d_coef", "growth_rate", "fsdp_in_use", "slice_p", "stochastic_rounding"),
@@ -108,7 +110,7 @@ _BOOLS = ("stochastic_rounding", "scale_parameter", "relative_step", "warmup_ini
 _NUMBERS = ("weight_decay", "clip_threshold", "decay_rate", "momentum", "dampening", "d0", "d_coef", "growth_rate",
             "r", "weight_lr_power")
 #: arguments that are whole numbers (kept as ints by :func:`optimizer_kwargs`)
-_WHOLE_NUMBERS = ("block_size", "slice_p", "log_every", "warmup_steps")
+_WHOLE_NUMBERS = ("block_size", "min_8bit_size", "slice_p", "log_every", "warmup_steps")
 
 
 def parse_optimizer_args(items: Iterable[str], *, where: str = "--optimizer-args") -> OptimizerArgs:
