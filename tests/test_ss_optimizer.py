@@ -76,7 +76,8 @@ def test_each_installed_optimizer_is_named_by_kohyas_formula(optimizer_type, cls
 @pytest.mark.parametrize("optimizer_type, expected", [
     ("AdamW8bit", "bitsandbytes.optim.adamw.AdamW8bit"), ("adamw_8bit", "bitsandbytes.optim.adamw.AdamW8bit"),
     ("PagedAdamW8bit", "bitsandbytes.optim.adamw.PagedAdamW8bit"), ("Lion8bit", "bitsandbytes.optim.lion.Lion8bit"),
-    ("PagedLion8bit", "bitsandbytes.optim.lion.PagedLion8bit"),
+    ("PagedLion8bit", "bitsandbytes.optim.lion.PagedLion8bit"), ("PagedAdamW", "bitsandbytes.optim.adamw.PagedAdamW"),
+    ("PagedAdamW32bit", "bitsandbytes.optim.adamw.PagedAdamW32bit"),
 ])
 def test_bitsandbytes_names_are_its_module_paths(optimizer_type, expected):
     assert ours(optimizer_type, []) == expected
@@ -113,3 +114,15 @@ def test_a_legacy_resumed_adafactor_keeps_its_arguments_but_gets_the_class_name(
     given = _optimizer_args(options)
     assert (train_optimizer.ss_optimizer(options, given, train_optimizer.LEGACY_DEFAULTS)
             == "transformers.optimization.Adafactor(scale_parameter=False)")
+
+
+def test_paged_adamw_trains_as_adamw_and_a_class_path_is_refused_saying_why():
+    """kohya's PagedAdamW / PagedAdamW32bit are bitsandbytes' float32 AdamW (paging moves memory only): sdadapt's
+    adamw; kohya's module.Class passthrough (pytorch_optimizer.CAME ...) is refused naming what sdadapt runs."""
+    from sdadapt.jobs import TrainOptions
+    from sdadapt.methods.optimizers import _OPTIMIZER_ALIASES
+
+    assert _OPTIMIZER_ALIASES["pagedadamw"] == _OPTIMIZER_ALIASES["pagedadamw32bit"] == "adamw"
+    TrainOptions(images=".", optimizer="PagedAdamW32bit")
+    with pytest.raises(ValueError, match="module.Class; sdadapt runs its own implementations"):
+        TrainOptions(images=".", optimizer="pytorch_optimizer.CAME")

@@ -571,6 +571,10 @@ class TrainOptions:
             raise ValueError("--class-prompt is empty; give the class, e.g. 'a photo of a dog'")
         if self.optimizer.lower() in _REFUSED_OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer}: {_REFUSED_OPTIMIZERS[self.optimizer.lower()]}")
+        if "." in self.optimizer and self.optimizer.lower() not in _OPTIMIZER_ALIASES:
+            raise ValueError(f"--optimizer {self.optimizer}: kohya builds any optimizer class named module.Class; sdadapt "
+                             "runs its own implementations only (the step, state dtypes, CUDA-graph capture and resume "
+                             f"depend on them): use one of {', '.join(OPTIMIZERS)}")
         if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), "
                              f"got {self.optimizer!r}")

@@ -147,6 +147,9 @@ _LR_FACTOR_OPTIONS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_t
 _KOHYA_CLASS_NAMES = {
     "adamw": "torch.optim.adamw.AdamW",
     "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit", "pagedadamw8bit": "bitsandbytes.optim.adamw.PagedAdamW8bit",
+    # (bitsandbytes' paged 32-bit AdamW: float32 AdamW whose state pages to the host under memory pressure; the update
+    # is AdamW's)
+    "pagedadamw": "bitsandbytes.optim.adamw.PagedAdamW", "pagedadamw32bit": "bitsandbytes.optim.adamw.PagedAdamW32bit",
     "adafactor": "transformers.optimization.Adafactor",
     "lion": "lion_pytorch.lion_pytorch.Lion",
     "lion8bit": "bitsandbytes.optim.lion.Lion8bit", "pagedlion8bit": "bitsandbytes.optim.lion.PagedLion8bit",

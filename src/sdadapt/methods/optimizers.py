@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["OPTIMIZERS", "cuda_graph_clashes", "make_optimizer"]
 
 _OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw-8bit": "adamw8bit",
-                      "pagedadamw8bit": "adamw8bit", "adamw-bf16": "adamw-bf16", "adamw_bf16": "adamw-bf16",
+                      "pagedadamw8bit": "adamw8bit", "pagedadamw": "adamw", "pagedadamw32bit": "adamw",
+                      "adamw-bf16": "adamw-bf16", "adamw_bf16": "adamw-bf16",
                       "adamwbf16": "adamw-bf16", "adafactor": "adafactor", "lion": "lion", "lion-bf16": "lion-bf16",
                       "lion_bf16": "lion-bf16", "lionbf16": "lion-bf16", "lion8bit": "lion-bf16",
                       "pagedlion8bit": "lion-bf16", "sgd-nesterov": "sgd-nesterov", "sgd_nesterov": "sgd-nesterov",
