@@ -180,7 +180,9 @@ def test_a_schedule_encodes_each_text_once_and_mixes_both_images(system):
         mixed = _image(system, "a [cat:dog:0.5] AND sky:0.5", "[ugly|bad]", steps=4)
     finally:
         hook.remove()
-    assert len(calls) == 3 + 2  # a cat, a dog, sky; ugly, bad
+    # one text-encoder call per schedule, its texts one batch (A1111's get_learned_conditioning): [a cat, a dog], sky;
+    # [ugly, bad]
+    assert len(calls) == 2 + 1
     cat, dog = _image(system, "a cat", plan=False, steps=4), _image(system, "a dog", plan=False, steps=4)
     assert not torch.equal(mixed, cat) and not torch.equal(mixed, dog)
     # a schedule that never switches ([cat:dog:10] over 4 steps) is the plain image bit for bit
@@ -201,8 +203,34 @@ def test_a_scheduled_text_keeps_its_emphasis(system, monkeypatch):
         _image(system, prompt, plan=plan, steps=3)
         return seen
 
-    scheduled, emphasised = steps_of("a [(cat:1.5):dog:1]", True), steps_of("a (cat:1.5)", False)
-    assert torch.equal(scheduled[0], emphasised[0]) and not torch.equal(scheduled[-1], emphasised[-1])
+    scheduled, plain = steps_of("a [(cat:1.5):dog:1]", True), steps_of("a [cat:dog:1]", True)
+    assert not torch.equal(scheduled[0], plain[0]) and torch.equal(scheduled[-1], plain[-1]) is False
+
+
+def test_a_schedules_texts_are_one_batch_as_a1111_encodes_them(sd):
+    """A1111 encodes one prompt's schedule texts in one call (prompt_parser.get_learned_conditioning): the "Original"
+    emphasis mean (sd_emphasis.EmphasisOriginal: ``z.mean()``) is the batch's, so "(cat:1.5)" rescales "a dog" too,
+    and every text is padded to the batch's chunk count."""
+    from sdadapt.jobs.models import load_system
+    from sdadapt.prompt_guidance import plan_prompt
+
+    system = load_system(str(sd[0]), device="cpu")
+    with torch.no_grad():  # (the tiny encoder's final LayerNorm gives states of mean ~1e-9, the rescale then rounding noise)
+        next(m for n, m in system.text_encoder.named_modules() if n.endswith("final_layer_norm")).bias.add_(0.5)
+
+    plan = plan_prompt("a [(cat:1.5):dog:0.5]", "", steps=4)
+    conds, _ = system.plan_conditions(plan)
+    weighted = system.tokenize_weighted(list(plan.texts), a1111=True)
+    with torch.no_grad():
+        z = system.condition(weighted["ids"]).double()  # (2, 77, D): the batch's plain states
+    original_mean = z.mean()
+    z = z * weighted["weights"].double().unsqueeze(-1)
+    z = z * (original_mean / z.mean())
+    for k, cond in enumerate(conds):
+        torch.testing.assert_close(cond.double(), z[k:k + 1], rtol=0, atol=1e-5)
+    with torch.no_grad():  # (alone, "a dog" would be its plain states: the batch rescaled it)
+        alone = system.condition(system.tokenize(["a dog"]))
+    assert float((conds[plan.texts.index("a dog")] - alone).abs().max()) > 1e-4
 
 
 def _cli(sd, out, prompt, *extra):
@@ -553,3 +581,19 @@ def test_sdxl_zeros_an_empty_negative_only_when_its_whole_schedule_is_empty(sdxl
     assert torch.equal(scheduled[0]["context"], empty["context"])
 
 
+
+
+def test_an_empty_sdxl_negative_is_the_zeroed_empty_prompt_so_padding_can_pad_it(tmp_path):
+    """A1111 / Forge zero the encoded "" (one 77-token window, sdxl.py get_learned_conditioning), which "Pad
+    prompt/negative prompt" then pads with ""'s states up to a long prompt's length; sdadapt zeroed it at the
+    prompt's length, so there was nothing to pad."""
+    from tiny_systems import tiny_diffusers_system
+
+    from sdadapt.prompt_guidance import plan_prompt
+
+    xl = tiny_diffusers_system(tmp_path / "xl", max_token_length=75, sdxl=True)
+    plan = plan_prompt(" ".join(["cube"] * 40), "", steps=4)  # (several 77-token windows)
+    conds, negatives = xl.plan_conditions(plan)
+    assert conds[0]["context"].shape[1] > 77 and conds[0]["context"].shape[1] % 77 == 0
+    assert negatives[0]["context"].shape[1] == 77 and not negatives[0]["context"].any()
+    assert not negatives[0]["text_embeds"].any() and torch.equal(negatives[0]["time_ids"], conds[0]["time_ids"])

@@ -152,7 +152,7 @@ def _weighted_only(weighted: Tensor, plain: Tensor) -> Tensor:
     return weighted
 
 
-def _restore_mean(weighted: Tensor, plain: Tensor) -> Tensor:
+def _restore_mean(weighted: Tensor, plain: Tensor, *, over_batch: bool = False) -> Tensor:
     """Emphasis-weighted text states (B, L, D) rescaled so each prompt's mean over (L, D) is its
     unweighted states' ``plain`` (B, L, D) mean again, per prompt, not over the batch (A1111's
     "Original" emphasis; kohya's SD1/SD2 ``lpw_stable_diffusion.get_weighted_text_embeddings``), in
@@ -162,8 +162,13 @@ def _restore_mean(weighted: Tensor, plain: Tensor) -> Tensor:
     of mean exactly 0) keeps its weighted states unscaled — A1111's "No norm" for that prompt — where A1111's
     ``z * (original_mean / new_mean)`` (``modules/sd_emphasis.py`` ``EmphasisOriginal.after_transformers``, lines
     40-46 at f8391b8a) has no guard and makes every state NaN (0/0) or infinite. A finite ratio is applied as
-    A1111 applies it, however large (a weighted mean that is merely near 0)."""
-    previous, current = plain.float().mean(dim=(-2, -1), keepdim=True), weighted.float().mean(dim=(-2, -1), keepdim=True)
+    A1111 applies it, however large (a weighted mean that is merely near 0).
+
+    ``over_batch``: one mean over the whole batch (B, L, D), as A1111's ``z.mean()`` is — the texts of one prompt's
+    schedule are one batch there (:meth:`DiffusersSystem.plan_conditions`), so one text's emphasis rescales the
+    others."""
+    dims = (0, -2, -1) if over_batch else (-2, -1)
+    previous, current = plain.float().mean(dim=dims, keepdim=True), weighted.float().mean(dim=dims, keepdim=True)
     ratio = previous / current
     ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))  # (weighted mean 0: left unscaled)
     return (weighted.float() * ratio).to(weighted.dtype)
@@ -1091,24 +1096,52 @@ class DiffusersSystem(nn.Module):
         ``generate`` does."""
         if time_ids is None:
             time_ids = self._size_time_ids(count, self.image_size, self.image_size)
-        conds = [self._prompt_condition([text] * count, time_ids, breaks=True) for text in plan.texts]
+        # A1111's get_learned_conditioning encodes the texts of one (sub-)prompt's schedule as one batch: each padded
+        # to the batch's chunk count, the "Original" emphasis mean taken over the batch
+        conds: list[Any] = [None] * len(plan.texts)
+        for schedule, _ in plan.parts:
+            order = list(dict.fromkeys(schedule.texts))  # (the schedule's texts, each once, in its order)
+            for index, cond in zip(order, self._schedule_conditions([plan.texts[i] for i in order], count, time_ids)):
+                conds[index] = cond if conds[index] is None else conds[index]  # (a text two parts share: the first's)
+        conds = [self._prompt_condition([text] * count, time_ids, breaks=True) if cond is None else cond
+                 for text, cond in zip(plan.texts, conds)]
         # (SDXL zeros an empty negative only when all its schedule's texts are empty: A1111 zeros a batch
         # of texts that are all '', and the schedule's texts are one batch there)
-        one = len(plan.negative_texts) == 1
-        negatives = [self._uncond(text, conds[0], count, time_ids, breaks=True) if one
-                     else self._prompt_condition([text] * count, self._negative_time_ids(time_ids), breaks=True)
-                     for text in plan.negative_texts]
+        if len(plan.negative_texts) == 1:
+            negatives = [self._uncond(plan.negative_texts[0], conds[0], count, time_ids, breaks=True)]
+        else:
+            negatives = self._schedule_conditions(list(plan.negative_texts), count, self._negative_time_ids(time_ids))
         return conds, negatives
+
+    def _schedule_conditions(self, texts: list[str], count: int, time_ids: Tensor | None) -> list[Any]:
+        """The conditions (batch ``count`` each) of one schedule's ``texts`` encoded as one batch, as A1111 encodes
+        them (:meth:`plan_conditions`); one text: :meth:`_prompt_condition` of it."""
+        if len(texts) == 1:
+            return [self._prompt_condition([texts[0]] * count, time_ids, breaks=True)]
+        batch = [text for text in texts for _ in range(count)]
+        batch_time_ids = None if time_ids is None else time_ids.repeat(len(texts), 1)
+        joined = self._prompt_condition(batch, batch_time_ids, breaks=True, batch_mean=True)
+
+        def rows(k: int) -> Any:
+            if isinstance(joined, dict):
+                return {key: value[k * count:(k + 1) * count] for key, value in joined.items()}
+            return joined[k * count:(k + 1) * count]
+
+        return [rows(k) for k in range(len(texts))]
 
     def _uncond(self, negative: str, cond: Any, count: int, time_ids: Tensor | None, *, breaks: bool = False) -> Any:
         if self.is_sdxl and not negative and self.zero_empty_negative:  # force_zeros_for_empty_prompt
-            # (time_ids kept; the refiner's with its negative aesthetic score, as A1111's is_negative_prompt)
-            return {k: (torch.zeros_like(v) if k != "time_ids" else self._negative_time_ids(v))
-                    for k, v in cond.items()}
+            # (time_ids kept; the refiner's with its negative aesthetic score, as A1111's is_negative_prompt. A1111's
+            # path (breaks) zeros the encoded "", one window, which "Pad prompt/negative prompt" then pads with ""'s
+            # states; diffusers' zeros_like(prompt_embeds) has the prompt's length)
+            shape = self._prompt_condition([""] * count, cond.get("time_ids"), breaks=True) if breaks else cond
+            return {k: (torch.zeros_like(v) if k != "time_ids" else self._negative_time_ids(cond["time_ids"]))
+                    for k, v in shape.items()}
         # (the refiner: negative_aesthetic_score in its time_ids)
         return self._prompt_condition([negative] * count, self._negative_time_ids(time_ids), breaks=breaks)
 
-    def _prompt_condition(self, prompts: list[str], time_ids: Tensor | None, *, breaks: bool = False) -> Any:
+    def _prompt_condition(self, prompts: list[str], time_ids: Tensor | None, *, breaks: bool = False,
+                          batch_mean: bool = False) -> Any:
         """:meth:`condition` of prompts to sample, with A1111 emphasis (``(word:1.2)``, ``[word]``;
         ``\\(`` a literal bracket) read as A1111's default ("Original") emphasis: each token's text
         states times its weight (:meth:`tokenize_weighted`), then each prompt's states rescaled so
@@ -1136,13 +1169,13 @@ class DiffusersSystem(nn.Module):
             return not literal and has_break(prompt)
 
         if breaks and any(chunked(prompt) for prompt in prompts):  # (A1111's chunk layout)
-            return self._break_condition(prompts, time_ids)
+            return self._break_condition(prompts, time_ids, batch_mean=batch_mean)
         if literal or not any(mark in prompt for prompt in prompts for mark in "()[]\\"):
             ids = self.tokenize(prompts)
             return self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
         # (generate's A1111 prompts: A1111's emphasis pattern, blanks around a weight allowed)
         weighted = self.tokenize_weighted(prompts, a1111=breaks)  # {"ids": (B, L) / (B, 2, L), "weights": the same}
-        return self._emphasised(weighted["ids"], weighted["weights"], time_ids)
+        return self._emphasised(weighted["ids"], weighted["weights"], time_ids, batch_mean=batch_mean)
 
     def _literal_prompts(self) -> bool:
         """Whether :attr:`emphasis` is "None" (the prompts' text as it is).
@@ -1155,17 +1188,21 @@ class DiffusersSystem(nn.Module):
                              f"{self.emphasis!r}")
         return self.emphasis == "None"
 
-    def _emphasised(self, ids: Tensor, weights: Tensor, time_ids: Tensor | None) -> Any:
+    def _emphasised(self, ids: Tensor, weights: Tensor, time_ids: Tensor | None, *, batch_mean: bool = False) -> Any:
         """:meth:`condition` of ids (B, L) / SDXL (B, 2, L) with their emphasis ``weights`` (the same
-        shape): the states times the weights, rescaled to the unweighted states' mean per prompt (SDXL:
-        per encoder part), :meth:`_prompt_condition`'s rule."""
+        shape): the states times the weights, rescaled to the unweighted states' mean per prompt (``batch_mean``:
+        over the batch, A1111's for a schedule's texts; SDXL: per encoder part), :meth:`_prompt_condition`'s rule."""
         # one text-encoder pass: the weights multiply the finished states (condition's "weights"), so
         # the weighted states are the plain ones times them — the same numbers as a second, weighted pass
         plain = self.condition({"ids": ids, "time_ids": time_ids} if self.is_sdxl else ids)
         if bool((weights == 1).all()) or self.emphasis == "Ignore":  # (no emphasis: the rescale is × 1, or 0/0
             return plain  # on states of mean 0; A1111's "Ignore": the syntax read, its weights not applied)
         self._literal_prompts()  # (a mode it knows)
-        restore = _restore_mean if self.emphasis == "Original" else _weighted_only  # ("No norm": the weights only)
+        if self.emphasis == "Original":
+            def restore(weighted: Tensor, plain: Tensor) -> Tensor:
+                return _restore_mean(weighted, plain, over_batch=batch_mean)
+        else:
+            restore = _weighted_only  # ("No norm": the weights only)
         if not self.is_sdxl:
             return restore(_weigh_states(plain, weights), plain)  # (B, L, D)
         if self.is_refiner:  # (one encoder's states)
@@ -1177,7 +1214,7 @@ class DiffusersSystem(nn.Module):
         context = torch.cat([restore(cond[..., :width], parts[0]), restore(cond[..., width:], parts[1])], dim=-1)
         return {**plain, "context": context}  # (text_embeds, the pooled output, unweighted)
 
-    def _break_condition(self, prompts: list[str], time_ids: Tensor | None) -> Any:
+    def _break_condition(self, prompts: list[str], time_ids: Tensor | None, *, batch_mean: bool = False) -> Any:
         """Prompts with ``BREAK`` in A1111's layout (:mod:`sdadapt.prompt_chunks`): each prompt cut into
         ``C``-token chunks (shorter prompts of the batch padded with empty chunks, as A1111 does), each
         chunk encoded and emphasised on its own (its mean restored per chunk: A1111's "Original"
@@ -1206,7 +1243,8 @@ class DiffusersSystem(nn.Module):
                 chunk_weights = torch.stack([weights[0][:, j], weights[1][:, j]], dim=1)
             else:
                 chunk_ids, chunk_weights = ids[0][:, j], weights[0][:, j]  # (B, C)
-            conds.append(self._emphasised(chunk_ids.to(device), chunk_weights.to(device), time_ids))
+            conds.append(self._emphasised(chunk_ids.to(device), chunk_weights.to(device), time_ids,
+                                          batch_mean=batch_mean))
         if not self.is_sdxl:
             return torch.cat(conds, dim=1)  # (B, n * C, D)
         return {**conds[0], "context": torch.cat([c["context"] for c in conds], dim=1)}
