@@ -1870,6 +1870,11 @@ def _a1111_clip_skip(system, model, skip: int, say: Callable[[str], None]) -> No
         system.clip_skip = 1
         say(f"--clip-skip {skip}: not applied on SD2 ({model}), as A1111 and ComfyUI (their SD2 text states are "
             "already the penultimate layer's; the infotext keeps the value, as A1111 writes it)")
+    elif skip > 2 and getattr(system, "is_sdxl", False):
+        # (SDXL conditions on both encoders' penultimate layer: A1111 with its default "sdxl_clip_l_skip" off reads
+        # no other; Forge and diffusers' clip_skip would go further back on both)
+        say(f"--clip-skip {skip}: not applied on SDXL ({model}), as A1111 (its SDXL states are both encoders' "
+            "penultimate layer; Forge and diffusers would take an earlier one)")
 
 
 def _write(file: Path, image, parameters: str, kept: tuple[list, list[str]], save: dict) -> str:
