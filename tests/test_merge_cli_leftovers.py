@@ -241,6 +241,7 @@ def test_a_merge_keeps_the_first_inputs_model_fields_and_reports_a_contradiction
     configs = json.dumps({"unet": {"sample_size": 96}})
     a = save(tmp_path, "a.safetensors", mini(0), {"modelspec.prediction_type": "v", "sdadapt.configs": configs,
                                                   "modelspec.architecture": "stable-diffusion-v2-768-v",
+                                                  "modelspec.predict_key": "v",  # (ComfyUI's spelling: kept too)
                                                   "modelspec.title": "a", "ss_training_comment": "x"})
     b = save(tmp_path, "b.safetensors", mini(1))
     code, out, _ = _merge(capsys, tmp_path, "m.safetensors", "weighted-sum", a, b, "--alpha", "0.5", "--no-recipe")
@@ -248,7 +249,8 @@ def test_a_merge_keeps_the_first_inputs_model_fields_and_reports_a_contradiction
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as handle:
         meta = handle.metadata()
     assert meta == {"format": "pt", "modelspec.prediction_type": "v", "sdadapt.configs": configs,
-                    "modelspec.architecture": "stable-diffusion-v2-768-v"}  # not A's title nor its training notes
+                    "modelspec.architecture": "stable-diffusion-v2-768-v",
+                    "modelspec.predict_key": "v"}  # not A's title nor its training notes
     assert "modelspec.prediction_type: kept a.safetensors's v; other inputs say b.safetensors: none" in out
     # inputs that agree: nothing to report
     code, out, _ = _merge(capsys, tmp_path, "n.safetensors", "weighted-sum", a, a, "--alpha", "0.5", "--no-recipe")

@@ -38,6 +38,8 @@ CAPTURED = {
         '    weighted-sum        (1-alpha)*A + alpha*B\n'
         '    slerp               spherical interpolation of A and B\n'
         '    add-difference      A + alpha*(B - C)\n'
+        '    difference          alpha*(A - B)\n'
+        '    add                 A + alpha*B\n'
         '    train-difference    A + 1.8*alpha*w*(B - C)\n'
         '    task-arithmetic     BASE + lam*sum(w_i*(M_i - BASE))\n'
         '    ties                TIES: trim, elect sign, disjoint mean\n'

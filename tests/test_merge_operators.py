@@ -264,3 +264,35 @@ def test_count_consensus_votes_by_sign_not_by_mass():
     assert torch.equal(by_mass, torch.tensor([-5.0])) and torch.equal(by_count, torch.tensor([2.0]))
     mean = ops.task_vector_merge(models, 1.0, base=base, consensus="count", normalize=True)
     assert torch.equal(mean, torch.tensor([1.0]))  # disjoint mean of the two agreeing entries
+
+
+# ----------------------------------------------------------------- ComfyUI's ModelSubtract / ModelAdd
+def test_difference_and_add_are_comfyuis_subtract_and_add_in_float64():
+    """ModelSubtract: ``add_patches(kp, -m, m)`` on model1 -> ``m·A − m·B``; ModelAdd: ``add_patches(kp, 1, 1)`` ->
+    ``A + B`` (comfy/model_patcher.py: weight·strength_model + strength_patch·patch); ``add`` scales B by α."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g).half()
+    for m in (1.0, 0.8, -0.5):
+        got = OPERATORS["difference"].fn((a, b), m, compute_dtype=torch.float64)
+        torch.testing.assert_close(got, a * m + (-m) * b.double(), rtol=0, atol=1e-15)
+        got = OPERATORS["add"].fn((a, b), m, compute_dtype=torch.float64)
+        torch.testing.assert_close(got, a + m * b.double(), rtol=0, atol=1e-15)
+    assert torch.equal(b, b.clone())  # (the inputs are not written to)
+
+
+def test_subtract_then_add_is_add_difference(tmp_path):
+    """ComfyUI users save ``Subtract(B, C, k)`` and add it to A later: the two steps give ``add-difference A B C``."""
+    from safetensors.torch import load_file
+    from tiny_checkpoints import tiny_sd1_parts, write_single_file
+
+    from sdadapt.merge.engine import merge_file
+    from sdadapt.merge.recipe import MergeStep
+
+    paths = [write_single_file(tiny_sd1_parts(seed), tmp_path / f"m{seed}.safetensors", architecture="sd1")
+             for seed in (0, 1, 2)]
+    merge_file(MergeStep("difference", (paths[1], paths[2]), alpha=0.7), tmp_path / "d.safetensors")
+    merge_file(MergeStep("add", (paths[0], tmp_path / "d.safetensors"), alpha=1.0), tmp_path / "two.safetensors")
+    merge_file(MergeStep("add-difference", (paths[0], paths[1], paths[2]), alpha=0.7), tmp_path / "one.safetensors")
+    two, one = load_file(tmp_path / "two.safetensors"), load_file(tmp_path / "one.safetensors")
+    merged = [k for k in one if one[k].is_floating_point()]
+    assert merged and all(torch.allclose(two[k], one[k], rtol=0, atol=1e-6) for k in merged)

@@ -286,6 +286,18 @@ OPERATOR_SPECS: dict[str, OperatorSpec] = {
         description="A1111 add difference: A + alpha*(B - C). Inpainting recipe: A = sd15-inpainting, B = your "
         "model, C = sd15, alpha 1.",
     ),
+    "difference": OperatorSpec(
+        "ab", (_alpha_option("scale of A - B", 1.0), WEIGHTS_CLIP),
+        summary="alpha*(A - B)",
+        description="ComfyUI's ModelSubtract: alpha*(A - B), a difference saved as its own file (add it to another "
+        "model later with add); with --components unet the other parts are A's, as ComfyUI's Save Checkpoint wires "
+        "them.",
+    ),
+    "add": OperatorSpec(
+        "ab", (_alpha_option("scale of B", 1.0), WEIGHTS_CLIP),
+        summary="A + alpha*B",
+        description="ComfyUI's ModelAdd (alpha 1): A + alpha*B, e.g. B a difference file made with difference.",
+    ),
     "train-difference": OperatorSpec(
         "abc", (_alpha_option("strength of B - C", 1.0), WEIGHTS_CLIP),
         summary="A + 1.8*alpha*w*(B - C)",

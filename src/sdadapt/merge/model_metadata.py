@@ -29,6 +29,7 @@ INHERITED_FIELDS: tuple[str, ...] = (
     "modelspec.architecture",
     "modelspec.implementation",
     "modelspec.prediction_type",
+    "modelspec.predict_key",  # (ComfyUI's spelling of the prediction, which the single-file reader reads too)
     "modelspec.resolution",
     "sdadapt.configs",
 )

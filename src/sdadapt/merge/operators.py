@@ -77,6 +77,8 @@ from .operator_inputs import _alpha, _count, _difference_inputs, _same_shape, _u
 __all__ = [
     "weighted_sum",
     "add_difference",
+    "scaled_add",
+    "scaled_difference",
     "train_difference",
     "slerp",
     "task_arithmetic",
@@ -156,6 +158,36 @@ def add_difference(
     """
     a, b, c, alpha = _difference_inputs(tensors, weights, base, "add_difference", compute_dtype)
     return a.add_(b.sub_(c), alpha=alpha)
+
+
+def scaled_difference(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """ComfyUI's ``ModelSubtract``: ``α·(A − B)`` of ``tensors = (A, B)``, ``weights = α``.
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    _count(tensors, 2, "scaled_difference")
+    _same_shape(tensors, None, "scaled_difference")
+    a, b = (_up(t, compute_dtype) for t in tensors)
+    return a.sub_(b).mul_(_alpha(weights, "scaled_difference"))
+
+
+def scaled_add(
+    tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """ComfyUI's ``ModelAdd`` (α = 1): ``A + α·B`` of ``tensors = (A, B)``, ``weights = α``.
+
+    Returns:
+        ``(*S)`` in ``compute_dtype``.
+    """
+    _count(tensors, 2, "scaled_add")
+    _same_shape(tensors, None, "scaled_add")
+    a, b = (_up(t, compute_dtype) for t in tensors)
+    return a.add_(b, alpha=_alpha(weights, "scaled_add"))
 
 
 def train_difference(
@@ -622,6 +654,8 @@ _BINDINGS: dict[str, dict[str, Any]] = {
     "weighted-sum": {"fn": weighted_sum},
     "slerp": {"fn": slerp},
     "add-difference": {"fn": add_difference},
+    "difference": {"fn": scaled_difference},
+    "add": {"fn": scaled_add},
     "train-difference": {"fn": train_difference},
     "task-arithmetic": {"fn": task_arithmetic},
     "ties": {"fn": ties},
