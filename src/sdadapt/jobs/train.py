@@ -1374,14 +1374,22 @@ def _check_v_pred_loss(options: TrainOptions, prediction_type: str | None) -> No
                          f"loss and {where} (kohya: not with --v-parameterization); leave it out")
 
 
-def _loss_mask_source(options: TrainOptions, records: list) -> LossMaskSource | None:
+def _loss_mask_source(options: TrainOptions, records: list, method: str = "") -> LossMaskSource | None:
     """Where the loss masks of ``records`` (training images) come from (kohya's order: the mask
     images of ``--conditioning-data-dir`` with ``--masked-loss``, else the alpha channel with
     ``--alpha-mask`` or when a dataset-TOML subset sets ``alpha_mask`` — then each record's
-    :attr:`~sdadapt.training.data.ImageRecord.alpha_mask` says whether its alpha or all ones)."""
+    :attr:`~sdadapt.training.data.ImageRecord.alpha_mask` says whether its alpha or all ones); for ``dreamartist``
+    otherwise the extension's attention maps, ``<stem>_att<suffix>`` beside the images, when any image has one)."""
     if options.masked_loss and options.conditioning_data_dir is not None:
         return LossMaskSource(Path(options.conditioning_data_dir))
-    return LossMaskSource() if options.alpha_mask or any(r.alpha_mask for r in records) else None
+    if options.alpha_mask or any(r.alpha_mask for r in records):
+        return LossMaskSource()
+    if method == "dreamartist":  # (the extension's attention maps beside the images, where there are any)
+        from ..training.loss_masks import attention_map_file
+
+        if any(r.path is not None and attention_map_file(r.path) is not None for r in records):
+            return LossMaskSource(attention=True)
+    return None
 
 
 def _clip_skip_notes(options: TrainOptions, architecture: str | None) -> list[str]:
@@ -1919,6 +1927,14 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
                                      multiline=options.enable_wildcard, caption_lines=caption_lines, empties=caption_empties)
         for record in records:  # (kohya's resize_interpolation; a dataset TOML's subsets carry their own)
             record.interpolation = options.resize_interpolation
+    if method == "dreamartist":  # (the extension's "<name>_att.png" maps weigh their image's loss, never train as images)
+        from ..training.loss_masks import is_attention_map
+
+        kept = [r for r in records if r.path is None or not is_attention_map(r.path)]
+        if len(kept) < len(records):
+            notes.append(f"{plural(len(records) - len(kept), 'attention map')} (*_att.*, the DreamArtist extension's): "
+                         "each weighs its image's loss (0 to 5, as the extension's 'Attention Map'), not a training image")
+            records = kept
     if len(triggers) > 1:
         notes.extend(_several_tokens_captions(records, triggers, options))
         templates = ()
@@ -1945,7 +1961,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     notes.extend(train_optimizer.prodigy_notes(options, learning_rate=options.unet_lr or options.learning_rate
                                                or spec.learning_rate))
     notes.extend(train_optimizer.schedule_free_notes(options, _optimizer_args(options)))
-    loss_masks = _loss_mask_source(options, records)
+    loss_masks = _loss_mask_source(options, records, method)
     if loss_masks is not None and loss_masks.folder is not None and not options.alpha_mask and any(
             r.alpha_mask for r in records):
         notes.append(f"--dataset-config alpha_mask: not used; the masks come from --conditioning-data-dir "

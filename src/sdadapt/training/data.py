@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ..images import IMAGE_SUFFIXES, ImageFolderError, check_image_folder, is_image_file, read_image, scale_image
 from ..resampling import interpolation_for
-from .loss_masks import LossMaskSource, mask_like_image
+from .loss_masks import LossMaskSource
 from .pixel_augment import PixelAugment
 
 __all__ = [
@@ -965,7 +965,7 @@ class Dataset:
         ``(top, left)`` its image took, mirrored where ``flips[i]``, area-averaged to the latents' ``size``."""
         if self.loss_masks is None:
             raise ValueError("no loss masks: set dataset.loss_masks (a LossMaskSource)")
-        return torch.stack([mask_like_image(self.loss_masks.read(r), r, size=size, crop=c, flipped=f)
+        return torch.stack([self.loss_masks.latent_mask(r, size=size, crop=c, flipped=f)
                             for r, c, f in zip(records, crops, flips, strict=True)])
 
     def batch_latents(self, bucket: tuple[int, int], positions: list[int], flips: list[bool] | None = None) -> Tensor:
@@ -1101,7 +1101,7 @@ def encode_buckets(dataset: Dataset, encode: Callable[[Tensor], Tensor], *, batc
                         mirrored.append(encode(torch.flip(pixels, dims=[3])).detach().float().cpu())
             if dataset.loss_masks is not None:
                 size = tuple(chunks[-1].shape[-2:])
-                masks.extend(mask_like_image(dataset.loss_masks.read(dataset.records[i]), dataset.records[i], size=size)
+                masks.extend(dataset.loss_masks.latent_mask(dataset.records[i], size=size)
                              for i in part)
             done += len(part)
             if progress is not None:

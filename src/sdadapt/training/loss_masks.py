@@ -36,7 +36,7 @@ from ..resampling import interpolation_for
 if TYPE_CHECKING:
     from .data import ImageRecord
 
-__all__ = ["LossMaskSource", "mask_like_image"]
+__all__ = ["LossMaskSource", "attention_map_file", "attention_weights", "is_attention_map", "mask_like_image"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ class LossMaskSource:
     """
 
     folder: Path | None = None
+    attention: bool = False
 
-    def mask_file(self, record: ImageRecord) -> Path:
+    def mask_file(self, record: ImageRecord) -> Path | None:
         """The file ``record``'s mask is read from.
 
         Raises:
@@ -61,6 +62,8 @@ class LossMaskSource:
         if record.path is None:
             raise ValueError("this image was given as a tensor and has no file to read its loss mask from; build the "
                              "dataset from files with find_images")
+        if self.attention:  # (the DreamArtist extension's map beside the image; None: none, all weights 1)
+            return attention_map_file(record.path)
         if self.folder is None:
             return record.path
         stem = record.path.stem
@@ -73,8 +76,20 @@ class LossMaskSource:
                                f"{self.folder / record.folder} and {self.folder}); every training image needs one, as kohya's "
                                "conditioning_data_dir")
 
+    def latent_mask(self, record: ImageRecord, *, size: tuple[int, int], crop: tuple[int, int] | None = None,
+                    flipped: bool = False) -> Tensor:
+        """``record``'s loss weights at the latents' ``size`` (1, h', w'): its mask through :func:`mask_like_image`;
+        an attention map then becomes the extension's weights (:func:`attention_weights`, 0 to 5)."""
+        if self.attention and self.mask_file(record) is None:  # (no map: every element weighs 1)
+            return torch.ones(1, *size)
+        mask = mask_like_image(self.read(record), record, size=size, crop=crop, flipped=flipped)
+        return attention_weights(mask) if self.attention else mask
+
     def missing(self, records: list[ImageRecord]) -> list[str]:
-        """Names of the images without a mask image (empty: all have one; always empty for alpha masks)."""
+        """Names of the images without a mask image (empty: all have one; always empty for alpha masks and
+        attention maps, which an image may lack)."""
+        if self.attention:
+            return []
         out = []
         for record in records:
             try:
@@ -90,6 +105,17 @@ class LossMaskSource:
         Raises:
             ImageFolderError: a mask image whose size differs from the training image's.
         """
+        if self.attention:
+            file = self.mask_file(record)
+            height, width = record.size
+            if file is None:  # (its grey value for weight 1 is 127; latent_mask gives the ones itself)
+                return torch.full((1, height, width), 127.0 / 255.0)
+            rgb = read_image_channels(file)[..., :3].astype(np.int64)  # (PIL's convert("L"): ITU-R 601-2 luma)
+            grey = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+            if tuple(grey.shape) != (height, width):
+                raise ImageFolderError(f"{file}: the attention map is {grey.shape[1]}x{grey.shape[0]} but its image "
+                                       f"{record.path} is {width}x{height}; a map must have its image's size")
+            return torch.from_numpy(grey.astype(np.float32) / 255.0)[None]
         if self.folder is None and record.alpha_mask is False:
             from .data import image_size  # (data imports this module)
 
@@ -102,6 +128,27 @@ class LossMaskSource:
                                    f"{record.path} is {record.size[1]}x{record.size[0]}; a mask must have its image's size")
         channel = 0 if self.folder is not None else 3  # red of a mask image / the image's alpha
         return torch.from_numpy(channels[..., channel].astype(np.float32) / 255.0)[None]
+
+
+def attention_map_file(image: Path) -> Path | None:
+    """The DreamArtist extension's attention map of a training image: ``<stem>_att<suffix>`` beside it
+    (dataset.py: ``path[:path.rfind('.')] + '_att' + path[path.rfind('.'):]``), or ``None``."""
+    candidate = image.with_name(f"{image.stem}_att{image.suffix}")
+    return candidate if candidate.is_file() else None
+
+
+def is_attention_map(path: Path) -> bool:
+    """Whether ``path`` is an attention map (its stem ends with ``_att``), which the extension never trains on as
+    an image."""
+    return path.stem.endswith("_att")
+
+
+def attention_weights(mask: Tensor) -> Tensor:
+    """The extension's loss weights of an attention map's grey values ``mask`` in [0, 1] (v = 255·mask): ``v / 127``
+    up to 127 (0 to 1: less attention), ``(v − 127) / 128 · 4 + 1`` above (1 to 5: more) — dataset.py's mapping,
+    applied here after the map is brought to the latents' size (the extension maps after a bicubic resize)."""
+    v = mask * 255.0
+    return torch.where(v <= 127 + 0.1, v / 127.0, (v - 127.0) / 128.0 * 4.0 + 1.0)
 
 
 def mask_like_image(mask: Tensor, record: ImageRecord, *, size: tuple[int, int], crop: tuple[int, int] | None = None,
