@@ -255,6 +255,26 @@ def test_img2img_and_inpainting_are_a1111s(sampler, prediction_type, strength, m
 
 
 @pytest.mark.parametrize("sampler", ["plms", "ddim_cfgpp"])
+@pytest.mark.parametrize(("steps", "strength"), [(21, 0.5), (30, 0.75), (10, 0.95), (20, 0.5)])
+def test_img2img_with_the_discarded_timestep_counts_t_enc_on_the_steps_asked_for(sampler, steps, strength):
+    """sd_samplers_timesteps.sample_img2img: ``setup_img2img_steps(p, steps)`` gives t_enc on the steps asked for,
+    then ``get_timesteps`` adds the discarded next-to-last one to the grid; sdadapt took t_enc on the grid's count
+    (one timestep later whenever int(s·n) and int(s·(n + 1)) differ)."""
+    x_T = _x_T(23)
+    init = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(24))
+    total, t_enc = a1111_img2img_steps(steps, strength)
+    timesteps = _get_timesteps(total + 1)
+    a = AC32[timesteps[t_enc]]
+    xi = init * torch.sqrt(a) + x_T * torch.sqrt(1 - a)
+    want = _transcribed(sampler, _cfg("epsilon", 5.0, init, None), xi, timesteps[:t_enc])
+    got = sample_latents(_unet, x_T, _cond(0.5), uncond=_cond(-0.25), guidance_scale=5.0, sampler=sampler,
+                         alphas_cumprod=sd_alphas_cumprod(), num_steps=steps, prediction_type="epsilon",
+                         start=Img2ImgStart(init, strength=strength), discard_next_to_last_sigma=True,
+                         generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, want), rel_err(got, want)
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim_cfgpp"])
 def test_skip_early_cfg_and_and_prompts_are_a1111s(sampler):
     """A prompt plan's ``AND`` (weights) and A1111's Skip Early CFG on the timestep samplers: a skipped call's
     first sub-prompt in the negative's place, at scale 1 (CFG++: no multiplier, and the step along that stand-in)."""

@@ -71,9 +71,11 @@ def ldm_sqrt_tables(alphas_cumprod: Tensor, prediction_type: str,
 
 def a1111_timestep_start(start: Img2ImgStart, x_T: Tensor, alphas_cumprod: Tensor, timesteps: Tensor, steps: int,
                          work: torch.dtype) -> tuple[Tensor, Tensor]:
-    """img2img on A1111's ``timesteps`` (``steps`` of them asked for) as its timestep samplers' ``sample_img2img``:
-    ``(x, timesteps[:t_enc])`` — ``t_enc`` by A1111's rule, ``x`` (B,C,H,W) the init noised to ``timesteps[t_enc]``
-    on the float32 ``alphas_cumprod`` (T,) (:meth:`sdadapt.img2img.Img2ImgStart.timestep_noised`)."""
+    """img2img on A1111's ``timesteps`` (``steps`` asked for) as its timestep samplers' ``sample_img2img``:
+    ``(x, timesteps[:t_enc])`` — ``t_enc`` by A1111's rule on ``steps`` (``setup_img2img_steps``, before
+    ``get_timesteps`` adds the discarded next-to-last one to the grid: pass the count asked for, not the grid's),
+    ``x`` (B,C,H,W) the init noised to ``timesteps[t_enc]`` on the float32 ``alphas_cumprod`` (T,)
+    (:meth:`sdadapt.img2img.Img2ImgStart.timestep_noised`)."""
     from ..img2img import start_index
 
     t_enc = steps - 1 - start_index(start, steps, rule="a1111")
@@ -125,8 +127,8 @@ class _Run:
         self.work = torch.promote_types(x_T.dtype, torch.float32)
         self.model_dtype = x_T.dtype
         x = x_T.to(self.work)
-        if start is not None:
-            x, timesteps = a1111_timestep_start(start, x_T, ac, timesteps, steps, self.work)
+        if start is not None:  # (t_enc from the steps asked for: A1111 adds the discarded one to the grid only)
+            x, timesteps = a1111_timestep_start(start, x_T, ac, timesteps, num_steps, self.work)
         self.x, self.timesteps = x, timesteps
         self.alphas = ac[timesteps]
         self.alphas_prev = ac[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].double()

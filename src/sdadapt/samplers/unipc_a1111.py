@@ -139,7 +139,7 @@ def a1111_unipc_sample(model: Denoise, x_T: Tensor, *, alphas_cumprod: Tensor, n
     x = x_T.to(work)
     t_start: float | Tensor = 1.0
     if start is not None:  # sample_img2img, then unipc(is_img2img=True): t_start from the last kept timestep
-        x, timesteps = a1111_timestep_start(start, x_T, ac, timesteps, steps, work)
+        x, timesteps = a1111_timestep_start(start, x_T, ac, timesteps, num_steps, work)
         t_start = timesteps[-1] / 1000 + 1 / 1000 if len(timesteps) else t_start
     steps = len(timesteps)
     if steps < order:
