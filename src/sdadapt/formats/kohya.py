@@ -291,6 +291,20 @@ def _unread_form(keys: list[str]) -> str:
     return ""
 
 
+def _diffusers_kohya_spelling(name: str, suffix: str, value: Tensor) -> tuple[str, str, Tensor]:
+    """A key of diffusers' ``convert_state_dict_to_kohya`` as kohya spells it: the files diffusers' SDXL DreamBooth
+    LoRA script writes with ``--output_kohya_format`` keep peft's ``<layer>_lora.down.weight`` / ``_lora.up.weight``
+    on the UNet (-> ``<layer>.lora_down.weight``) and half-convert DoRA's magnitudes, ``<prefix>.<rest>.
+    lora_magnitude_vector`` (out,) (-> ``<prefix>_<rest>.dora_scale`` (out, 1), peft's per-output-row norm)."""
+    if suffix in ("down.weight", "up.weight") and name.endswith("_lora"):
+        return name[: -len("_lora")], f"lora_{suffix}", value
+    if suffix == "lora_magnitude_vector" or suffix.endswith(".lora_magnitude_vector"):
+        rest = suffix[: -len("lora_magnitude_vector")].rstrip(".")
+        full = f"{name}_{rest.replace('.', '_')}" if rest else name
+        return full, "dora_scale", value.reshape(-1, 1) if value.dim() == 1 else value
+    return name, suffix, value
+
+
 def from_kohya(
     state: Mapping[str, Tensor], *, source: str = "<state>", layers_per_block: int = 2
 ) -> dict[str, dict[str, Tensor]]:
@@ -313,6 +327,7 @@ def from_kohya(
             continue
         component, name = found
         suffix = key.split(".", 1)[1]
+        name, suffix, value = _diffusers_kohya_spelling(name, suffix, value)
         if suffix not in known:  # the whole tensor name (GLoRA's `a1.weight` is not (IA)³'s `weight`)
             unknown.append(key)
             continue
