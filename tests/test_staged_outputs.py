@@ -50,20 +50,22 @@ def _write_bytes(data: bytes):
 def _fail_on_write(monkeypatch, number: int, error) -> None:
     """The ``number``-th file write (1-based; safetensors payloads and torch.save pickles alike) writes
     a few bytes, then raises ``error()``: a disk that fills up, or Ctrl-C, in the middle of that file."""
+    from sdadapt.formats import torch_files
+
     calls = {"n": 0}
-    real_payload, real_save = files._write_payload, torch.save
+    real_payload, real_bytes = files._write_payload, torch_files._write_bytes
 
     def failing(real):
         def write(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == number:
-                Path(args[0] if real is real_payload else args[1]).write_bytes(b"partial")
+                Path(args[0]).write_bytes(b"partial")
                 raise error()
             return real(*args, **kwargs)
         return write
 
     monkeypatch.setattr(files, "_write_payload", failing(real_payload))
-    monkeypatch.setattr(torch, "save", failing(real_save))
+    monkeypatch.setattr(torch_files, "_write_bytes", failing(real_bytes))  # (the .pt / .bin writes)
 
 
 # ------------------------------------------------------------------------------ the mechanism

@@ -180,20 +180,12 @@ EMBEDDING_OPTIONS = (
 )
 
 
-def _number_or_text(text: str) -> float | str:
-    """A number, else the text as it is (DreamArtist's CFG field: ``3`` or ``1.5-3.5:cos``)."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 DREAMARTIST_OPTIONS = EMBEDDING_OPTIONS[:3] + EMBEDDING_OPTIONS[4:5] + (
     MethodOption("negative_vectors", int, "DreamArtist: vectors of the negative embedding (default: = --vectors)",
                  ("--negative-vectors",), "K"),
     MethodOption("negative_init_word", str, "DreamArtist: start the negative embedding from this word's token embeddings "
                  "(the extension's 'Initialization text (negative)'; default: --init-word)", ("--negative-init-word",), "WORD"),
-    MethodOption("cfg_scale", _number_or_text, "DreamArtist: training CFG scale (default 3), the low end with "
+    MethodOption("cfg_scale", str, "DreamArtist: training CFG scale (default 3), the low end with "
                  "--cfg-high; or the extension's dynamic 'low-high:type' (e.g. 1.5-3.5:cos)", ("--cfg-scale",), "S"),
     MethodOption("cfg_high", float, "DreamArtist: dynamic CFG from --cfg-scale (t=0) to this (t=T)", ("--cfg-high",), "S"),
     MethodOption("cfg_schedule", str, "DreamArtist: dynamic CFG shape ln, cos or cos2 (default ln)", ("--cfg-schedule",), "TYPE"),

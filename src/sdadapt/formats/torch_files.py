@@ -72,4 +72,10 @@ def save_torch_file(path: str | os.PathLike, obj: object, *, overwrite: bool = T
     """
     target = Path(path)
     data = torch_save_bytes(obj, name=target.stem)
-    return atomic_write(target, lambda tmp: Path(tmp).write_bytes(data), overwrite=overwrite, stage=stage)
+    return atomic_write(target, lambda tmp: _write_bytes(tmp, data), overwrite=overwrite, stage=stage)
+
+
+def _write_bytes(tmp: str, data: bytes) -> None:
+    """The file's bytes into the temporary ``tmp`` (one function: the crash-safety tests fail it mid-write)."""
+    with open(tmp, "wb") as handle:
+        handle.write(data)

@@ -308,6 +308,11 @@ def prepare_dreamartist(
             gradients (the toy's).
     """
     if isinstance(cfg_scale, str):
+        try:
+            cfg_scale = float(cfg_scale)  # (a number given as text: the command line's)
+        except ValueError:
+            pass
+    if isinstance(cfg_scale, str):
         if cfg_high is not None or cfg_schedule is not None:
             raise ValueError(f"cfg_scale {cfg_scale!r} is the extension's whole CFG field; give cfg_high / cfg_schedule "
                              "only with a number")
