@@ -122,6 +122,14 @@ def _model_weights(weights: float | Sequence[float], n: int, name: str) -> list[
 # two- and three-model operators
 
 
+def _two(tensors: Sequence[Tensor], name: str, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` of a two-model operator, checked (two, the same shape) and copied to ``compute_dtype``."""
+    _count(tensors, 2, name)
+    _same_shape(tensors, None, name)
+    a, b = (_up(t, compute_dtype) for t in tensors)
+    return a, b
+
+
 def weighted_sum(
     tensors: Sequence[Tensor], weights: float | Sequence[float], *, base: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
@@ -136,10 +144,8 @@ def weighted_sum(
     Returns:
         ``(*S)`` in ``compute_dtype``.
     """
-    _count(tensors, 2, "weighted_sum")
-    _same_shape(tensors, None, "weighted_sum")
+    a, b = _two(tensors, "weighted_sum", compute_dtype)
     alpha = _alpha(weights, "weighted_sum")
-    a, b = (_up(t, compute_dtype) for t in tensors)
     if alpha == 0.0:
         return a
     if alpha == 1.0:
@@ -169,9 +175,7 @@ def scaled_difference(
     Returns:
         ``(*S)`` in ``compute_dtype``.
     """
-    _count(tensors, 2, "scaled_difference")
-    _same_shape(tensors, None, "scaled_difference")
-    a, b = (_up(t, compute_dtype) for t in tensors)
+    a, b = _two(tensors, "scaled_difference", compute_dtype)
     return a.sub_(b).mul_(_alpha(weights, "scaled_difference"))
 
 
@@ -184,9 +188,7 @@ def scaled_add(
     Returns:
         ``(*S)`` in ``compute_dtype``.
     """
-    _count(tensors, 2, "scaled_add")
-    _same_shape(tensors, None, "scaled_add")
-    a, b = (_up(t, compute_dtype) for t in tensors)
+    a, b = _two(tensors, "scaled_add", compute_dtype)
     return a.add_(b, alpha=_alpha(weights, "scaled_add"))
 
 
