@@ -116,4 +116,4 @@ def test_a_kohya_toml_with_weights_trains_from_the_file(three_shapes, tmp_path, 
     missing.write_text(config.read_text().replace(str(start), str(tmp_path / "nope.pt")), encoding="utf-8")
     assert main(["train", "textual-inversion", "--config", str(missing), "-q"]) != 0
     err = capsys.readouterr().err
-    assert "nope.pt: no such file" in err and "textual inversion starts from" in err
+    assert "nope.pt: no such file" in err and "the embedding the run starts from" in err
