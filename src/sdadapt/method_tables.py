@@ -107,6 +107,9 @@ LORA_OPTIONS = (
     MethodOption("module_dropout", float, "skip each adapter module with probability P per step (kohya/LyCORIS "
                  "module_dropout)", (), "P"),
     MethodOption("use_tucker", bool, "Tucker core for the 3x3 convolutions (LyCORIS use_tucker / use_cp)", ()),
+    MethodOption("init", str, "LoRA / LoCon / DoRA: the down factor's start, kaiming (kohya's, default) or gaussian "
+                 "(peft's N(0, 1/r), diffusers' DreamBooth LoRA scripts); network_args init=gaussian", ("--lora-init",),
+                 "KIND"),
     MethodOption("train_norm", bool, "also train offsets of the GroupNorm/LayerNorm layers inside the adapted UNet "
                  "blocks (LyCORIS train_norm; w_norm/b_norm in the file)", ()),
     # kohya's --network_weights / --dim_from_weights (sdadapt.methods.network_weights)

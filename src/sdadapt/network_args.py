@@ -74,7 +74,7 @@ _LYCORIS_OFF_ARGS = {
     "train_norm": "LyCORIS' norm modules train beside lora, locon, loha, lokr, dora and glora",
 }
 #: the network_args keys sdadapt reads besides the block-wise ones (lora_blocks.BLOCK_ARGS), named in errors
-_KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "preset", "factor",
+_KNOWN_NETWORK_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout", "use_tucker", "init", "preset", "factor",
                        "decompose_both", "train_on_input", "constraint", "rescaled", "loraplus_lr_ratio",
                        "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 

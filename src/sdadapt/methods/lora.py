@@ -221,7 +221,10 @@ def _check(rank: int, conv_rank: int | None) -> None:
 
 #: LyCORIS-style network_args that set a field of the family's config (``use_cp`` = ``use_tucker``, LyCORIS' old name;
 #: ``factor`` / ``decompose_both``: LoKr's)
-_CONFIG_ARGS = ("dropout", "rank_dropout", "module_dropout", "use_tucker", "factor", "decompose_both")
+_CONFIG_ARGS = ("dropout", "rank_dropout", "module_dropout", "use_tucker", "factor", "decompose_both", "init")
+#: the starts a LoRA trains from: kohya's kaiming-uniform down factor, or peft's ``init_lora_weights="gaussian"``
+#: (N(0, 1/r), diffusers' DreamBooth LoRA scripts); PiSSA rewrites the base weights, which no LoRA file carries
+TRAINING_INITS = ("kaiming", "gaussian")
 #: LyCORIS' train_norm: norm modules on the GroupNorm/LayerNorm layers inside the adapted UNet modules
 _NORM_ARGS = ("train_norm",)
 
@@ -363,6 +366,11 @@ def _adaptation(system, make, family: str, *, rank: int, alpha, conv_rank, conv_
     if unknown:
         raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}")
     extras = _config_extras(make, family, {n: network.get(n) for n in _CONFIG_ARGS})
+    if "init" in extras and str(extras["init"]).strip().lower() not in TRAINING_INITS:
+        raise InputError(f"init={extras['init']}: a trained LoRA starts from {' or '.join(TRAINING_INITS)} (kaiming: "
+                         "kohya's, the default; gaussian: peft's, as diffusers' DreamBooth LoRA scripts)")
+    if "init" in extras:
+        extras["init"] = str(extras["init"]).strip().lower()
     norms = None
     if network.get("train_norm"):
         if not unet:
@@ -418,6 +426,7 @@ def prepare_lora(system, *, rank: int = 8, alpha: float | None = None, conv_rank
     layers as ``lycoris.kohya``; kxk convolutions at ``conv_rank``, default ``rank``). ``network_args``: kohya's block-wise
     options (:data:`~sdadapt.methods.lora_blocks.BLOCK_ARGS`: ``down_lr_weight="sine"``,
     ``block_dims="4,4,..."`` ...), ``dropout``, ``rank_dropout``, ``module_dropout``, ``use_tucker``,
+    ``init`` (``"kaiming"``, kohya's, or ``"gaussian"``, peft's: :data:`TRAINING_INITS`),
     the LoRA+ ratios (:data:`~sdadapt.methods.loraplus.LORAPLUS_ARGS`: ``loraplus_lr_ratio=16`` ...),
     ``network_weights`` / ``dim_from_weights`` and ``base_weights=[FILE, ...]`` with
     ``base_weights_multiplier=[M, ...]`` (merged into the model first; :meth:`AdapterAdaptation.remove`
