@@ -150,6 +150,12 @@ def _is_transformers_clip(module: nn.Module) -> bool:
 CLIP_EOS_ID = 49407
 
 
+def _config_eos(encoder: nn.Module) -> int | None:
+    """A transformers CLIP's ``eos_token_id`` as its text model reads it (the config's), or ``None``."""
+    eos = getattr(getattr(encoder, "text_model", encoder), "eos_token_id", None)
+    return getattr(getattr(encoder, "config", None), "eos_token_id", None) if eos is None else eos
+
+
 def _legacy_eos(encoder: nn.Module, eos_id: int | None) -> int | None:
     """The ``<eos>`` id to pool at where transformers would pool elsewhere, else ``None``: a transformers CLIP whose
     config has the legacy ``eos_token_id`` 2 (SD1.x diffusers folders) pools at the *largest* id, which is an added
@@ -157,13 +163,7 @@ def _legacy_eos(encoder: nn.Module, eos_id: int | None) -> int | None:
     (A1111's extension and vicgalle's script run a CLIP without added tokens; kohya's ``_pool_workaround``).
     ``eos_id`` (the tokenizer's) if given, else :data:`CLIP_EOS_ID` for a table of CLIP's size, else ``None`` (the
     largest id, as transformers: a small test vocabulary)."""
-    if not _is_transformers_clip(encoder):
-        return None
-    inner = getattr(encoder, "text_model", encoder)
-    config_eos = getattr(inner, "eos_token_id", None)
-    if config_eos is None:
-        config_eos = getattr(getattr(encoder, "config", None), "eos_token_id", None)
-    if config_eos != 2:
+    if not _is_transformers_clip(encoder) or _config_eos(encoder) != 2:
         return None
     if eos_id is not None:
         return int(eos_id)
@@ -179,10 +179,7 @@ def _pooled_positions(encoder: nn.Module, ids: Tensor, eos_id: int | None = None
     if isinstance(encoder, ToyTextEncoder):
         return (ids == encoder.eos_id).int().argmax(dim=1)
     if _is_transformers_clip(encoder):
-        inner = getattr(encoder, "text_model", encoder)
-        eos = getattr(inner, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(getattr(encoder, "config", None), "eos_token_id", None)
+        eos = _config_eos(encoder)
         if eos is None:
             return None
         if eos == 2:  # transformers' legacy configs pool at the largest id: the <eos> where no id is added
@@ -231,13 +228,17 @@ class _EncoderView(nn.Module):
 
     def _features(self, ids: Tensor) -> Tensor:
         out = self.encoder(ids)
-        if self.legacy_eos is not None:  # (transformers pools at the largest id: an added token's, if any; without
-            return self._features_at_eos(out, ids)  # one, the same state)
         projected = getattr(out, "text_embeds", None)
+        if projected is not None and (self.projection is not None or self._projection_weight is not None):
+            raise InputError(f"{type(self.encoder).__name__} already projects its output (text_embeds); "
+                             "do not pass projection=")
+        if self.legacy_eos is not None:  # (transformers pools at the largest id: an added token's, if any; without
+            # one, the same state) — CLIP's text embedding at each row's first <eos>, the final-normed state there
+            states = out.last_hidden_state  # (B, L, D)
+            first = (ids == self.legacy_eos).int().argmax(dim=-1)  # (B,)
+            pooled = states[torch.arange(states.shape[0], device=states.device), first.to(states.device)]  # (B, D)
+            return self.encoder.text_projection(pooled) if projected is not None else self._project(pooled)
         if projected is not None:
-            if self.projection is not None or self._projection_weight is not None:
-                raise InputError(f"{type(self.encoder).__name__} already projects its output (text_embeds); "
-                                 "do not pass projection=")
             return projected
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
@@ -248,6 +249,10 @@ class _EncoderView(nn.Module):
                     f"{type(self.encoder).__name__} returns no pooled output (pooler_output, or (hidden, pooled)); "
                     "aesthetic gradients need CLIP's pooled text embedding"
                 )
+        return self._project(pooled)
+
+    def _project(self, pooled: Tensor) -> Tensor:
+        """The pooled text state (B, D) through ``projection`` into the image-embedding space (B, E)."""
         if self.projection is not None:
             return self.projection(pooled)
         if self._projection_weight is not None:
@@ -260,25 +265,6 @@ class _EncoderView(nn.Module):
             "sdadapt.aesthetic.toy_text_projection), or projection=torch.nn.Identity() if its pooled output "
             "already lies in the image-embedding space"
         )
-
-    def _features_at_eos(self, out, ids: Tensor) -> Tensor:
-        """CLIP's text embedding (B, E) pooled at each row's first ``<eos>``: the final-normed state there
-        (``last_hidden_state``), through the encoder's own ``text_projection`` or ``projection``."""
-        states = out.last_hidden_state  # (B, L, D)
-        first = (ids == self.legacy_eos).int().argmax(dim=-1)  # (B,)
-        pooled = states[torch.arange(states.shape[0], device=states.device), first.to(states.device)]  # (B, D)
-        own = getattr(self.encoder, "text_projection", None)
-        if own is not None and getattr(out, "text_embeds", None) is not None:
-            if self.projection is not None or self._projection_weight is not None:
-                raise InputError(f"{type(self.encoder).__name__} already projects its output (text_embeds); "
-                                 "do not pass projection=")
-            return own(pooled)
-        if self.projection is not None:
-            return self.projection(pooled)
-        if self._projection_weight is not None:
-            return F.linear(pooled, self._projection_weight.to(pooled))
-        raise InputError(f"{type(self.encoder).__name__} has no text projection: pass projection= (CLIP's "
-                         "text_projection, sdadapt.aesthetic.load_text_projection)")
 
     def _hidden(self, ids: Tensor) -> Tensor:
         if self.clip_skip > 1:
