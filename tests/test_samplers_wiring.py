@@ -214,6 +214,12 @@ def test_run_generate_refuses_karras_for_a_sampler_without_it(tmp_path):
         run_generate(prompt="x", out=tmp_path / "a.png", sampler="Euler CFG++")
     with pytest.raises(ValueError, match="ddim_cfgpp has no Karras noise levels"):  # (A1111's DDIM CFG++: timesteps)
         run_generate(prompt="x", out=tmp_path / "a.png", sampler="DDIM CFG++ Karras")
+    # euler_a has no Karras σ in diffusers; the refusal names A1111's Karras schedule type for it (only a σ sampler)
+    with pytest.raises(ValueError, match=r"'euler_a' has no Karras.*\(--schedule karras\)$"):
+        run_generate(prompt="x", out=tmp_path / "a.png", sampler="euler_a", karras=True)
+    with pytest.raises(ValueError, match="'ddpm' has no Karras") as refused:
+        run_generate(prompt="x", out=tmp_path / "a.png", sampler="ddpm", karras=True)
+    assert "--schedule" not in str(refused.value)
 
 
 def test_generate_command_writes_a_toy_image_with_a_label(tmp_path):

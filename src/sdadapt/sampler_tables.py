@@ -210,8 +210,10 @@ def check_karras(name: str, karras: bool) -> None:
         ValueError: naming the sampler and :data:`KARRAS_SAMPLERS`.
     """
     if karras and name not in KARRAS_SAMPLERS:
+        grid = (f"; A1111's Karras schedule type for it is schedule='karras' (--schedule karras)"
+                if name in SCHEDULE_SAMPLERS else "")
         raise ValueError(f"sampler {name!r} has no Karras noise levels (diffusers' scheduler has no "
-                         f"use_karras_sigmas); karras works with {', '.join(KARRAS_SAMPLERS)}")
+                         f"use_karras_sigmas); karras works with {', '.join(KARRAS_SAMPLERS)}{grid}")
 
 
 def run_schedule(name: str, schedule: str | None, karras: bool = False) -> str | None:
