@@ -115,6 +115,10 @@ def make_input(folder: Path, *, small: bool) -> Path:
     return write_random_checkpoint(path, layout(name), seed=1, extra={ids: torch.arange(77).reshape(1, -1)})
 
 
+def _text_model_free(key: str) -> str:
+    return key.removeprefix("text_model.")
+
+
 def max_difference(a: Path, b: Path) -> float:
     """``max |Δ|`` over the tensors of the UNet, VAE and text-encoder weight files of two diffusers folders."""
     from safetensors import safe_open
@@ -127,10 +131,13 @@ def max_difference(a: Path, b: Path) -> float:
             raise SystemExit(f"{part}: the two folders hold different weight files: {files_a} vs {files_b}")
         for fa, fb in zip(files_a, files_b):
             with safe_open(str(fa), "pt") as ta, safe_open(str(fb), "pt") as tb:
-                if set(ta.keys()) != set(tb.keys()):
-                    raise SystemExit(f"{fa.name}: different keys: {sorted(set(ta.keys()) ^ set(tb.keys()))[:5]}")
-                for key in ta.keys():
-                    x, y = ta.get_tensor(key), tb.get_tensor(key)
+                # (a text encoder's keys with or without ``text_model.``: sdadapt writes the hub's names, diffusers'
+                # save_pretrained under transformers 5 drops the prefix; both folders load the same)
+                keys_a, keys_b = ({_text_model_free(k): k for k in t.keys()} for t in (ta, tb))
+                if set(keys_a) != set(keys_b):
+                    raise SystemExit(f"{fa.name}: different keys: {sorted(set(keys_a) ^ set(keys_b))[:5]}")
+                for key in keys_a:
+                    x, y = ta.get_tensor(keys_a[key]), tb.get_tensor(keys_b[key])
                     if x.shape != y.shape:
                         raise SystemExit(f"{part}/{key}: shapes {tuple(x.shape)} vs {tuple(y.shape)}")
                     if x.is_floating_point() and x.numel():

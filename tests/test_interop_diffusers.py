@@ -180,6 +180,43 @@ def test_kohya_text_encoder_with_per_layer_alphas_in_diffusers(tmp_path):
     _assert_same(got, lora["te_want"], lora["te_base"])
 
 
+def test_kohya_attention_layers_with_their_own_alpha_in_diffusers(tmp_path):
+    """A kohya UNet file whose ``to_k`` layers hold alpha 0.5 among alpha-8 attention layers: sdadapt's
+    load scales each layer by its own alpha (checked against the naive ``W + (α/r)·up·down`` here);
+    diffusers names those alphas after its attention processors, which its ``alpha_pattern`` never
+    matches (docs/formats.md)."""
+    torch.manual_seed(0)
+    unet = tiny_unet_sd1()
+    state, naive = {}, copy.deepcopy(unet)
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and (".attn1." in name or ".attn2." in name):
+            down, up = torch.randn(4, module.in_features) * 0.3, torch.randn(module.out_features, 4) * 0.3
+            alpha = 0.5 if name.endswith("to_k") else 8.0
+            state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                      f"{name}.alpha": torch.tensor(alpha)}
+            target = naive.get_submodule(name)
+            with torch.no_grad():
+                target.weight += (alpha / 4) * (up.double() @ down.double()).float()
+    path = tmp_path / "attn.safetensors"
+    save_kohya(path, {"unet": state}, base_model="sd1")
+    inputs = unet_inputs(unet)
+    base, want = run_unet(unet, inputs), run_unet(naive, inputs)
+    ours = copy.deepcopy(unet)
+    sdadapt.apply_lora(ours, sdadapt.load_lora(path)[0]["unet"])
+    _assert_same(run_unet(ours, inputs), want, base)
+    sd, network_alphas = SD1.lora_state_dict(str(path.parent), weight_name=path.name, local_files_only=True)
+    theirs = copy.deepcopy(unet)
+    SD1.load_lora_into_unet(sd, network_alphas, theirs, adapter_name="sdadapt")
+    got = run_unet(theirs, inputs)
+    if (got - want).abs().max() >= ATOL:
+        pytest.xfail(
+            "diffusers (0.34–0.42) names a kohya file's UNet attention alphas after its attention processors "
+            "(`...attn1.processor.to_k_lora.down.weight.alpha`), which the alpha_pattern it builds never "
+            "matches: those layers load at the file's most common alpha; sdadapt's load is the file's model"
+        )
+    _assert_same(got, want, base)
+
+
 # -------------------------------------------------------------- 2. diffusers file -> diffusers (SD1)
 def test_diffusers_file_carries_alphas_in_metadata_and_loads_in_diffusers(tmp_path):
     lora = _sd1_lora("locon")

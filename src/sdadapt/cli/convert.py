@@ -166,8 +166,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("--token", default=None, help="embeddings: the trigger word to write (default: the input's)")
     model = convert.add_argument_group("whole checkpoints")
     model.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
-                       help="what the UNet predicts (SD2-768-v: v_prediction); default: the input's ModelSpec "
-                       "metadata or scheduler config, else epsilon")
+                       help="what the UNet predicts (SD2-768-v: v_prediction); default: the input's v_pred marker, "
+                       "ModelSpec / predict_key metadata, <stem>.yaml beside it or scheduler config; for SD2 "
+                       "otherwise ComfyUI's weight test; else epsilon")
     model.add_argument("--vae", metavar="VAE", default=None,
                        help="bake this VAE in (an LDM or diffusers VAE file or folder, or a full checkpoint's VAE)")
     model.add_argument("--ema", action="store_true",
