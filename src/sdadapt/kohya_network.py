@@ -47,6 +47,7 @@ from .errors import InputError
 from .network_args import (
     KOHYA_NETWORK_DEFAULTS,
     LYCORIS_ALGOS,
+    NETWORK_ARG_NAMES,
     check_lycoris_args,
     drop_lycoris_ignored,
     kohya_conv_alpha,
@@ -106,7 +107,8 @@ def _typed(option, text: str) -> Any:
     try:
         return option.type(text)
     except (TypeError, ValueError):
-        raise InputError(f"network_args {option.name}={text!r} is not a valid "
+        spelling = {name: arg for arg, name in NETWORK_ARG_NAMES.items()}.get(option.name)  # (conv_dim, not conv_rank)
+        raise InputError(f"network_args {spelling or option.name}={text!r} is not a valid "
                          f"{getattr(option.type, '__name__', 'value')}") from None
 
 

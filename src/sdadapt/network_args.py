@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["KOHYA_NETWORK_DEFAULTS", "LYCORIS_ALGOS", "LYCORIS_IGNORED", "check_lycoris_args", "drop_lycoris_ignored",
+__all__ = ["KOHYA_NETWORK_DEFAULTS", "LYCORIS_ALGOS", "LYCORIS_IGNORED", "NETWORK_ARG_NAMES", "check_lycoris_args", "drop_lycoris_ignored",
            "kohya_conv_alpha", "parse_network_args"]
 
 #: kohya's LoRA-family network defaults (networks/lora.py create_network), by sdadapt's method option name:
@@ -22,7 +22,7 @@ def kohya_conv_alpha(method: str, alpha: float) -> float:
 
 
 #: network_args spellings -> sdadapt method option names (kohya's conv_dim, LyCORIS' old use_cp, LyCORIS' preset)
-_NETWORK_ARG_NAMES = {"conv_dim": "conv_rank", "use_cp": "use_tucker", "preset": "targets"}
+NETWORK_ARG_NAMES = {"conv_dim": "conv_rank", "use_cp": "use_tucker", "preset": "targets"}
 #: LyCORIS network_args that must agree with the method trained (they choose the network in kohya)
 _LYCORIS_METHOD_ARGS = ("algo", "dora_wd")
 #: LyCORIS algo -> the sdadapt methods it may name
@@ -54,11 +54,11 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
                 continue
             if arg not in method_options:  # (train_norm is a method option of the LoRA family)
                 raise InputError(f"{source} {item!r}: {_LYCORIS_OFF_ARGS[arg]}; leave it off")
-        name = _NETWORK_ARG_NAMES.get(arg, arg)
+        name = NETWORK_ARG_NAMES.get(arg, arg)
         if name not in method_options and name not in _LYCORIS_METHOD_ARGS:
             from .methods.lora_blocks import BLOCK_ARGS
 
-            known = sorted({*_NETWORK_ARG_NAMES, *_KNOWN_NETWORK_ARGS, *BLOCK_ARGS})
+            known = sorted({*NETWORK_ARG_NAMES, *_KNOWN_NETWORK_ARGS, *BLOCK_ARGS})
             close = difflib.get_close_matches(arg, known, n=1)
             raise InputError(f"{source} {item!r}: unknown network arg {arg!r}" + (f" (did you mean {close[0]}?)" if close else "")
                              + f"; sdadapt reads {', '.join(known)}, and algo / dora_wd naming the method trained")
