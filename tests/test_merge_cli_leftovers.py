@@ -123,6 +123,7 @@ def test_a_wrong_count_is_refused_before_anything_is_read(abc, tmp_path, capsys,
 def test_an_sdxl_count_on_sd1_names_the_setting(abc, tmp_path, capsys):
     code, _, err = _merge(capsys, tmp_path, "x.safetensors", "weighted-sum", *abc[:2], "--alpha", _text([0.5] * 20))
     assert code != 0 and "per-block --alpha" in err and "20 block weights do not fit sd1" in err
+    assert "base_alpha" not in err  # (the operator commands take BASE first; --base-alpha is block-weighted's)
     assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(InputError, match=r"block_beta \(per-block --beta\)"):
         merge_file(MergeStep("triple-sum", tuple(abc), alpha=0.1, options={"beta": 0.1}, block_beta=(0.1,) * 20),
