@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,15 @@ import torch
 # the benchmarks' modules (train_step, norm_casts, aten_ops: the aten-op counter) import as top-level modules,
 # as they do when a benchmark runs (last on the path: nothing installed is shadowed by their short names)
 sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+# bytecode caches, kept out of the tree: with PYTHONDONTWRITEBYTECODE set (as on the CI machine) each xdist worker and
+# each subprocess a test starts compiled sdadapt's modules (and pytest the test files) again — ~1.5 s a CLI subprocess;
+# tests/test_cli_inspect_many.py took 29 s instead of 9. They go under the temp folder (PYTHONPYCACHEPREFIX) instead.
+if sys.dont_write_bytecode:
+    sys.dont_write_bytecode = False
+    sys.pycache_prefix = str(Path(tempfile.gettempdir()) / "sdadapt-tests-pycache")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
 
 # the same for the subprocesses tests start (examples, the CLI, torchrun): on a busy 2-core machine a child
 # with torch's default thread pool ran a tiny example ~10x slower than with one thread (4 min against 22 s)
