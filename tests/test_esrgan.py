@@ -308,9 +308,11 @@ def test_the_cli_runs_esrgan_files_and_writes_a1111s_upscaler_names(plain_sd, tm
                                                                      upsamples=2), {})
     base = ["generate", "--model", str(plain_sd), "--prompt", "a photo", "--steps", "2", "--sampler", "euler",
             "--seed", "1", "-q"]
-    assert main([*base, "--width", "32", "--height", "32", "--hires-scale", "2", "--hires-upscaler",
+    assert main([*base[:-1], "--width", "32", "--height", "32", "--hires-scale", "2", "--hires-upscaler",
                  str(tmp_path / "RealESRGAN_x4plus.pth"), "-o", str(tmp_path / "h.png")]) == 0
     assert "Hires upscaler: R-ESRGAN 4x+" in read_png_text(tmp_path / "h.png")["parameters"]
+    said = "".join(capsys.readouterr())  # (the log names the model as the infotext does, not its object)
+    assert "denoising 0.7, R-ESRGAN 4x+" in said and "object at" not in said
     # (its infotext again, the model found by A1111's name in the upscalers' folder: the same image)
     assert main(["generate", "--model", str(plain_sd), "--infotext", str(tmp_path / "h.png"), "--upscaler-dir",
                  str(tmp_path), "-q", "-o", str(tmp_path / "again.png")]) == 0

@@ -1571,7 +1571,7 @@ def run_generate(
         cover = "" if hires.upscale_to == hires.size else (
             f" (enlarged to {hires.upscale_to[1]}x{hires.upscale_to[0]}{' and cropped' if cut else ''}, as A1111)")
         say(f"hires fix: {hires.size[1]}x{hires.size[0]}{cover}, {plural(hires.steps or steps or 25, 'step')} at denoising "
-            f"{hires.denoising:g}, {hires.upscaler}")
+            f"{hires.denoising:g}, {getattr(hires.upscaler, 'name', hires.upscaler)}")  # (an ESRGAN model: its name)
 
     hires_networks = None
     if switch_networks:  # (the same files at the same multipliers: A1111's load_networks changes nothing)
