@@ -105,8 +105,11 @@ def test_every_name_train_takes_has_an_entry():
         assert "." in train_optimizer.kohya_class_name(name), name
     # the same canonical optimiser named as kohya names the class its alias builds
     assert train_optimizer.kohya_class_name("sgd_nesterov") == train_optimizer.kohya_class_name("SGDNesterov")
-    with pytest.raises(KeyError):
-        train_optimizer.kohya_class_name("RAdam")
+    # kohya's any-optimizer path: where the class is defined, as kohya writes optimizer_class.__module__ + "." + name
+    assert train_optimizer.kohya_class_name("RAdam") == train_optimizer.kohya_class_name("torch.optim.RAdam") == \
+        "torch.optim.radam.RAdam"
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train_optimizer.kohya_class_name("NoSuchOptimizer")
 
 
 def test_a_legacy_resumed_adafactor_keeps_its_arguments_but_gets_the_class_name():
@@ -116,13 +119,13 @@ def test_a_legacy_resumed_adafactor_keeps_its_arguments_but_gets_the_class_name(
             == "transformers.optimization.Adafactor(scale_parameter=False)")
 
 
-def test_paged_adamw_trains_as_adamw_and_a_class_path_is_refused_saying_why():
+def test_paged_adamw_trains_as_adamw_and_a_class_path_must_import():
     """kohya's PagedAdamW / PagedAdamW32bit are bitsandbytes' float32 AdamW (paging moves memory only): sdadapt's
-    adamw; kohya's module.Class passthrough (pytorch_optimizer.CAME ...) is refused naming what sdadapt runs."""
+    adamw; kohya's module.Class passthrough (pytorch_optimizer.CAME ...) must import before the model loads."""
     from sdadapt.jobs import TrainOptions
     from sdadapt.methods.optimizers import _OPTIMIZER_ALIASES
 
     assert _OPTIMIZER_ALIASES["pagedadamw"] == _OPTIMIZER_ALIASES["pagedadamw32bit"] == "adamw"
     TrainOptions(images=".", optimizer="PagedAdamW32bit")
-    with pytest.raises(ValueError, match="module.Class; sdadapt runs its own implementations"):
-        TrainOptions(images=".", optimizer="pytorch_optimizer.CAME")
+    with pytest.raises(ValueError, match="cannot import no_such_optimizer_package"):
+        TrainOptions(images=".", optimizer="no_such_optimizer_package.CAME")

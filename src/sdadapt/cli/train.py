@@ -1065,7 +1065,8 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
         help="learning rate inside the second text encoder (SDXL; default: --text-encoder-lr; 0 freezes it alone; "
         "kohya's learning_rate_te2)")
     add(optim, "--optimizer", "--optimizer-type", dest="optimizer", metavar="NAME",
-        help=f"{', '.join(OPTIMIZERS)} (default adamw; kohya's AdamW8bit etc. work)")
+        help=f"{', '.join(OPTIMIZERS)} (default adamw; kohya's AdamW8bit etc. work), or as kohya's optimizer_type "
+        "any torch.optim class (RAdam) or installed module.Class (came_pytorch.CAME), built Class(params, lr, **args)")
     add(optim, "--weight-decay", type=float, metavar="W",
         help="weight decay; default: the optimiser's (0.01 for the AdamW ones, 0 for Adafactor, Lion, SGDNesterov, Prodigy, DAdapt* and *ScheduleFree, as kohya's)")
     add(optim, "--optimizer-args", nargs="+", metavar="KEY=VALUE",

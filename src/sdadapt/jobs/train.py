@@ -461,7 +461,7 @@ class TrainOptions:
             raise ValueError(f"--ddp-timeout must be a number of minutes >= 1 (the process group's timeout under torchrun), "
                              f"got {self.ddp_timeout!r}")
         from ..methods.fit import SCHEDULES
-        from ..methods.optimizers import _OPTIMIZER_ALIASES, _REFUSED_OPTIMIZERS, OPTIMIZERS
+        from ..methods.optimizers import _OPTIMIZER_ALIASES, OPTIMIZERS, canonical_optimizer, imported_optimizer_class
         from ..samplers import canonical_sampler
         from ..training.face_crop import parse_face_crop_range
 
@@ -569,15 +569,9 @@ class TrainOptions:
             raise ValueError("--dim-from-weights takes the modules and ranks from --network-weights FILE: give the file too")
         if self.class_prompt is not None and not self.class_prompt.strip():
             raise ValueError("--class-prompt is empty; give the class, e.g. 'a photo of a dog'")
-        if self.optimizer.lower() in _REFUSED_OPTIMIZERS:
-            raise ValueError(f"--optimizer {self.optimizer}: {_REFUSED_OPTIMIZERS[self.optimizer.lower()]}")
-        if "." in self.optimizer and self.optimizer.lower() not in _OPTIMIZER_ALIASES:
-            raise ValueError(f"--optimizer {self.optimizer}: kohya builds any optimizer class named module.Class; sdadapt "
-                             "runs its own implementations only (the step, state dtypes, CUDA-graph capture and resume "
-                             f"depend on them): use one of {', '.join(OPTIMIZERS)}")
-        if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), "
-                             f"got {self.optimizer!r}")
+        optimizer = canonical_optimizer(self.optimizer, option="--optimizer")
+        if optimizer not in OPTIMIZERS:  # (kohya's module.Class: imported before the model loads)
+            imported_optimizer_class(optimizer)
         _check_optimizer_args(self)  # (after the optimiser name is known good)
         prodigy = train_optimizer.prodigy_clashes(self)
         if prodigy:
@@ -1077,10 +1071,10 @@ def _check_optimizer_args(options: TrainOptions) -> None:
     are checked with kohya's defaults added, as ``train`` builds the optimiser
     (:func:`~sdadapt.training.optimizer_args.kohya_constructor_args`: Adafactor's ``warmup_init=True``
     alone is fine, its relative step being on)."""
-    from ..methods.optimizers import _OPTIMIZER_ALIASES
+    from ..methods.optimizers import canonical_optimizer
     from ..training.optimizer_args import check_optimizer_args, kohya_constructor_args
 
-    name = _OPTIMIZER_ALIASES[options.optimizer.lower()]
+    name = canonical_optimizer(options.optimizer)
     pairs = _optimizer_args(options)
     check_optimizer_args(name, kohya_constructor_args(name, pairs), where="--optimizer-args")
     decay = dict(pairs).get("weight_decay")

@@ -58,9 +58,9 @@ LEGACY_WEIGHT_DECAY = 1e-2
 
 
 def _canonical(options: TrainOptions) -> str:
-    from ..methods.optimizers import _OPTIMIZER_ALIASES
+    from ..methods.optimizers import canonical_optimizer
 
-    return _OPTIMIZER_ALIASES[options.optimizer.lower()]
+    return canonical_optimizer(options.optimizer)
 
 
 def recorded_defaults(record: Mapping[str, Any] | None) -> str:
@@ -170,13 +170,19 @@ def kohya_class_name(optimizer: str) -> str:
     ``"SGDNesterov"`` → ``"torch.optim.sgd.SGD"``; ``adamw-bf16`` / ``lion-bf16`` (sdadapt's own, no
     kohya class): sdadapt's class, ``"sdadapt.training.optim.AdamW"`` / ``"sdadapt.training.lion.Lion"``.
 
-    Raises:
-        KeyError: a name ``--optimizer`` does not take.
-    """
-    from ..methods.optimizers import _OPTIMIZER_ALIASES
+    An imported optimizer class (kohya's ``module.Class`` / ``torch.optim`` name): where the class is defined, as
+    kohya writes it (``"RAdam"`` → ``"torch.optim.radam.RAdam"``).
 
-    given = optimizer.lower()
-    return _KOHYA_CLASS_NAMES.get(given) or _KOHYA_CLASS_NAMES[_OPTIMIZER_ALIASES[given]]
+    Raises:
+        ValueError: a name ``--optimizer`` does not take.
+    """
+    from ..methods.optimizers import OPTIMIZERS, canonical_optimizer, imported_optimizer_class
+
+    name = canonical_optimizer(optimizer)
+    if name not in OPTIMIZERS:
+        found = imported_optimizer_class(name)
+        return f"{found.__module__}.{found.__name__}"
+    return _KOHYA_CLASS_NAMES.get(optimizer.lower()) or _KOHYA_CLASS_NAMES[name]
 
 
 #: the optimisers estimating one step size for every group (the LRs multiply it), as the notes name
@@ -237,9 +243,9 @@ def prodigy_notes(options: TrainOptions, *, learning_rate: float) -> list[str]:
 def uses_schedule_free(options: TrainOptions) -> bool:
     """Whether the optimiser is schedule-free (kohya's ``AdamWScheduleFree``, ``SGDScheduleFree``): no LR schedule, and
     the weights saved and sampled are its eval-mode average."""
-    from ..methods.optimizers import _SCHEDULE_FREE_OPTIMIZERS
+    from ..methods.optimizers import schedule_free_optimizer
 
-    return _canonical(options) in _SCHEDULE_FREE_OPTIMIZERS
+    return schedule_free_optimizer(_canonical(options))
 
 
 def schedule_free_clashes(options: TrainOptions) -> list[str]:

@@ -67,12 +67,13 @@ from ..training.step import (
 from ..training.torch_lr_schedules import TorchSchedule
 from .optimizers import (
     _OPTIMIZER_ALIASES,
-    _REFUSED_OPTIMIZERS,
-    _SCHEDULE_FREE_OPTIMIZERS,
     _STEP_SIZE_ESTIMATING,
     OPTIMIZERS,
+    canonical_optimizer,
     cuda_graph_clashes,
+    imported_optimizer_class,
     make_optimizer,
+    schedule_free_optimizer,
 )
 from .system import System, system_models, text_encoders
 
@@ -165,7 +166,11 @@ class FitConfig:
             puts it in train mode before each step and in eval mode — the averaged weights — before
             ``on_step`` saves (:meth:`FitProgress.save_state`, :meth:`FitProgress.averaged`,
             :meth:`FitProgress.use_weights`) and when it returns; ``sgd-schedulefree``: the same for
-            :class:`~sdadapt.training.schedule_free.SGDScheduleFree` (kohya's ``SGDScheduleFree``).
+            :class:`~sdadapt.training.schedule_free.SGDScheduleFree` (kohya's ``SGDScheduleFree``). Any other
+            optimiser class, as kohya's ``optimizer_type`` takes it: ``"module.Class"`` (``"came_pytorch.CAME"``) or a
+            ``torch.optim`` class name (``"RAdam"``), built ``Class(groups, lr=..., **optimizer_args)``
+            (:func:`~sdadapt.methods.optimizers.imported_optimizer_class`); eager only (no ``cuda_graph``); a class
+            name ending in ``ScheduleFree`` gets the schedule-free rules above, as kohya's.
         weight_decay: the weight decay; ``None`` (default): the optimiser's own (0.01 for the AdamW
             ones, as ``torch.optim.AdamW``; 0 for Adafactor, Lion, SGD, Prodigy and D-Adaptation, as transformers',
             lion-pytorch's, torch's and prodigyopt's). Decoupled for AdamW and Adafactor, multiplied by the LR
@@ -404,10 +409,9 @@ class FitConfig:
                 and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "adafactor"):
             raise ValueError(f"torch_schedule {self.torch_schedule.name} moves beta1 / momentum, which Adafactor does not "
                              "have (torch refuses the pair too): give cycle_momentum=False")
-        if self.optimizer.lower() in _REFUSED_OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r}: {_REFUSED_OPTIMIZERS[self.optimizer.lower()]}")
-        if self.optimizer.lower() not in _OPTIMIZER_ALIASES:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        name = canonical_optimizer(self.optimizer)  # (a refused kohya name or an unknown one: ValueError)
+        if name not in OPTIMIZERS:
+            imported_optimizer_class(name)  # (kohya's module.Class: importable, an optimizer class)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999; got {self.ema_decay}")
         if self.weight_decay is not None and (isinstance(self.weight_decay, bool) or not self.weight_decay >= 0):
@@ -415,7 +419,7 @@ class FitConfig:
         from ..training.optimizer_args import check_optimizer_args
 
         object.__setattr__(self, "optimizer_args", check_optimizer_args(
-            _OPTIMIZER_ALIASES[self.optimizer.lower()], self.optimizer_args or ()))
+            name, self.optimizer_args or ()))
         if self.scale_weight_norms is not None and (isinstance(self.scale_weight_norms, bool)
                                                     or not 0 < self.scale_weight_norms < math.inf):
             raise ValueError(f"scale_weight_norms must be a number > 0 (the largest ‖ΔW‖ of an adapted layer, e.g. 1.0) "
@@ -428,7 +432,7 @@ class FitConfig:
         if self.gradient_checkpointing_fraction < 1.0 and not self.gradient_checkpointing:
             raise ValueError("gradient_checkpointing_fraction < 1 chooses which blocks gradient checkpointing recomputes; "
                              "set gradient_checkpointing=True too")
-        if self.fused_backward and _OPTIMIZER_ALIASES[self.optimizer.lower()] in _STEP_SIZE_ESTIMATING:
+        if self.fused_backward and name in _STEP_SIZE_ESTIMATING:
             raise ValueError("fused_backward (--fused-backward-pass) steps one block's optimiser at a time, but "
                              f"{self.optimizer}'s step size is estimated from sums over every trained parameter at once; "
                              "leave out fused_backward or use another optimizer")
@@ -487,14 +491,15 @@ class FitConfig:
     def relative_step(self) -> bool:
         """Whether the optimiser takes its own step size (Adafactor with ``relative_step=True``): the
         groups' LRs are then unused."""
-        return (_OPTIMIZER_ALIASES[self.optimizer.lower()] == "adafactor"
+        return (canonical_optimizer(self.optimizer) == "adafactor"
                 and bool(dict(self.optimizer_args).get("relative_step", False)))
 
     @property
     def schedule_free(self) -> bool:
         """Whether the optimiser is schedule-free (``adamw-schedulefree``, ``sgd-schedulefree``): ``fit`` switches it to train
-        mode before each step and to eval mode (the averaged weights) whenever the weights are used."""
-        return _OPTIMIZER_ALIASES[self.optimizer.lower()] in _SCHEDULE_FREE_OPTIMIZERS
+        mode before each step and to eval mode (the averaged weights) whenever the weights are used. An imported
+        optimizer class is schedule-free when its name ends in ``ScheduleFree``, as kohya's rule says."""
+        return schedule_free_optimizer(canonical_optimizer(self.optimizer))
 
     @property
     def _schedule_lr(self) -> float:

@@ -14,11 +14,13 @@ import torch
 # the optimiser names (kohya's spellings are accepted case-insensitively by make_optimizer): their one home is
 # sdadapt.method_tables (torch-free, for the command line's parser), re-exported here
 from ..method_tables import OPTIMIZERS
+from ..training.imported_optimizer import imported_optimizer_class
 
 if TYPE_CHECKING:
     from .fit import FitConfig
 
-__all__ = ["OPTIMIZERS", "cuda_graph_clashes", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "canonical_optimizer", "cuda_graph_clashes", "imported_optimizer_class", "make_optimizer",
+           "schedule_free_optimizer"]
 
 _OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw-8bit": "adamw8bit",
                       "pagedadamw8bit": "adamw8bit", "pagedadamw": "adamw", "pagedadamw32bit": "adamw",
@@ -60,13 +62,43 @@ _CAPTURABLE_OPTIMIZERS = ("adamw", "adamw8bit", "adamw-bf16", "adafactor", "lion
                           "sgd-schedulefree")
 
 
+def canonical_optimizer(given: str, *, option: str = "optimizer") -> str:
+    """An optimiser name as given (``--optimizer``, kohya's ``optimizer_type``, ``FitConfig.optimizer``) -> its name in
+    :data:`OPTIMIZERS` (any kohya spelling, any case), or — kohya's "any optimizer" path — the class as written, case
+    kept: ``"module.Class"`` (``"came_pytorch.CAME"``) or the name of a ``torch.optim`` class (``"RAdam"``), which
+    :func:`imported_optimizer_class` imports.
+
+    Raises:
+        ValueError: a kohya name sdadapt refuses (with the reason and what to use), or a name that is none of these;
+            the message starts with ``option`` (``"--optimizer"`` on the command line).
+    """
+    key = str(given).strip().lower()
+    if key in _OPTIMIZER_ALIASES:
+        return _OPTIMIZER_ALIASES[key]
+    if key in _REFUSED_OPTIMIZERS:
+        raise ValueError(f"{option} {given!r}: {_REFUSED_OPTIMIZERS[key]}")
+    name = str(given).strip()
+    if "." in name.strip(".") or isinstance(getattr(torch.optim, name, None), type):
+        return name
+    raise ValueError(f"{option} must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), a "
+                     f"torch.optim class such as RAdam, or an installed optimizer class as module.Class (kohya's "
+                     f"optimizer_type, e.g. came_pytorch.CAME); got {given!r}")
+
+
+def schedule_free_optimizer(name: str) -> bool:
+    """Whether the optimiser ``name`` (:func:`canonical_optimizer`'s) is schedule-free: ``adamw-schedulefree``,
+    ``sgd-schedulefree``, or an imported class whose name ends in ``ScheduleFree`` (kohya's
+    ``is_schedulefree_optimizer``: ``optimizer_type.lower().endswith("schedulefree")``)."""
+    return name in _SCHEDULE_FREE_OPTIMIZERS or (name not in OPTIMIZERS and name.lower().endswith("schedulefree"))
+
+
 def cuda_graph_clashes(*, fused_backward: bool, mixed_precision: str | None, optimizer: str,
                        compile_backend: str | None = None) -> list[str]:
     """What in a run's options keeps its steps from being captured in CUDA graphs
     (:attr:`FitConfig.cuda_graph`; ``train --cuda-graph`` checks the same before loading the model),
     each named with its ``train`` flag; empty: nothing."""
     name = _OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer)
-    return [what for what, clash in (
+    return [what for what, clash in (  # (an imported optimizer class: not capturable, as any name not listed)
         ("fused_backward (--fused-backward-pass: its optimisers step from Python hooks)", fused_backward),
         ("fp16 mixed precision (its loss scaler reads a value back each step; use bf16)", mixed_precision == "fp16"),
         (f"optimizer {optimizer!r} (use {', '.join(_CAPTURABLE_OPTIMIZERS)})", name not in _CAPTURABLE_OPTIMIZERS),
@@ -113,13 +145,19 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     :class:`~sdadapt.training.dadapt.DAdaptLion` (dadaptation 3.2's algorithms), built as ``prodigy``;
     ``dadapt-adam-preprint`` (kohya's ``DAdaptation``) :class:`~sdadapt.training.dadapt.DAdaptAdamPreprint`.
 
+    An imported optimiser class (:func:`canonical_optimizer`: ``module.Class`` or a ``torch.optim`` name) is built as
+    kohya builds it, ``Class(groups, lr=config.learning_rate, **optimizer_args)`` (and ``weight_decay`` when given):
+    eagerly, its own dtype handling (torch's write bf16 weights back rounded to nearest), never captured.
+
     Raises:
         InputError: ``sgd-nesterov`` over bf16 or fp16 parameters."""
     from ..training.optimizer_args import SGD_NESTEROV_MOMENTUM, optimizer_kwargs
 
-    name = _OPTIMIZER_ALIASES[config.optimizer.lower()]
+    name = canonical_optimizer(config.optimizer)
     decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
     options = {**decay, **optimizer_kwargs(config.optimizer_args)}
+    if name not in OPTIMIZERS:  # (its arguments as kohya passes them: literal_eval's values, ints kept)
+        return imported_optimizer_class(name)(groups, lr=config.learning_rate, **{**decay, **dict(config.optimizer_args)})
     bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
     fp16 = any(p.dtype == torch.float16 for group in groups for p in group["params"])  # (--full-fp16)
     foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])

@@ -184,7 +184,8 @@ def optimizer_kwargs(args: OptimizerArgs | Mapping[str, Any]) -> dict[str, Any]:
 
 def check_optimizer_args(optimizer: str, args: OptimizerArgs | Mapping[str, Any] | Iterable[tuple[str, Any]],
                          *, where: str = "optimizer_args") -> OptimizerArgs:
-    """``args`` for the optimiser ``optimizer`` (a canonical name of :data:`OPTIMIZER_ARG_KEYS`),
+    """``args`` for the optimiser ``optimizer`` (a canonical name of :data:`OPTIMIZER_ARG_KEYS`, or an imported class
+    as kohya's ``optimizer_type`` names one: ``module.Class`` / a ``torch.optim`` name, whose keys are its own),
     checked: known keys, values of the right type, and values the constructor accepts (it is built
     once on a one-element probe tensor).
 
@@ -195,8 +196,14 @@ def check_optimizer_args(optimizer: str, args: OptimizerArgs | Mapping[str, Any]
         ValueError: an unknown key (the message lists the keys this optimiser takes), a value of the
             wrong type, or one the optimiser refuses (its own message), each naming ``where``.
     """
+    imported = None
     if optimizer not in OPTIMIZER_ARG_KEYS:
-        raise ValueError(f"{where}: unknown optimizer {optimizer!r}; one of {', '.join(OPTIMIZER_ARG_KEYS)}")
+        if "." not in optimizer and not isinstance(getattr(torch.optim, optimizer, None), type):
+            raise ValueError(f"{where}: unknown optimizer {optimizer!r}; one of {', '.join(OPTIMIZER_ARG_KEYS)}, a "
+                             "torch.optim class or an installed module.Class")
+        from .imported_optimizer import imported_optimizer_class
+
+        imported = imported_optimizer_class(optimizer)  # (kohya's any-optimizer path: its arguments are its own)
     items = args.items() if isinstance(args, Mapping) else args
     pairs: list[tuple[str, Any]] = []
     for item in items:
@@ -206,6 +213,14 @@ def check_optimizer_args(optimizer: str, args: OptimizerArgs | Mapping[str, Any]
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{where}: a key is given twice in {keys}")
+    if imported is not None:  # (built once on a probe, with or without arguments: what its constructor refuses)
+        kwargs = dict(pairs)  # (as kohya passes them: literal_eval's values, ints kept)
+        try:
+            imported([torch.zeros(1, requires_grad=True)], lr=1e-3, **kwargs)
+        except (ValueError, TypeError) as exc:
+            shown = ",".join(f"{k}={v}" for k, v in kwargs.items())
+            raise ValueError(f"{where}: {optimizer}({shown}) refuses to build: {exc}") from None
+        return tuple(pairs)
     allowed = OPTIMIZER_ARG_KEYS[optimizer]
     unknown = [k for k in keys if k not in allowed]
     if unknown:
