@@ -271,6 +271,30 @@ def test_convert_both_ways_keeps_the_edm_keys_and_diffusers_reads_both(files, sy
     assert torch.allclose(folder.sample(["a"], **options), system.sample(["a"], **options), atol=1e-5)
 
 
+def test_a_file_sdadapt_writes_keeps_an_edm_models_own_scheduler(files, tmp_path):
+    """An EDM folder whose scheduler is not Playground's (Euler, σ_max 120, exponential grid) written as one file and
+    read back: the file's ``sdadapt.configs`` holds its scheduler config, which wins over Playground's (the σ range
+    and grid change every sample; other tools assume Playground's). A file without it is read as Playground's."""
+    from sdadapt.diffusers_system import DiffusersSystem
+
+    pg, _ = files
+    assert _convert(pg, "--to", "diffusers", "-o", tmp_path / "folder") == 0
+    path = tmp_path / "folder" / "scheduler" / "scheduler_config.json"
+    own = {**json.loads(path.read_text()), "_class_name": "EDMEulerScheduler", "sigma_max": 120.0,
+           "sigma_schedule": "exponential"}
+    path.write_text(json.dumps(own))
+    folder = DiffusersSystem.from_folder(tmp_path / "folder")
+    assert _convert(tmp_path / "folder", "--to", "ldm", "-o", tmp_path / "own.safetensors") == 0
+    back = DiffusersSystem.from_single_file(tmp_path / "own.safetensors")
+    assert back.scheduler_config == folder.scheduler_config and back.edm == folder.edm and back.edm.sigma_max == 120.0
+    options = dict(steps=3, guidance=2.0, height=16, width=16, output="latents")
+    want = folder.sample(["a"], **options)
+    assert torch.allclose(back.sample(["a"], **options), want, atol=1e-5)
+    playground = DiffusersSystem.from_single_file(pg)  # (the same weights, no configs: Playground's scheduler)
+    assert playground.scheduler_config["sigma_max"] == 80.0
+    assert (playground.sample(["a"], **options) - want).abs().max() > 1e-2  # (the scheduler read matters)
+
+
 def test_bad_edm_inputs_are_refused_by_name(files, system, tmp_path):
     from sdadapt.diffusers_system import DiffusersSystem
     from sdadapt.formats.single_file import read_single_file

@@ -68,6 +68,14 @@ def test_read_markers_takes_the_keys_whatever_their_shape_and_refuses_edm_v():
                                               r"v-prediction model \(CosXL's formulation, σ_max 120\)"):
         read_markers({**state, "edm_vpred.sigma_max": torch.tensor(120.0), "edm_vpred.sigma_min": torch.tensor(0.002)},
                      source="f.safetensors")
+    # (ComfyUI's CheckpointSave of a Playground v2.5 model: the markers at Playground's σ range, no edm_mean / edm_std)
+    with pytest.raises(WeightFileError, match=r"σ_max 80\); .*0.002-80 is Playground v2.5's range.*put back edm_mean") as caught:
+        read_markers({**state, "edm_vpred.sigma_max": torch.tensor(80.0), "edm_vpred.sigma_min": torch.tensor(0.002)},
+                     source="f.safetensors")
+    with pytest.raises(WeightFileError) as cosxl:
+        read_markers({**state, "edm_vpred.sigma_max": torch.tensor(120.0), "edm_vpred.sigma_min": torch.tensor(0.001)},
+                     source="f.safetensors")
+    assert "Playground" in str(caught.value) and "put back" not in str(cosxl.value)
     written = marker_tensors(architecture="sdxl", v_prediction=True, zero_terminal_snr=True)
     assert list(written) == ["v_pred", "ztsnr"]
     assert all(t.dtype == torch.float32 and t.shape == (0,) for t in written.values())  # (ComfyUI's torch.tensor([]))

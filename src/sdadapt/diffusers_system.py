@@ -500,10 +500,12 @@ class DiffusersSystem(nn.Module):
         schedule = {**(SDXL_SCHEDULE if architecture == "sdxl" else SD_SCHEDULE), "prediction_type": prediction}
         if getattr(checkpoint, "zero_terminal_snr", False):  # (its ztsnr marker: sdadapt.formats.prediction_markers)
             schedule["rescale_betas_zero_snr"] = True
-        if stats is not None:  # (diffusers' scheduler config of a Playground v2.5 file)
-            from .formats.edm import PLAYGROUND_SCHEDULER
+        if stats is not None:  # (diffusers' scheduler config of a Playground v2.5 file; sdadapt's own files say theirs)
+            from .formats.edm import PLAYGROUND_SCHEDULER, is_edm_scheduler
 
-            schedule = {**PLAYGROUND_SCHEDULER, **({"prediction_type": prediction_type} if prediction_type else {})}
+            written = configs.get("scheduler")
+            schedule = {**(written if isinstance(written, dict) and is_edm_scheduler(written) else PLAYGROUND_SCHEDULER),
+                        **({"prediction_type": prediction_type} if prediction_type else {})}
         system = cls(unet, vae, text_encoder, None if refiner else first, schedule, clip_skip=clip_skip, source=checkpoint.path,
                      max_token_length=max_token_length, **extra)
         if unclip is not None:
@@ -597,6 +599,8 @@ class DiffusersSystem(nn.Module):
         architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
                         "sdxl": "stable-diffusion-xl-v1-refiner" if self.is_refiner else "stable-diffusion-xl-v1-base"}
         configs = {name: _plain_config(module.config) for name, module in self.components().items()}
+        if self.edm is not None:  # (an EDM model's σ range, σ_data, grid: other tools assume Playground's, sdadapt reads these)
+            configs["scheduler"] = dict(self.scheduler_config)
         implementation = {"sd1": "https://github.com/CompVis/stable-diffusion",
                           "sdxl": "https://github.com/Stability-AI/generative-models"}
         meta = {

@@ -59,11 +59,19 @@ def read_markers(state: Mapping[str, Tensor], *, source: object) -> tuple[frozen
     """
     edm_v = [key for key in EDM_V_KEYS if key in state]
     if edm_v:
-        sigma_max = state.get(EDM_V_KEYS[0])
-        value = f", σ_max {float(sigma_max.reshape(-1)[0]):g}" if sigma_max is not None and sigma_max.numel() else ""
+        sigma_max, sigma_min = (state.get(key) for key in EDM_V_KEYS)
+        top = float(sigma_max.reshape(-1)[0]) if sigma_max is not None and sigma_max.numel() else None
+        low = float(sigma_min.reshape(-1)[0]) if sigma_min is not None and sigma_min.numel() else None
+        value = f", σ_max {top:g}" if top is not None else ""
+        # (ComfyUI's CheckpointSave writes these markers for every EDM model, its Playground class being one of its
+        # v-prediction ones, and no edm_mean / edm_std: Playground's σ range 0.002-80 says which model it was)
+        playground = ("; σ 0.002-80 is Playground v2.5's range: a Playground model saved by ComfyUI loses its latent "
+                      "statistics, so put back edm_mean / edm_std (ComfyUI's latent_formats.SDXL_Playground_2_5) and "
+                      "remove the two markers to read it here" if top is not None and low is not None
+                      and abs(top - 80.0) < 1e-3 and abs(low - 0.002) < 1e-7 else "")
         raise WeightFileError(f"{source}: {' / '.join(edm_v)}: an EDM v-prediction model (CosXL's formulation{value}); "
                               "sdadapt samples EDM models in Playground v2.5's formulation only (edm_mean / edm_std), "
-                              "so this file is not read: use ComfyUI for it")
+                              f"so this file is not read: use ComfyUI for it{playground}")
     markers = frozenset(key for key in (V_PRED_KEY, ZTSNR_KEY) if key in state)
     if not markers:
         return markers, dict(state)
