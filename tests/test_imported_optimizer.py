@@ -154,3 +154,24 @@ def test_a_fused_backward_full_finetune_with_an_imported_class_is_the_usual_loop
             fused_backward=fused, step=StepConfig(max_grad_norm=None)))
         runs.append([p.detach().clone() for p in adaptation.params])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_kohyas_names_without_an_sdadapt_implementation_build_the_packages_class():
+    """kohya's ``RAdamScheduleFree`` / ``DAdaptAdaGrad`` ... are its packages' classes: built so (schedulefree's
+    RAdamScheduleFree gets the schedule-free rules; dadaptation's estimate one step size, so the groups' LRs must
+    agree, as for sdadapt's DAdaptAdam); ``ss_optimizer`` names the class as kohya does."""
+    schedulefree = pytest.importorskip("schedulefree")
+    pytest.importorskip("dadaptation")
+    from sdadapt.jobs import TrainOptions
+    from sdadapt.jobs.train_optimizer import kohya_class_name, prodigy_clashes
+
+    p = nn.Parameter(torch.zeros(3))
+    config = FitConfig(optimizer="RAdamScheduleFree", optimizer_args={"betas": (0.8, 0.99)})
+    opt = make_optimizer([{"params": [p]}], config)
+    assert type(opt) is schedulefree.RAdamScheduleFree and opt.param_groups[0]["betas"] == (0.8, 0.99)
+    assert config.schedule_free and kohya_class_name("RAdamScheduleFree") == \
+        f"{schedulefree.RAdamScheduleFree.__module__}.RAdamScheduleFree"
+    with pytest.raises(ValueError, match="DAdaptSGD estimates one step size .*--text-encoder-lr 0.5"):
+        TrainOptions(images=".", optimizer="DAdaptSGD", learning_rate=1.0, text_encoder_lr=0.5)
+    assert not prodigy_clashes(TrainOptions(images=".", optimizer="DAdaptSGD", learning_rate=1.0))
+    assert kohya_class_name("DAdaptSGD") == "dadaptation.dadapt_sgd.DAdaptSGD"

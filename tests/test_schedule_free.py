@@ -555,7 +555,6 @@ def test_fit_builds_schedule_free_optimizers_for_their_names(name, cls):
     ({"optimizer_args": {"warmup_steps": 1.5}}, "warmup_steps of adamw-schedulefree must be a whole number"),
     ({"optimizer_args": {"betas": (0.0, 0.9)}}, "betas"),
     ({"optimizer_args": {"foreach": True}}, "not an argument"),
-    ({"optimizer": "RAdamScheduleFree"}, "RAdamScheduleFree is not in sdadapt"),
     ({"optimizer": "SGDScheduleFree", "optimizer_args": {"momentum": 1.0}}, "momentum must be in"),
     ({"optimizer": "SGDScheduleFree", "optimizer_args": {"betas": (0.9, 0.99)}}, "not an argument"),
 ])

@@ -211,7 +211,9 @@ def prodigy_clashes(options: TrainOptions) -> list[str]:
     LoRA+ ratios.
     The same for D-Adaptation (``dadapt-adam``, ``dadapt-lion``, ``dadapt-adam-preprint``: dadaptation raises
     the same way)."""
-    if _canonical(options) not in _ESTIMATING:
+    from ..methods.optimizers import estimates_step_size
+
+    if not estimates_step_size(_canonical(options)):
         return []
     clashes = []
     unet = options.unet_lr if options.unet_lr is not None else options.learning_rate
@@ -228,9 +230,13 @@ def prodigy_notes(options: TrainOptions, *, learning_rate: float) -> list[str]:
     """Run-report lines for Prodigy: its learning rate multiplies the step size it estimates (``d``),
     and kohya's warning when that multiplier is ``≤ 0.1`` (D-Adaptation / Prodigy want about 1.0).
     The same for D-Adaptation's DAdaptAdam, DAdaptLion and DAdaptAdamPreprint (kohya's ``DAdaptation``)."""
-    if _canonical(options) not in _ESTIMATING:
+    from ..methods.optimizers import estimates_step_size
+
+    canonical = _canonical(options)
+    if not estimates_step_size(canonical):
         return []
-    name, package, instead = _ESTIMATING[_canonical(options)]
+    name, package, instead = _ESTIMATING.get(canonical) or (  # (kohya's DAdaptAdaGrad ...: dadaptation's own class)
+        canonical.rpartition(".")[2], "dadaptation", "lower it only if training is unstable")
     notes = [(f"{name} estimates its own step size d (starting at d0, 1e-6 unless --optimizer-args say d0=...); "
               f"the learning rate {learning_rate:g} multiplies it (the step is d × lr; kohya and {package} advise "
               "1.0), and the schedule scales that product")]
@@ -265,10 +271,14 @@ def schedule_free_notes(options: TrainOptions, given: OptimizerArgs) -> list[str
     weights the samples and saves hold (``given``: ``--optimizer-args``, checked)."""
     if not uses_schedule_free(options):
         return []
+    from ..methods.optimizers import OPTIMIZERS
+
     warmup = dict(given).get("warmup_steps", 0)
-    notes = [(f"{options.optimizer} is schedule-free: a constant learning rate with the optimiser's own warm-up (--optimizer-args "
-              f"warmup_steps=N{f', here {warmup}' if warmup else ''}); samples, saves and the state hold its eval-mode "
-              "weights (the average of the steps), as kohya's optimizer_eval_fn")]
+    own = _canonical(options) in OPTIMIZERS  # (an imported class: its own arguments, RAdamScheduleFree has no warm-up)
+    warm_up = (f" with the optimiser's own warm-up (--optimizer-args warmup_steps=N{f', here {warmup}' if warmup else ''})"
+               if own else "")
+    notes = [(f"{options.optimizer} is schedule-free: a constant learning rate{warm_up}; samples, saves and the state "
+              "hold its eval-mode weights (the average of the steps), as kohya's optimizer_eval_fn")]
     unused = [f"{flag} {value}" for flag, value in (
         ("--lr-scheduler", options.lr_scheduler if options.lr_scheduler != "cosine" else None),  # (not the default)
         ("--lr-warmup-steps", options.lr_warmup_steps or None)) if value is not None]

@@ -67,10 +67,10 @@ from ..training.step import (
 from ..training.torch_lr_schedules import TorchSchedule
 from .optimizers import (
     _OPTIMIZER_ALIASES,
-    _STEP_SIZE_ESTIMATING,
     OPTIMIZERS,
     canonical_optimizer,
     cuda_graph_clashes,
+    estimates_step_size,
     imported_optimizer_class,
     make_optimizer,
     schedule_free_optimizer,
@@ -432,7 +432,7 @@ class FitConfig:
         if self.gradient_checkpointing_fraction < 1.0 and not self.gradient_checkpointing:
             raise ValueError("gradient_checkpointing_fraction < 1 chooses which blocks gradient checkpointing recomputes; "
                              "set gradient_checkpointing=True too")
-        if self.fused_backward and name in _STEP_SIZE_ESTIMATING:
+        if self.fused_backward and estimates_step_size(name):
             raise ValueError("fused_backward (--fused-backward-pass) steps one block's optimiser at a time, but "
                              f"{self.optimizer}'s step size is estimated from sums over every trained parameter at once; "
                              "leave out fused_backward or use another optimizer")

@@ -19,8 +19,8 @@ from ..training.imported_optimizer import imported_optimizer_class
 if TYPE_CHECKING:
     from .fit import FitConfig
 
-__all__ = ["OPTIMIZERS", "canonical_optimizer", "cuda_graph_clashes", "imported_optimizer_class", "make_optimizer",
-           "schedule_free_optimizer"]
+__all__ = ["OPTIMIZERS", "canonical_optimizer", "cuda_graph_clashes", "estimates_step_size", "imported_optimizer_class",
+           "make_optimizer", "schedule_free_optimizer"]
 
 _OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": "adamw8bit", "adamw-8bit": "adamw8bit",
                       "pagedadamw8bit": "adamw8bit", "pagedadamw": "adamw", "pagedadamw32bit": "adamw",
@@ -40,20 +40,16 @@ _OPTIMIZER_ALIASES = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adamw_8bit": 
 _SCHEDULE_FREE_OPTIMIZERS = ("adamw-schedulefree", "sgd-schedulefree")
 #: the optimisers that estimate one step size for all parameter groups (their LRs multiply it)
 _STEP_SIZE_ESTIMATING = ("prodigy", "dadapt-adam", "dadapt-lion", "dadapt-adam-preprint")
-_DADAPT_OTHERS = ("sdadapt has D-Adaptation's Adam and Lion (DAdaptAdam, DAdaptAdamPreprint = kohya's DAdaptation, "
-                  "DAdaptLion) and Prodigy (the same authors' successor, usually preferred); use "
-                  "optimizer_type = \"DAdaptAdam\" or \"Prodigy\"")
 #: kohya optimiser names refused, with the reason and what to use (lower case)
 _REFUSED_OPTIMIZERS = {"sgdnesterov8bit": (
     "SGDNesterov8bit is bitsandbytes' SGD with an 8-bit momentum, which sdadapt does not have; use SGDNesterov "
     "(the same update, a float32 momentum: 4 bytes per parameter) or Lion8bit (sdadapt's Lion with a bfloat16 "
-    "momentum: 2 bytes per parameter)"),
-    "dadaptadagrad": "DAdaptAdaGrad is not in sdadapt; " + _DADAPT_OTHERS,
-    "dadaptadan": "DAdaptAdan is not in sdadapt; " + _DADAPT_OTHERS,
-    "dadaptadanip": "DAdaptAdanIP (dadaptation's experimental Adan) is not in sdadapt; " + _DADAPT_OTHERS,
-    "dadaptsgd": "DAdaptSGD is not in sdadapt; " + _DADAPT_OTHERS,
-    "radamschedulefree": ("RAdamScheduleFree is not in sdadapt; use AdamWScheduleFree with optimizer_args "
-                          "warmup_steps=N (RAdam's rectification stands in for that warm-up) or SGDScheduleFree")}
+    "momentum: 2 bytes per parameter)")}
+#: kohya optimiser names sdadapt has no implementation of, built as kohya builds them: the package's own class
+#: (the imported-class path, :func:`imported_optimizer_class`; the package must be installed, as for kohya)
+_KOHYA_IMPORTED = {"dadaptadagrad": "dadaptation.DAdaptAdaGrad", "dadaptadan": "dadaptation.DAdaptAdan",
+                   "dadaptadanip": "dadaptation.experimental.DAdaptAdanIP", "dadaptsgd": "dadaptation.DAdaptSGD",
+                   "radamschedulefree": "schedulefree.RAdamScheduleFree"}
 #: bitsandbytes' ``min_8bit_size``: its 8-bit optimisers keep the state of smaller tensors in float32
 BNB_MIN_8BIT_SIZE = 4096
 #: the optimisers ``FitConfig.cuda_graph`` can capture (built ``capturable=True``)
@@ -75,6 +71,8 @@ def canonical_optimizer(given: str, *, option: str = "optimizer") -> str:
     key = str(given).strip().lower()
     if key in _OPTIMIZER_ALIASES:
         return _OPTIMIZER_ALIASES[key]
+    if key in _KOHYA_IMPORTED:  # (kohya's DAdaptAdaGrad, RAdamScheduleFree ...: the package's class, as kohya's)
+        return _KOHYA_IMPORTED[key]
     if key in _REFUSED_OPTIMIZERS:
         raise ValueError(f"{option} {given!r}: {_REFUSED_OPTIMIZERS[key]}")
     name = str(given).strip()
@@ -83,6 +81,13 @@ def canonical_optimizer(given: str, *, option: str = "optimizer") -> str:
     raise ValueError(f"{option} must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), a "
                      f"torch.optim class such as RAdam, or an installed optimizer class as module.Class (kohya's "
                      f"optimizer_type, e.g. came_pytorch.CAME); got {given!r}")
+
+
+def estimates_step_size(name: str) -> bool:
+    """Whether the optimiser ``name`` (:func:`canonical_optimizer`'s) estimates one step size for every parameter group
+    (the groups' LRs multiply it and must be equal or 0): Prodigy and D-Adaptation, sdadapt's or dadaptation's own
+    classes (kohya's ``DAdaptAdaGrad`` ...)."""
+    return name in _STEP_SIZE_ESTIMATING or name.startswith("dadaptation.")
 
 
 def schedule_free_optimizer(name: str) -> bool:
