@@ -16,7 +16,7 @@ from sdadapt.toy.evaluate import concept_data
 from sdadapt.training import step_capture
 
 __all__ = ["Run", "assert_cuda_graph_run_trains_as_eager", "capturable_optimizers", "spy_on_built_optimizers",
-           "spy_on_captured_steps", "straight_and_resumed", "toy_lora_fit", "toy_lora_run"]
+           "spy_on_captured_steps", "straight_and_resumed", "toy_lora_fit", "toy_lora_run", "usual_and_fused_full_finetune"]
 
 #: (the losses, CPU copies of the LoRA's parameters) of one run
 Run = tuple[list[float], list[torch.Tensor]]
@@ -39,6 +39,20 @@ def straight_and_resumed(config: FitConfig, folder: Path, *, at: int = 2) -> tup
     ``toy_lora_run(config)`` resumed from that state: (losses, weights) of each."""
     straight = toy_lora_run(config, on_step=lambda info: info.save_state(folder) if info.step == at else None)
     return straight, toy_lora_run(config, resume=folder)
+
+
+def usual_and_fused_full_finetune(config: FitConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The toy's full fine-tune (a fresh toy, seed 1) over 4 "cross" concept images (seed 0) with ``config``, once
+    as given and once with ``fused_backward=True`` (one optimiser per block stepped inside backward): clones of the
+    trained parameters of each run."""
+    images, captions = concept_data("cross", 4, seed=0)
+    runs = []
+    for fused in (False, True):
+        system = build_toy(seed=1)
+        adaptation = METHODS["full"].adapt(system, seed=1)
+        fit(system, adaptation, images, captions, config=dataclasses.replace(config, fused_backward=fused))
+        runs.append([p.detach().clone() for p in adaptation.params])
+    return runs[0], runs[1]
 
 
 def spy_on_built_optimizers(monkeypatch) -> list[torch.optim.Optimizer]:

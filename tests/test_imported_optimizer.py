@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fit_runs import straight_and_resumed, toy_lora_run
+from fit_runs import straight_and_resumed, toy_lora_run, usual_and_fused_full_finetune
 from safetensors import safe_open
 from torch import nn
 
@@ -139,21 +139,12 @@ def test_the_train_command_and_a_kohya_config_take_an_optimizer_class(three_shap
 def test_a_fused_backward_full_finetune_with_an_imported_class_is_the_usual_loop_bit_for_bit():
     """One ``torch.optim.RAdam`` per block stepped inside backward (``--fused-backward-pass``) == one after backward:
     RAdam is per-parameter."""
-    from sdadapt.methods import METHODS, fit
-    from sdadapt.toy import build_toy
-    from sdadapt.toy.evaluate import concept_data
     from sdadapt.training.step import StepConfig
 
-    images, captions = concept_data("cross", 4, seed=0)
-    runs = []
-    for fused in (False, True):
-        system = build_toy(seed=1)
-        adaptation = METHODS["full"].adapt(system, seed=1)
-        fit(system, adaptation, images, captions, config=FitConfig(
-            steps=2, batch_size=2, learning_rate=1e-3, optimizer="RAdam", optimizer_args={"weight_decay": 0.1},
-            fused_backward=fused, step=StepConfig(max_grad_norm=None)))
-        runs.append([p.detach().clone() for p in adaptation.params])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    usual, fused = usual_and_fused_full_finetune(FitConfig(
+        steps=2, batch_size=2, learning_rate=1e-3, optimizer="RAdam", optimizer_args={"weight_decay": 0.1},
+        step=StepConfig(max_grad_norm=None)))
+    assert all(torch.equal(a, b) for a, b in zip(usual, fused))
 
 
 def test_kohyas_names_without_an_sdadapt_implementation_build_the_packages_class():

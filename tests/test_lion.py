@@ -12,6 +12,7 @@ from fit_runs import (
     assert_cuda_graph_run_trains_as_eager,
     straight_and_resumed,
     toy_lora_run,
+    usual_and_fused_full_finetune,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,11 +22,9 @@ from optimizer_states import assert_same_optimizer_state
 from torch import nn
 from toy_steps import assert_train_steps_read_nothing_back, toy_lora_step
 
-from sdadapt.methods import METHODS, FitConfig, fit
+from sdadapt.methods import FitConfig
 from sdadapt.methods.fit import cuda_graph_clashes, make_optimizer
 from sdadapt.methods.optimizers import _CAPTURABLE_OPTIMIZERS
-from sdadapt.toy import build_toy
-from sdadapt.toy.evaluate import concept_data
 from sdadapt.training.host_syncs import HostSyncs
 from sdadapt.training.lion import Lion
 from sdadapt.training.optim import set_lr
@@ -268,16 +267,10 @@ def test_fit_resumes_a_lion_run_bit_for_bit(tmp_path):
 def test_a_fused_backward_full_finetune_with_lion_is_the_usual_loop_bit_for_bit():
     """One Lion per block stepped inside backward (--fused-backward-pass) == one Lion after backward:
     Lion is per-parameter, and float32 momenta draw no random numbers."""
-    images, captions = concept_data("cross", 4, seed=0)
-    runs = []
-    for fused in (False, True):
-        system = build_toy(seed=1)
-        adaptation = METHODS["full"].adapt(system, seed=1)
-        fit(system, adaptation, images, captions, config=FitConfig(
-            steps=3, batch_size=2, learning_rate=1e-3, optimizer="lion", optimizer_args={"weight_decay": 0.1},
-            fused_backward=fused, step=StepConfig(max_grad_norm=None)))
-        runs.append(adaptation.params)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    usual, fused = usual_and_fused_full_finetune(FitConfig(
+        steps=3, batch_size=2, learning_rate=1e-3, optimizer="lion", optimizer_args={"weight_decay": 0.1},
+        step=StepConfig(max_grad_norm=None)))
+    assert all(torch.equal(a, b) for a, b in zip(usual, fused))
 
 
 # ------------------------------------------------------------------------------------ wiring
