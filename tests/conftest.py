@@ -17,11 +17,19 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 # bytecode caches, kept out of the tree: with PYTHONDONTWRITEBYTECODE set (as on the CI machine) each xdist worker and
 # each subprocess a test starts compiled sdadapt's modules (and pytest the test files) again — ~1.5 s a CLI subprocess;
 # tests/test_cli_inspect_many.py took 29 s instead of 9. They go under the temp folder (PYTHONPYCACHEPREFIX) instead.
+# The folder is this user's own (made 0700, used only when this user owns it): nobody else's .pyc files get in.
+_PYCACHE = Path(tempfile.gettempdir()) / f"sdadapt-tests-pycache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 if sys.dont_write_bytecode:
-    sys.dont_write_bytecode = False
-    sys.pycache_prefix = str(Path(tempfile.gettempdir()) / "sdadapt-tests-pycache")
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
+    try:
+        _PYCACHE.mkdir(mode=0o700, exist_ok=True)
+        _OWN = not hasattr(os, "getuid") or _PYCACHE.stat().st_uid == os.getuid()
+    except OSError:  # (a read-only temp folder: no caches, as the environment asked)
+        _OWN = False
+    if _OWN:
+        sys.dont_write_bytecode = False
+        sys.pycache_prefix = str(_PYCACHE)
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix
 
 # the same for the subprocesses tests start (examples, the CLI, torchrun): on a busy 2-core machine a child
 # with torch's default thread pool ran a tiny example ~10x slower than with one thread (4 min against 22 s)

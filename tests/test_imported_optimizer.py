@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fit_runs import straight_and_resumed, toy_lora_run, usual_and_fused_full_finetune
+from fit_runs import straight_and_resumed, toy_lora_run
 from safetensors import safe_open
 from torch import nn
 
@@ -100,6 +100,7 @@ def test_a_class_named_schedule_free_gets_the_schedule_free_rules():
     ("RAdam", {"no_such_argument": 1}, r"RAdam\(no_such_argument=1\) refuses to build"),
     (f"{HERE}.SignMomentum", {"every": 2.0}, "every must be a whole number"),
     ("NoSuchOptimizer", {}, "a torch.optim class such as RAdam, or an installed optimizer class as module.Class"),
+    ("torch..optim.RAdam", {}, "a torch.optim class such as RAdam"),
 ])
 def test_what_cannot_be_built_is_refused_before_training(name, args, words):
     with pytest.raises(ValueError, match=words):
@@ -136,15 +137,32 @@ def test_the_train_command_and_a_kohya_config_take_an_optimizer_class(three_shap
     assert code == 2 and "cannot import no_such_optimizer_package" in err and not (tmp_path / "c.safetensors").exists()
 
 
-def test_a_fused_backward_full_finetune_with_an_imported_class_is_the_usual_loop_bit_for_bit():
-    """One ``torch.optim.RAdam`` per block stepped inside backward (``--fused-backward-pass``) == one after backward:
-    RAdam is per-parameter."""
-    from sdadapt.training.step import StepConfig
+def test_an_imported_class_is_not_fused_into_backward_and_its_weight_decay_is_probed():
+    """One optimiser per block (``--fused-backward-pass``) is right only for a per-parameter optimiser, which an
+    imported class need not be (prodigyopt's Prodigy sums over every parameter): refused, as kohya fuses Adafactor
+    only. ``weight_decay`` given outside the arguments reaches the probe as it reaches the class: Rprop has none."""
+    from sdadapt.jobs import TrainOptions
 
-    usual, fused = usual_and_fused_full_finetune(FitConfig(
-        steps=2, batch_size=2, learning_rate=1e-3, optimizer="RAdam", optimizer_args={"weight_decay": 0.1},
-        step=StepConfig(max_grad_norm=None)))
-    assert all(torch.equal(a, b) for a, b in zip(usual, fused))
+    with pytest.raises(ValueError, match="fused_backward .* imported class"):
+        FitConfig(optimizer="RAdam", fused_backward=True)
+    with pytest.raises(ValueError, match="--fused-backward-pass .* imported class"):
+        TrainOptions(images=".", optimizer="RAdam", fused_backward_pass=True, max_grad_norm=0)
+    with pytest.raises(ValueError, match=r"Rprop\(weight_decay=0.01\) refuses to build"):
+        FitConfig(optimizer="Rprop", weight_decay=0.01)
+    with pytest.raises(ValueError, match=r"Rprop\(weight_decay=0.01\) refuses to build"):
+        TrainOptions(images=".", optimizer="Rprop", weight_decay=0.01)
+    assert FitConfig(optimizer="RAdam", weight_decay=0.01).weight_decay == 0.01
+
+
+def test_an_imported_class_with_a_train_mode_starts_in_it_as_kohyas():
+    """kohya's ``get_optimizer`` calls ``train()`` on any optimiser that has one (schedulefree's ``…Reference``
+    classes refuse a step outside train mode)."""
+    schedulefree = pytest.importorskip("schedulefree")
+    p = nn.Parameter(torch.zeros(3))
+    opt = make_optimizer([{"params": [p]}], FitConfig(optimizer="schedulefree.SGDScheduleFreeReference"))
+    p.grad = torch.ones(3)
+    opt.step()  # (raises "Optimizer was not in train mode" when built without train())
+    assert isinstance(opt, schedulefree.SGDScheduleFreeReference) and not torch.equal(p, torch.zeros(3))
 
 
 def test_kohyas_names_without_an_sdadapt_implementation_build_the_packages_class():
@@ -166,3 +184,6 @@ def test_kohyas_names_without_an_sdadapt_implementation_build_the_packages_class
         TrainOptions(images=".", optimizer="DAdaptSGD", learning_rate=1.0, text_encoder_lr=0.5)
     assert not prodigy_clashes(TrainOptions(images=".", optimizer="DAdaptSGD", learning_rate=1.0))
     assert kohya_class_name("DAdaptSGD") == "dadaptation.dadapt_sgd.DAdaptSGD"
+    pytest.importorskip("prodigyopt")  # (prodigyopt's own class given by its path: the same rule as sdadapt's prodigy)
+    with pytest.raises(ValueError, match="prodigyopt.Prodigy estimates one step size"):
+        TrainOptions(images=".", optimizer="prodigyopt.Prodigy", learning_rate=1.0, text_encoder_lr=0.5)

@@ -328,6 +328,8 @@ def test_other_algos_and_bad_input(tmp_path):
         kohya_network.create_network(1.0, 4, 1.0, None, te, unet, rank_dropout="half")
     with pytest.raises(InputError, match="network_args conv_dim='x' is not a valid int"):  # (kohya's name, not conv_rank)
         kohya_network.create_network(1.0, 4, 1.0, None, te, unet, conv_dim="x")
+    with pytest.raises(InputError, match="network_args conv_rank='x' is not a valid int"):  # (as written)
+        kohya_network.create_network(1.0, 4, 1.0, None, te, unet, conv_rank="x")
     network = kohya_network.create_network(1.0, 4, 1.0, None, te, tiny_unet_sd1())
     with pytest.raises(InputError, match="apply_to"):
         network.save_weights(tmp_path / "x.safetensors", None, {})

@@ -95,19 +95,19 @@ def _method_of(kwargs: Mapping[str, Any]) -> str:
     return algo
 
 
-def _typed(option, text: str) -> Any:
-    """A ``network_args`` value (text) through the method option's type; booleans as kohya's configs write them."""
+def _typed(option, text: str, spelling: str | None = None) -> Any:
+    """A ``network_args`` value (text) through the method option's type; booleans as kohya's configs write them.
+    ``spelling``: the key as the user wrote it (kohya's ``conv_dim`` for sdadapt's ``conv_rank``), for messages."""
     if option.type is bool:
         lowered = text.strip().lower()
         if lowered in ("true", "1", "yes", "on"):
             return True
         if lowered in ("false", "0", "no", "off", "none", ""):
             return False
-        raise InputError(f"network_args {option.name}={text!r}: write true or false")
+        raise InputError(f"network_args {spelling or option.name}={text!r}: write true or false")
     try:
         return option.type(text)
     except (TypeError, ValueError):
-        spelling = {name: arg for arg, name in NETWORK_ARG_NAMES.items()}.get(option.name)  # (conv_dim, not conv_rank)
         raise InputError(f"network_args {spelling or option.name}={text!r} is not a valid "
                          f"{getattr(option.type, '__name__', 'value')}") from None
 
@@ -130,7 +130,8 @@ def _network_options(method: str, network_dim: int | None, network_alpha: float 
     if foreign:
         raise InputError(f"network_args {', '.join(foreign)}: not an option of {method} (sdadapt's "
                          f"{method} takes {', '.join(sorted(options))})")
-    typed = {name: _typed(options[name], str(text)) for name, text in chosen.items()}
+    written = {NETWORK_ARG_NAMES.get(key, key): key for key in given}  # (sdadapt's name -> the key as written)
+    typed = {name: _typed(options[name], str(text), written.get(name)) for name, text in chosen.items()}
     given_network = {"rank": network_dim, "alpha": network_alpha}
     for name, (default, _) in KOHYA_NETWORK_DEFAULTS.items():
         if name in options:

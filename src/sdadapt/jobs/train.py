@@ -572,6 +572,10 @@ class TrainOptions:
         optimizer = canonical_optimizer(self.optimizer, option="--optimizer")
         if optimizer not in OPTIMIZERS:  # (kohya's module.Class: imported before the model loads)
             imported_optimizer_class(optimizer)
+            if self.fused_backward_pass:
+                raise ValueError(f"--fused-backward-pass steps one optimiser per block; {self.optimizer} is an imported "
+                                 "class, which may compute over every trained parameter at once (kohya fuses Adafactor "
+                                 "only): leave out --fused-backward-pass or use one of sdadapt's optimizers")
         _check_optimizer_args(self)  # (after the optimiser name is known good)
         prodigy = train_optimizer.prodigy_clashes(self)
         if prodigy:
@@ -1076,7 +1080,8 @@ def _check_optimizer_args(options: TrainOptions) -> None:
 
     name = canonical_optimizer(options.optimizer)
     pairs = _optimizer_args(options)
-    check_optimizer_args(name, kohya_constructor_args(name, pairs), where="--optimizer-args")
+    check_optimizer_args(name, kohya_constructor_args(name, pairs), where="--optimizer-args",
+                         weight_decay=options.weight_decay)
     decay = dict(pairs).get("weight_decay")
     if decay is not None and options.weight_decay is not None and float(decay) != options.weight_decay:  # type: ignore[arg-type]
         raise ValueError(f"--weight-decay {options.weight_decay} and --optimizer-args weight_decay={decay} disagree: "

@@ -210,7 +210,8 @@ def prodigy_clashes(options: TrainOptions) -> list[str]:
     kohya's run fails there): a ``--text-encoder-lr`` / ``--text-encoder-2-lr`` other than the UNet's (or 0),
     LoRA+ ratios.
     The same for D-Adaptation (``dadapt-adam``, ``dadapt-lion``, ``dadapt-adam-preprint``: dadaptation raises
-    the same way)."""
+    the same way) and for prodigyopt's / dadaptation's own classes given as ``module.Class`` or by kohya's other
+    D-Adaptation names (its AdaGrad, Adan and AdanIP would take the first group's LR for all, which kohya only warns of)."""
     from ..methods.optimizers import estimates_step_size
 
     if not estimates_step_size(_canonical(options)):

@@ -118,6 +118,7 @@ def parse_block_weights(
     raise ValueError(
         f"{len(values)} block weights do not fit {architecture}: give {len(names)} values "
         f"({', '.join(names[:3])}, ..., {names[-1]}) with BASE first"
+        + (f" or {len(names) - 1} without BASE (base_alpha given)" if base_alpha is not None else "")
         + (f" (or an SD1 26-value vector, or {len(SDXL_LAYERS)} values, one per layer)" if architecture == "sdxl"
            else f"; {len(SDXL_LAYERS)} values (one per layer) are for SDXL only" if len(values) == len(SDXL_LAYERS)
            else "")

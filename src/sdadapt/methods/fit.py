@@ -419,7 +419,7 @@ class FitConfig:
         from ..training.optimizer_args import check_optimizer_args
 
         object.__setattr__(self, "optimizer_args", check_optimizer_args(
-            name, self.optimizer_args or ()))
+            name, self.optimizer_args or (), weight_decay=self.weight_decay))
         if self.scale_weight_norms is not None and (isinstance(self.scale_weight_norms, bool)
                                                     or not 0 < self.scale_weight_norms < math.inf):
             raise ValueError(f"scale_weight_norms must be a number > 0 (the largest ‖ΔW‖ of an adapted layer, e.g. 1.0) "
@@ -432,6 +432,10 @@ class FitConfig:
         if self.gradient_checkpointing_fraction < 1.0 and not self.gradient_checkpointing:
             raise ValueError("gradient_checkpointing_fraction < 1 chooses which blocks gradient checkpointing recomputes; "
                              "set gradient_checkpointing=True too")
+        if self.fused_backward and name not in OPTIMIZERS:
+            raise ValueError(f"fused_backward (--fused-backward-pass) steps one optimiser per block; {self.optimizer} is "
+                             "an imported class, which may compute over every trained parameter at once (kohya fuses "
+                             "Adafactor only): leave out fused_backward or use one of sdadapt's optimizers")
         if self.fused_backward and estimates_step_size(name):
             raise ValueError("fused_backward (--fused-backward-pass) steps one block's optimiser at a time, but "
                              f"{self.optimizer}'s step size is estimated from sums over every trained parameter at once; "

@@ -76,7 +76,7 @@ def canonical_optimizer(given: str, *, option: str = "optimizer") -> str:
     if key in _REFUSED_OPTIMIZERS:
         raise ValueError(f"{option} {given!r}: {_REFUSED_OPTIMIZERS[key]}")
     name = str(given).strip()
-    if "." in name.strip(".") or isinstance(getattr(torch.optim, name, None), type):
+    if ("." in name and all(name.split("."))) or isinstance(getattr(torch.optim, name, None), type):
         return name
     raise ValueError(f"{option} must be one of {', '.join(OPTIMIZERS)} (kohya spellings such as AdamW8bit work), a "
                      f"torch.optim class such as RAdam, or an installed optimizer class as module.Class (kohya's "
@@ -85,9 +85,9 @@ def canonical_optimizer(given: str, *, option: str = "optimizer") -> str:
 
 def estimates_step_size(name: str) -> bool:
     """Whether the optimiser ``name`` (:func:`canonical_optimizer`'s) estimates one step size for every parameter group
-    (the groups' LRs multiply it and must be equal or 0): Prodigy and D-Adaptation, sdadapt's or dadaptation's own
-    classes (kohya's ``DAdaptAdaGrad`` ...)."""
-    return name in _STEP_SIZE_ESTIMATING or name.startswith("dadaptation.")
+    (the groups' LRs multiply it and must be equal or 0): Prodigy and D-Adaptation, sdadapt's or the packages' own
+    classes (kohya's ``DAdaptAdaGrad`` ..., ``prodigyopt.Prodigy``)."""
+    return name in _STEP_SIZE_ESTIMATING or name.startswith(("dadaptation.", "prodigyopt."))
 
 
 def schedule_free_optimizer(name: str) -> bool:
@@ -162,7 +162,10 @@ def make_optimizer(groups: list[dict[str, Any]], config: FitConfig) -> torch.opt
     decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
     options = {**decay, **optimizer_kwargs(config.optimizer_args)}
     if name not in OPTIMIZERS:  # (its arguments as kohya passes them: literal_eval's values, ints kept)
-        return imported_optimizer_class(name)(groups, lr=config.learning_rate, **{**decay, **dict(config.optimizer_args)})
+        built = imported_optimizer_class(name)(groups, lr=config.learning_rate, **{**decay, **dict(config.optimizer_args)})
+        if callable(getattr(built, "train", None)):  # (kohya's get_optimizer: a schedule-free class starts in train mode)
+            built.train()
+        return built
     bf16 = any(p.dtype == torch.bfloat16 for group in groups for p in group["params"])
     fp16 = any(p.dtype == torch.float16 for group in groups for p in group["params"])  # (--full-fp16)
     foreach = any(p.device.type != "cpu" for group in groups for p in group["params"])

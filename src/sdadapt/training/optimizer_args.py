@@ -183,11 +183,12 @@ def optimizer_kwargs(args: OptimizerArgs | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_optimizer_args(optimizer: str, args: OptimizerArgs | Mapping[str, Any] | Iterable[tuple[str, Any]],
-                         *, where: str = "optimizer_args") -> OptimizerArgs:
+                         *, where: str = "optimizer_args", weight_decay: float | None = None) -> OptimizerArgs:
     """``args`` for the optimiser ``optimizer`` (a canonical name of :data:`OPTIMIZER_ARG_KEYS`, or an imported class
     as kohya's ``optimizer_type`` names one: ``module.Class`` / a ``torch.optim`` name, whose keys are its own),
     checked: known keys, values of the right type, and values the constructor accepts (it is built
-    once on a one-element probe tensor).
+    once on a one-element probe tensor; an imported class with ``weight_decay`` too, when the run gives one outside
+    ``args``, as :func:`sdadapt.methods.optimizers.make_optimizer` passes it).
 
     Returns:
         the arguments as ``((key, value), ...)`` (order kept, sequences as tuples).
@@ -214,10 +215,10 @@ def check_optimizer_args(optimizer: str, args: OptimizerArgs | Mapping[str, Any]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{where}: a key is given twice in {keys}")
     if imported is not None:  # (built once on a probe, with or without arguments: what its constructor refuses)
-        kwargs = dict(pairs)  # (as kohya passes them: literal_eval's values, ints kept)
+        kwargs = {**({} if weight_decay is None else {"weight_decay": weight_decay}), **dict(pairs)}  # (ints kept)
         try:
             imported([torch.zeros(1, requires_grad=True)], lr=1e-3, **kwargs)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # (whatever its constructor raises: the class is someone else's)
             shown = ",".join(f"{k}={v}" for k, v in kwargs.items())
             raise ValueError(f"{where}: {optimizer}({shown}) refuses to build: {exc}") from None
         return tuple(pairs)
