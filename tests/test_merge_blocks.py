@@ -36,8 +36,10 @@ def test_parse_block_weights_forms():
     assert reduced["IN08"] == 9 and reduced["M00"] == 13 and reduced["OUT00"] == 14 and reduced["OUT08"] == 22
     with pytest.raises(ValueError, match="base_alpha"):
         parse_block_weights([1.0] * 25, architecture="sd1")
-    with pytest.raises(ValueError, match="give 26 values"):
+    with pytest.raises(ValueError, match="give 26 values .* with BASE first$"):  # (no base_alpha: 25 do not fit)
         parse_block_weights([1.0] * 20, architecture="sd1")
+    with pytest.raises(ValueError, match=r"or 25 without BASE \(base_alpha given\)"):
+        parse_block_weights([1.0] * 20, architecture="sd1", base_alpha=0.5)
     with pytest.raises(ValueError, match="numbers"):
         parse_block_weights("0,one", architecture="sd1")
 
