@@ -461,7 +461,7 @@ class TrainOptions:
             raise ValueError(f"--ddp-timeout must be a number of minutes >= 1 (the process group's timeout under torchrun), "
                              f"got {self.ddp_timeout!r}")
         from ..methods.fit import SCHEDULES
-        from ..methods.optimizers import _OPTIMIZER_ALIASES, OPTIMIZERS, canonical_optimizer, imported_optimizer_class
+        from ..methods.optimizers import _OPTIMIZER_ALIASES, OPTIMIZERS, canonical_optimizer
         from ..samplers import canonical_sampler
         from ..training.face_crop import parse_face_crop_range
 
@@ -570,8 +570,7 @@ class TrainOptions:
         if self.class_prompt is not None and not self.class_prompt.strip():
             raise ValueError("--class-prompt is empty; give the class, e.g. 'a photo of a dog'")
         optimizer = canonical_optimizer(self.optimizer, option="--optimizer")
-        if optimizer not in OPTIMIZERS:  # (kohya's module.Class: imported before the model loads)
-            imported_optimizer_class(optimizer)
+        if optimizer not in OPTIMIZERS:  # (kohya's module.Class: imported and probed by _check_optimizer_args below)
             if self.fused_backward_pass:
                 raise ValueError(f"--fused-backward-pass steps one optimiser per block; {self.optimizer} is an imported "
                                  "class, which may compute over every trained parameter at once (kohya fuses Adafactor "

@@ -71,7 +71,6 @@ from .optimizers import (
     canonical_optimizer,
     cuda_graph_clashes,
     estimates_step_size,
-    imported_optimizer_class,
     make_optimizer,
     schedule_free_optimizer,
 )
@@ -169,7 +168,7 @@ class FitConfig:
             :class:`~sdadapt.training.schedule_free.SGDScheduleFree` (kohya's ``SGDScheduleFree``). Any other
             optimiser class, as kohya's ``optimizer_type`` takes it: ``"module.Class"`` (``"came_pytorch.CAME"``) or a
             ``torch.optim`` class name (``"RAdam"``), built ``Class(groups, lr=..., **optimizer_args)``
-            (:func:`~sdadapt.methods.optimizers.imported_optimizer_class`); eager only (no ``cuda_graph``); a class
+            (:func:`~sdadapt.methods.optimizers.imported_optimizer_class`); eager only (no ``cuda_graph``, no ``fused_backward``); a class
             name ending in ``ScheduleFree`` gets the schedule-free rules above, as kohya's.
         weight_decay: the weight decay; ``None`` (default): the optimiser's own (0.01 for the AdamW
             ones, as ``torch.optim.AdamW``; 0 for Adafactor, Lion, SGD, Prodigy and D-Adaptation, as transformers',
@@ -409,9 +408,8 @@ class FitConfig:
                 and _OPTIMIZER_ALIASES.get(self.optimizer.lower()) == "adafactor"):
             raise ValueError(f"torch_schedule {self.torch_schedule.name} moves beta1 / momentum, which Adafactor does not "
                              "have (torch refuses the pair too): give cycle_momentum=False")
-        name = canonical_optimizer(self.optimizer)  # (a refused kohya name or an unknown one: ValueError)
-        if name not in OPTIMIZERS:
-            imported_optimizer_class(name)  # (kohya's module.Class: importable, an optimizer class)
+        name = canonical_optimizer(self.optimizer)  # (a refused kohya name or an unknown one: ValueError; an imported
+        # class is imported and built on a probe by check_optimizer_args below)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999; got {self.ema_decay}")
         if self.weight_decay is not None and (isinstance(self.weight_decay, bool) or not self.weight_decay >= 0):
