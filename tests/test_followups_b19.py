@@ -102,10 +102,11 @@ def images(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ (3) a .ckpt's size multiple
-@pytest.mark.parametrize(("keys", "multiple", "sdxl"), [(_SD1_KEYS, 64, False), (_SDXL_KEYS, 32, True)])
+@pytest.mark.parametrize(("keys", "multiple", "sdxl"), [(_SD1_KEYS, 8, False), (_SDXL_KEYS, 8, True)])
 def test_a_ckpts_size_multiple_and_layout_are_told_from_its_pickle_as_from_a_safetensors_header(
         tmp_path, keys, multiple, sdxl, no_torch_load):
-    """D's rule: 2^(VAE halvings) · 2^(UNet halvings) — 64 for SD1/SD2, 32 for SDXL — the same from the .ckpt's pickle
+    """A generated side's multiple: 2^(VAE halvings), 8 (A1111's and D's rule; D's UNet takes any latent size) — the
+    same from the .ckpt's pickle
     stream (no torch.load, no tensor read) as from the same state as .safetensors; before, a .ckpt told nothing."""
     ckpt, st = _ckpt(tmp_path / "m.ckpt", keys), _safetensors(tmp_path / "m.safetensors", keys)
     assert model_size_multiple(ckpt) == model_size_multiple(st) == multiple
@@ -135,7 +136,7 @@ def test_header_questions_on_an_unsafe_or_foreign_pickle_run_nothing(tmp_path):
             question(bad)
     assert not marker.exists()
     foreign = _ckpt(tmp_path / "foreign.ckpt", _SD1_KEYS, optimizer=torch.optim.SGD([torch.zeros(1)], lr=0.1).defaults)
-    assert model_size_multiple(foreign) == 64  # (a dict of numbers beside the state: fine)
+    assert model_size_multiple(foreign) == 8  # (a dict of numbers beside the state: fine)
     odd = tmp_path / "odd.ckpt"
     torch.save({"state_dict": {k: torch.zeros(1) for k in _SD1_KEYS}, "args": argparse.Namespace(lr=1)}, odd)
     assert model_size_multiple(odd) is None and model_is_sdxl(odd) is None
@@ -151,10 +152,10 @@ def test_generate_reads_a_ckpts_pickle_once_and_a_rewritten_file_anew(tmp_path, 
     with pytest.raises(no_load):
         run_generate(model=str(ckpt), prompt="a cube", width=64, height=64, out=str(tmp_path / "a.png"))
     assert header_reads["pickle"] == 1
-    assert (model_default_sampler(ckpt), model_size_multiple(ckpt), model_is_sdxl(ckpt)) == ("ddim", 32, True)
+    assert (model_default_sampler(ckpt), model_size_multiple(ckpt), model_is_sdxl(ckpt)) == ("ddim", 8, True)
     assert header_reads["pickle"] == 1
-    with pytest.raises(ValueError, match="image size 48x64: both sides must be multiples of 32"):  # (before the load)
-        run_generate(model=str(ckpt), prompt="a cube", width=48, height=64, out=str(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match="image size 44x64: both sides must be multiples of 8"):  # (before the load)
+        run_generate(model=str(ckpt), prompt="a cube", width=44, height=64, out=str(tmp_path / "a.png"))
     assert header_reads["pickle"] == 1
     stat = ckpt.stat()
     _ckpt(ckpt, [*_SDXL_KEYS, "edm_mean", "edm_std"])  # (Playground v2.5's keys: now an EDM model)
@@ -162,7 +163,7 @@ def test_generate_reads_a_ckpts_pickle_once_and_a_rewritten_file_anew(tmp_path, 
     assert model_default_sampler(ckpt) == "dpmsolver++" and model_edm_scheduler(ckpt) is not None
     assert header_reads["pickle"] == 2
     st = _safetensors(tmp_path / "m.safetensors", _SD1_KEYS)
-    assert (model_default_sampler(st), model_size_multiple(st), model_is_sdxl(st)) == ("ddim", 64, False)
+    assert (model_default_sampler(st), model_size_multiple(st), model_is_sdxl(st)) == ("ddim", 8, False)
     assert header_reads["safetensors"] == 1
 
 

@@ -1,5 +1,5 @@
 """A sample prompt's size and steps as kohya's ``sample_image_inference`` takes them, fixed before training starts:
-``--w 18`` on a model of size multiple 4 (kohya's: any multiple of 8) or ``--s 0`` passed the prompt-file parse and
+``--w 17`` on a model whose VAE factor is 2 (kohya's: any multiple of 8) or ``--s 0`` passed the prompt-file parse and
 stopped the run at its first sample point, after training steps and before the adapter was written."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_steps_are_held_to_kohyas_range_and_sides_rounded_down(steps, width, hei
     assert len(notes) == changed and (fitted.prompt, fitted.seed) == ("a cat", 3)
 
 
-@pytest.mark.parametrize("line", ["sks toy --w 18 --h 16 --s 2 --d 1", "sks toy --s 0 --d 1"])
+@pytest.mark.parametrize("line", ["sks toy --w 17 --h 16 --s 2 --d 1", "sks toy --s 0 --d 1"])
 def test_a_prompt_kohya_takes_no_longer_stops_the_run(tmp_path, line, capsys):
     images = tmp_path / "imgs" / "1_sks toy"
     images.mkdir(parents=True)

@@ -231,10 +231,10 @@ def test_a_size_the_model_cannot_make_names_the_nearest_it_can(tmp_path):
     from tiny_systems import tiny_diffusers_system
 
     system = tiny_diffusers_system(tmp_path, max_token_length=75)
-    m = system.size_multiple
-    with pytest.raises(ValueError, match=rf"image size {5 * m - 1}x{3 * m + 1}: both sides must be multiples of {m} "
-                                         rf"\(the nearest: {5 * m}x{3 * m}\)"):
-        system.sample(["a"], width=5 * m - 1, height=3 * m + 1, steps=1)
+    m = system.vae_factor  # (a generated side's multiple: the VAE's, as A1111's and diffusers' rule)
+    with pytest.raises(ValueError, match=rf"image size {10 * m + 1}x{6 * m - 1}: both sides must be multiples of {m} "
+                                         rf"\(the nearest: {10 * m}x{6 * m}\)"):
+        system.sample(["a"], width=10 * m + 1, height=6 * m - 1, steps=1)
 
 
 def test_demo_with_no_images_is_a_clear_error(tmp_path, capsys):

@@ -82,7 +82,7 @@ def test_the_same_version_is_read_once(tmp_path, fresh_cache, monkeypatch):
     model = _write(tmp_path / "m.safetensors", _EDM)
     for _ in range(3):
         assert model_default_sampler(model) == "dpmsolver++"
-    assert model_size.model_size_multiple(model) == 32 and model_size.model_is_sdxl(model) is True
+    assert model_size.model_size_multiple(model) == 8 and model_size.model_is_sdxl(model) is True
     assert len(reads) == 1
 
 

@@ -292,7 +292,8 @@ class DiffusersSystem(nn.Module):
         #: pixels per latent cell (8 for every SD VAE)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = int(unet.config.sample_size) * self.vae_factor
-        #: image sides must be multiples of this (the VAE's and the UNet's downsampling together)
+        #: training images' sides must be multiples of this (the VAE's and the UNet's downsampling together: buckets
+        #: follow it); a generated image's need only be multiples of :attr:`vae_factor` (:meth:`sample`)
         self.size_multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         #: SDXL takes the original size and crop of each training image (``time_ids``)
         self.size_conditioning = self.is_sdxl
@@ -1280,7 +1281,9 @@ class DiffusersSystem(nn.Module):
         Playground v2.5), which samples as without them;
         ``info``: a dict ``dpm_adaptive`` fills with its steps and model calls (``nfe``).
         ``height``/``width`` default to :attr:`image_size`
-        and must be multiples of :attr:`size_multiple`. The starting noise is drawn on the CPU from
+        and must be multiples of :attr:`vae_factor` (8: A1111's and diffusers' rule; a latent side the UNet's
+        downsampling does not halve evenly is run as diffusers' UNet runs it, each up block resized to its skip's
+        size — what A1111's ``TorchHijackForUnet`` does to LDM's UNet, the same nearest-neighbour pixels). The starting noise is drawn on the CPU from
         ``torch.Generator().manual_seed(seed)``; the ancestral samplers draw their noise from that same
         generator after it (what a diffusers pipeline given that generator does). ``cond``: the
         prompts' conditioning, precomputed (as :meth:`condition` returns it: SD1/SD2 (B, L, D),
@@ -1343,7 +1346,7 @@ class DiffusersSystem(nn.Module):
                 ``generator`` or ``start_noise`` with ``noise``; a ``start_noise`` of another shape.
         """
         height, width = height or self.image_size, width or self.image_size
-        check_image_size(width, height, multiple=self.size_multiple)
+        check_image_size(width, height, multiple=self.vae_factor)
         from . import samplers
 
         if sampler is None:  # (an EDM model's own scheduler, else ddim)

@@ -1566,7 +1566,7 @@ def run_generate(
             prompt=_expanded(hires_prompt, handles), negative=_expanded(hires_negative, handles), sampler=hires_sampler,
             schedule=hires_schedule, upscale_to=hires_upscale_size(size_h, size_w, **hires_sides),
             guidance=hires_guidance),
-            multiple=int(getattr(system, "size_multiple", 8)))
+            multiple=int(getattr(system, "vae_factor", 8)))
         cut = any((up - side) // 8 for up, side in zip(hires.upscale_to, hires.size))  # (A1111's truncate_x/y)
         cover = "" if hires.upscale_to == hires.size else (
             f" (enlarged to {hires.upscale_to[1]}x{hires.upscale_to[0]}{' and cropped' if cut else ''}, as A1111)")

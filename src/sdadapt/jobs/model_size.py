@@ -72,7 +72,7 @@ def _folder_multiple(folder: Path) -> int | None:
         unet_blocks, vae_blocks = len(unet["block_out_channels"]), len(vae["block_out_channels"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # (the loader says what is wrong with the folder)
-    return 2 ** (vae_blocks - 1) * 2 ** (unet_blocks - 1)
+    return 2 ** (vae_blocks - 1) if unet_blocks else None  # (a UNet config without blocks: the load says why)
 
 
 def _file_multiple(file: Path) -> int | None:
@@ -83,13 +83,13 @@ def _file_multiple(file: Path) -> int | None:
     vae = {m.group(1) for k in shapes if (m := _VAE_DOWNSAMPLE.match(k))}
     if not unet or not vae:
         return None  # (no LDM checkpoint this rule knows: the loaded model's own check applies)
-    return 2 ** len(vae) * 2 ** len(unet)
+    return 2 ** len(vae)
 
 
 def model_size_multiple(model: str | os.PathLike) -> int | None:
-    """What :attr:`sdadapt.diffusers_system.DiffusersSystem.size_multiple` will be for ``model``
-    (image sides must be multiples of it: the VAE's times the UNet's downsampling, 64 for SD1/SD2,
-    32 for SDXL), read from a diffusers folder's ``unet``/``vae`` configs or an LDM single file's
+    """The multiple a generated image's sides must be for ``model`` (:meth:`DiffusersSystem.sample
+    <sdadapt.diffusers_system.DiffusersSystem.sample>`: its VAE's downsampling, :attr:`vae_factor`, 8 for every SD
+    model), read from a diffusers folder's ``unet``/``vae`` configs or an LDM single file's
     header (the downsampling layers' keys; a ``.ckpt`` by its pickle's tensor names, :func:`_header_shapes`:
     no tensor read, nothing run), no weights loaded.
 

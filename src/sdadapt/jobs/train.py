@@ -2027,7 +2027,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     if samples:  # (the model's size multiple is known now: a prompt's size or steps must not stop the run mid-way)
         from ..sampling import fit_sample_prompt
 
-        fitted = [fit_sample_prompt(sample, multiple=multiple) for sample in samples]
+        # (a sample is generated: its sides need only be multiples of the VAE's factor, kohya's 8)
+        fitted = [fit_sample_prompt(sample, multiple=int(getattr(system, "vae_factor", multiple))) for sample in samples]
         samples = [sample for sample, _ in fitted]
         notes.extend(note for _, said in fitted for note in said)
     # each [[datasets]] block of a dataset TOML bucketed alone at its own size (kohya's datasets); else the run's options
