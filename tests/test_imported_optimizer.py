@@ -187,3 +187,9 @@ def test_kohyas_names_without_an_sdadapt_implementation_build_the_packages_class
     pytest.importorskip("prodigyopt")  # (prodigyopt's own class given by its path: the same rule as sdadapt's prodigy)
     with pytest.raises(ValueError, match="prodigyopt.Prodigy estimates one step size"):
         TrainOptions(images=".", optimizer="prodigyopt.Prodigy", learning_rate=1.0, text_encoder_lr=0.5)
+    from sdadapt.jobs.train_optimizer import prodigy_notes
+
+    said = prodigy_notes(TrainOptions(images=".", optimizer="prodigyopt.Prodigy", learning_rate=0.1), learning_rate=0.1)
+    assert "kohya and prodigyopt advise 1.0" in said[0] and "tune d_coef" in said[-1]  # (prodigyopt's, not dadaptation's)
+    said = prodigy_notes(TrainOptions(images=".", optimizer="DAdaptSGD", learning_rate=1.0), learning_rate=1.0)
+    assert said[0].startswith("DAdaptSGD estimates") and "kohya and dadaptation advise 1.0" in said[0]

@@ -236,8 +236,10 @@ def prodigy_notes(options: TrainOptions, *, learning_rate: float) -> list[str]:
     canonical = _canonical(options)
     if not estimates_step_size(canonical):
         return []
-    name, package, instead = _ESTIMATING.get(canonical) or (  # (kohya's DAdaptAdaGrad ...: dadaptation's own class)
-        canonical.rpartition(".")[2], "dadaptation", "lower it only if training is unstable")
+    # (an imported class — kohya's DAdaptAdaGrad ..., prodigyopt.Prodigy — its package's own advice, as sdadapt's twin)
+    name, package, instead = _ESTIMATING.get(canonical) or (
+        canonical.rpartition(".")[2], canonical.partition(".")[0],
+        _ESTIMATING["prodigy" if canonical.startswith("prodigyopt.") else "dadapt-adam"][2])
     notes = [(f"{name} estimates its own step size d (starting at d0, 1e-6 unless --optimizer-args say d0=...); "
               f"the learning rate {learning_rate:g} multiplies it (the step is d × lr; kohya and {package} advise "
               "1.0), and the schedule scales that product")]
