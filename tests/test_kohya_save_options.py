@@ -213,7 +213,7 @@ def test_epoch_rotation_and_save_n_epoch_ratio_from_a_kohya_toml(three_shapes, t
     ("async_upload", "true", "uploads nothing"),
     ("save_state_to_huggingface", "true", "uploads nothing"),
     ("resume_from_huggingface", "true", "downloads nothing"),
-    ("lr_scheduler_type", "'transformers.optimization.AdafactorSchedule'", "imports no module a config names"),
+    ("lr_scheduler_type", "'no_such_package_xyz.Schedule'", "cannot import no_such_package_xyz"),
     ("lr_scheduler_type", "'LambdaLR'", "Python function (lr_lambda)"),
     ("lr_scheduler_args", "['power=2']", "--lr-scheduler-power"),
     ("lr_scheduler_args", "['T_max=100']", "not an argument of --lr-scheduler cosine"),

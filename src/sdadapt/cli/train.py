@@ -1102,8 +1102,9 @@ def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     add(optim, "--lr-scheduler-type", metavar="CLASS",
         help="kohya's --lr_scheduler_type: a torch.optim.lr_scheduler class in place of --lr-scheduler (StepLR, "
         "MultiStepLR, ConstantLR, LinearLR, ExponentialLR, PolynomialLR, CosineAnnealingLR, CosineAnnealingWarmRestarts, "
-        "OneCycleLR, β1 cycling included), built from --lr-scheduler-args, stepped once per optimiser step; no "
-        "warm-up. The LRs are torch's, bit for bit")
+        "OneCycleLR, β1 cycling included), or an installed module.Class (imported as kohya imports it; its LR "
+        "alone), built from --lr-scheduler-args, stepped once per optimiser step; no warm-up. The LRs are the "
+        "class's, bit for bit")
     add(optim, "--max-grad-norm", type=float, metavar="X", help="gradient clipping (default 1; 0 = off)")
     add(optim, "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast the forward pass (default no)")
     add(optim, "--min-snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (default 5; 0 = off; an EDM "

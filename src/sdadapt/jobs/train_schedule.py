@@ -23,10 +23,12 @@ loads (:func:`check_schedule_options`) and lists options the chosen schedule doe
                          made a share of ``--learning-rate`` as transformers does with the
                          optimiser's LR); ``warmup_stable_decay``: ``warmup_type``, ``decay_type``
                          (``linear``, ``cosine``, ``1-sqrt``); ``piecewise_constant``: ``step_rules``
-``lr_scheduler_type``    a ``torch.optim.lr_scheduler`` class (``CosineAnnealingLR``, ...) that
-                         replaces ``lr_scheduler``; ``lr_scheduler_args`` are then its arguments
-                         and no warm-up is taken (kohya refuses one):
-                         :func:`torch_schedule`, :mod:`sdadapt.training.torch_lr_schedules`
+``lr_scheduler_type``    a ``torch.optim.lr_scheduler`` class (``CosineAnnealingLR``, ...) or an
+                         installed ``module.Class`` that replaces ``lr_scheduler``;
+                         ``lr_scheduler_args`` are then its arguments and no warm-up is taken
+                         (kohya refuses one): :func:`torch_schedule`,
+                         :mod:`sdadapt.training.torch_lr_schedules`,
+                         :mod:`sdadapt.training.imported_lr_schedule`
 =======================  ===========================================================================
 """
 
@@ -37,8 +39,9 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..training.imported_lr_schedule import ImportedSchedule
 from ..training.lr_schedules import WSD_SHAPES, StepRules, check_extra_schedule
-from ..training.torch_lr_schedules import TorchSchedule
+from ..training.torch_lr_schedules import TORCH_SCHEDULE_MODULE, TorchSchedule
 from .run_versions import recorded_version
 
 if TYPE_CHECKING:
@@ -165,13 +168,15 @@ def lr_scheduler_kwargs(options: TrainOptions) -> dict[str, Any]:
 _TORCH_TEXT_KEYS = ("anneal_strategy",)
 
 
-def torch_schedule(options: TrainOptions) -> TorchSchedule | None:
+def torch_schedule(options: TrainOptions) -> TorchSchedule | ImportedSchedule | None:
     """kohya's ``--lr_scheduler_type`` with ``--lr_scheduler_args`` as its arguments (values read
-    with ``ast.literal_eval``, as kohya's; ``anneal_strategy`` also unquoted), or ``None`` without one.
+    with ``ast.literal_eval``, as kohya's; ``anneal_strategy`` also unquoted for a torch class), or
+    ``None`` without one: a class of ``torch.optim.lr_scheduler`` (a bare name or its path) replayed by
+    :class:`TorchSchedule`, any other ``module.Class`` imported and stepped by :class:`ImportedSchedule`.
 
     Raises:
-        ValueError: what :meth:`TorchSchedule.parse` refuses (a class outside
-            ``torch.optim.lr_scheduler``, a refused class, a bad argument), naming the option.
+        ValueError: what :meth:`TorchSchedule.parse` refuses (a refused class, a bad argument) or
+            :meth:`ImportedSchedule.parse` does (a module not installed, the class's own refusal).
     """
     if not options.lr_scheduler_type:
         return None
@@ -179,6 +184,10 @@ def torch_schedule(options: TrainOptions) -> TorchSchedule | None:
     from .train import _key_value_items
 
     items = _key_value_items(options, "lr_scheduler_args")
+    module = str(options.lr_scheduler_type).strip().rpartition(".")[0]
+    if module and module != TORCH_SCHEDULE_MODULE:  # (kohya imports the module)
+        return ImportedSchedule.parse(str(options.lr_scheduler_type),
+                                      dict(parse_optimizer_args(items, where="--lr-scheduler-args")))
     quoted = []
     for item in items:
         key, equals, value = item.partition("=")

@@ -47,6 +47,7 @@ from ..plurals import plural
 from ..training import data_parallel
 from ..training.diffusion import region_loss_mask, zero_terminal_snr_alphas_cumprod
 from ..training.host_syncs import copy_to_device
+from ..training.imported_lr_schedule import ImportedSchedule
 from ..training.lr_schedules import (
     EXTRA_SCHEDULES,
     check_extra_schedule,
@@ -201,7 +202,9 @@ class FitConfig:
             ``schedule`` and its options, and ``warmup_steps`` must be 0 (kohya refuses a warm-up with it).
             One that moves β1 (``OneCycleLR``'s ``cycle_momentum``) sets every group's ``betas[0]``
             (``momentum`` for SGD) before each step too; not with ``cuda_graph`` (a captured step
-            keeps the β1 it was captured with).
+            keeps the β1 it was captured with). Any other installed class (kohya's ``module.Class``) is
+            an :class:`~sdadapt.training.imported_lr_schedule.ImportedSchedule`: the real class stepped
+            on a probe optimiser, its LRs computed for every step before the first.
         text_encoder_lr: LR of parameters inside the text encoder(s) (default: ``learning_rate``;
             0 freezes them — kohya's ``--network_train_unet_only``).
         text_encoder_2_lr: LR of parameters inside the second text encoder (SDXL's
@@ -357,7 +360,7 @@ class FitConfig:
     step_rules: str | None = None
     warmup_type: str = "linear"
     decay_type: str = "cosine"
-    torch_schedule: TorchSchedule | None = None
+    torch_schedule: TorchSchedule | ImportedSchedule | None = None
     validate_every_n_steps: int | None = None
     validate_every_n_epochs: int | None = None
     max_validation_steps: int | None = None
@@ -1336,6 +1339,11 @@ def fit(
         parallel_step: dict[str, Any] = {} if parallel is None else {  # this rank's rows; gradients averaged over ranks
             "shard": functools.partial(data_parallel.shard_prepared, group=parallel),
             "before_update": functools.partial(data_parallel.average_gradients, trained, parallel)}
+        if config.torch_schedule is not None and not config.schedule_free:  # every group's curve now: an imported
+            for group in optimizer.param_groups:  # class that fails or moves the momentum stops the run before a step
+                own = group["base_lr"] * group["lr_scale"]
+                if own != 0:
+                    config.lr_at(max(config.steps - 1 - skipped - schedule_offset, 0), own)
         cycled_momentum = None  # (OneCycleLR's β1, a function of the schedule's step, as its LR)
         if config.torch_schedule is not None and config.torch_schedule.cycles_momentum and not config.schedule_free:
             cycled_momentum = config.torch_schedule.momentum

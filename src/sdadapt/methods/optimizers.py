@@ -14,7 +14,7 @@ import torch
 # the optimiser names (kohya's spellings are accepted case-insensitively by make_optimizer): their one home is
 # sdadapt.method_tables (torch-free, for the command line's parser), re-exported here
 from ..method_tables import OPTIMIZERS
-from ..training.imported_optimizer import imported_optimizer_class
+from ..training.imported_classes import imported_optimizer_class
 
 if TYPE_CHECKING:
     from .fit import FitConfig

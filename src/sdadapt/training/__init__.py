@@ -14,6 +14,8 @@
 | :mod:`.schedule_free` | schedule-free AdamW and SGD (kohya's ``AdamWScheduleFree``, ``SGDScheduleFree``): train/eval modes, multi-tensor and capturable |
 | :mod:`.lr_schedules` | kohya's other LR schedules (cosine_with_min_lr, warmup_stable_decay, inverse_sqrt, piecewise_constant) as factors of the step |
 | :mod:`.torch_lr_schedules` | kohya's ``--lr_scheduler_type``: ``torch.optim.lr_scheduler`` classes as pure functions of the step, torch's LRs bit for bit |
+| :mod:`.imported_lr_schedule` | kohya's ``--lr_scheduler_type module.Class``: an installed class stepped on a probe optimiser, its LRs as a function of the step |
+| :mod:`.imported_classes` | the classes a kohya config names by path (``optimizer_type``, ``lr_scheduler_type``), imported as kohya does |
 | :mod:`.optimizer_args` | kohya's ``--optimizer_args KEY=VALUE`` parsed and checked against each optimiser |
 | :mod:`.max_norm` | kohya's max-norm regularisation of LoRA-family adapters (``--scale_weight_norms``) |
 | :mod:`.fp8_base` | kohya's ``--fp8_base``: a frozen base's Linear / Conv weights stored in float8, upcast by autocast |
@@ -53,6 +55,8 @@ from . import (
     grad_checkpointing,
     half_weights,
     host_syncs,
+    imported_classes,
+    imported_lr_schedule,
     latent_cache,
     lion,
     lr_schedules,
@@ -86,6 +90,8 @@ __all__ = [
     "optim",
     "lr_schedules",
     "torch_lr_schedules",
+    "imported_lr_schedule",
+    "imported_classes",
     "optimizer_args",
     "prodigy",
     "dadapt",

@@ -202,7 +202,7 @@ def check_optimizer_args(optimizer: str, args: OptimizerArgs | Mapping[str, Any]
         if "." not in optimizer and not isinstance(getattr(torch.optim, optimizer, None), type):
             raise ValueError(f"{where}: unknown optimizer {optimizer!r}; one of {', '.join(OPTIMIZER_ARG_KEYS)}, a "
                              "torch.optim class or an installed module.Class")
-        from .imported_optimizer import imported_optimizer_class
+        from .imported_classes import imported_optimizer_class
 
         imported = imported_optimizer_class(optimizer)  # (kohya's any-optimizer path: its arguments are its own)
     items = args.items() if isinstance(args, Mapping) else args

@@ -50,8 +50,8 @@ from ``max_momentum`` down to ``base_momentum`` while the LR rises and back whil
 Refused, with the reason (:data:`REFUSED_TORCH_SCHEDULES`): ``LambdaLR`` and ``MultiplicativeLR``
 (they need a Python function, which ``lr_scheduler_args`` cannot give), ``SequentialLR`` and
 ``ChainedScheduler`` (they take scheduler objects), ``ReduceLROnPlateau`` (kohya calls ``.step()``
-without the metric it needs and fails), ``CyclicLR``; and any class outside
-``torch.optim.lr_scheduler`` (sdadapt imports no module a config names).
+without the metric it needs and fails), ``CyclicLR``. A class of another module (``module.Class``, imported as
+kohya imports it) is :class:`~sdadapt.training.imported_lr_schedule.ImportedSchedule`'s.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ class TorchSchedule:
         ``ast.literal_eval`` reads them; ``last_epoch`` is not taken: ``--resume`` continues a run).
 
         Raises:
-            ValueError: a class outside ``torch.optim.lr_scheduler`` (nothing is imported), one of
+            ValueError: a class outside ``torch.optim.lr_scheduler``
+                (:class:`~sdadapt.training.imported_lr_schedule.ImportedSchedule`'s), one of
                 :data:`REFUSED_TORCH_SCHEDULES` (with the reason), an unknown class (naming the
                 closest), an unknown or missing argument, or a value torch refuses or that would
                 fail during the run (``T_max=0``, a ``OneCycleLR`` phase of no length ...).
@@ -151,9 +152,9 @@ class TorchSchedule:
             raise ValueError(f"lr_scheduler_type must be a class name such as 'CosineAnnealingLR', got {type_name!r}")
         module, _, name = type_name.strip().rpartition(".")
         if module and module != TORCH_SCHEDULE_MODULE:
-            raise ValueError(f"lr_scheduler_type {type_name!r}: sdadapt imports no module a config names; it runs the "
-                             f"classes of {TORCH_SCHEDULE_MODULE} ({', '.join(TORCH_SCHEDULES)}) as functions of the step, "
-                             "and kohya's own schedules with lr_scheduler (cosine, cosine_with_min_lr, ...)")
+            raise ValueError(f"lr_scheduler_type {type_name!r}: TorchSchedule runs the classes of {TORCH_SCHEDULE_MODULE} "
+                             f"({', '.join(TORCH_SCHEDULES)}); a class of another module is "
+                             "sdadapt.training.imported_lr_schedule.ImportedSchedule's")
         if name in REFUSED_TORCH_SCHEDULES:
             raise ValueError(f"lr_scheduler_type {name}: {REFUSED_TORCH_SCHEDULES[name]}")
         if name not in _ARGUMENTS:

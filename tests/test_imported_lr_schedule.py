@@ -1,0 +1,298 @@
+"""kohya's ``--lr_scheduler_type module.Class`` (sd-scripts library/train_util.py ``get_scheduler_fix``): the module
+imported, ``Class(optimizer, **lr_scheduler_args)`` built and stepped once after every optimiser step (accelerate).
+
+The spec is the class itself driven as kohya's loop drives it: one optimiser holding the groups (kohya's text-encoder
+and UNet LRs), ``optimizer.step()`` then ``scheduler.step()``; every group's LR must equal sdadapt's exactly (``==``).
+The classes below stand for a user's installed module (tests/ is on the path, as a user's own module would be):
+a warm-up + cosine-with-restarts class shaped as LoRA Easy Training Scripts' ``CosineAnnealingWarmupRestarts`` is
+(its arguments), a function returning a scheduler (``transformers.get_*_schedule_with_warmup``-like), one with
+``total_steps`` (which accelerate stops stepping), one that moves β1.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from sdadapt.cli import main
+from sdadapt.errors import InputError
+from sdadapt.jobs import TrainOptions
+from sdadapt.jobs.train_schedule import check_schedule_options, schedule_fit_args
+from sdadapt.methods import FitConfig
+from sdadapt.training.imported_lr_schedule import ImportedSchedule
+from sdadapt.training.torch_lr_schedules import TorchSchedule
+
+HERE = __name__
+
+
+class WarmupCosineRestarts(LRScheduler):
+    """Cycles of ``first_cycle_max_steps`` steps (times ``cycle_multiplier`` after each restart): a linear warm-up
+    from ``min_lr`` over ``warmup_steps``, then a cosine down to ``min_lr``; each cycle's peak is the group's LR
+    times ``gamma`` per restart."""
+
+    def __init__(self, optimizer, *, first_cycle_max_steps: int, warmup_steps: int = 0, min_lr: float = 1e-6,
+                 gamma: float = 1.0, cycle_multiplier: float = 1.0, last_epoch: int = -1) -> None:
+        if warmup_steps >= first_cycle_max_steps:
+            raise ValueError("warmup_steps must be smaller than first_cycle_max_steps")
+        self.first, self.warmup, self.min_lr = first_cycle_max_steps, warmup_steps, min_lr
+        self.gamma, self.multiplier = gamma, cycle_multiplier
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        step, length, cycle = self.last_epoch, self.first, 0
+        while step >= length:
+            step, length, cycle = step - length, max(int(length * self.multiplier), self.warmup + 1), cycle + 1
+        out = []
+        for base in self.base_lrs:
+            peak = base * self.gamma ** cycle
+            if step < self.warmup:
+                out.append(self.min_lr + (peak - self.min_lr) * step / self.warmup)
+            else:
+                progress = (step - self.warmup) / (length - self.warmup)
+                out.append(self.min_lr + (peak - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2)
+        return out
+
+
+def warmup_then_constant(optimizer, warmup_steps: int):
+    """A function returning a scheduler, as transformers' ``get_constant_schedule_with_warmup``."""
+    return LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
+
+
+class HalvingWithTotal(LRScheduler):
+    """Halves the LR every step; has ``total_steps``, so accelerate steps it only while ``_step_count <= total``."""
+
+    def __init__(self, optimizer, total_steps: int) -> None:
+        self.total_steps = total_steps
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        return [base * 0.5 ** self.last_epoch for base in self.base_lrs]
+
+
+class MovesBeta1(LRScheduler):
+    """Keeps the LR and lowers β1 from step ``at``: what sdadapt does not replay."""
+
+    def __init__(self, optimizer, at: int = 3) -> None:
+        self.at = at
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        if self.last_epoch >= self.at:
+            for group in self.optimizer.param_groups:
+                if "betas" in group:
+                    group["betas"] = (0.8, group["betas"][1])
+        return list(self.base_lrs)
+
+
+def _kohya_lrs(make, steps: int, bases=(1e-4, 3e-5), *, total_stop: bool = True) -> list[list[float]]:
+    """Each group's LR at optimiser steps 0 .. steps-1 in kohya's loop (one process): a real optimiser with both
+    groups, ``optimizer.step()`` then accelerate's ``scheduler.step()`` (not past ``total_steps``)."""
+    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": b} for b in bases]
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = make(optimizer)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            seen.append([float(g["lr"]) for g in optimizer.param_groups])
+            optimizer.step()
+            if not (total_stop and hasattr(scheduler, "total_steps")) or scheduler._step_count <= scheduler.total_steps:
+                scheduler.step()
+    return seen
+
+
+def _ours(schedule, steps: int, bases=(1e-4, 3e-5)) -> list[list[float]]:
+    return [[schedule.lr(s, b) for b in bases] for s in range(steps)]
+
+
+@settings(max_examples=15, deadline=None)
+@given(first=st.integers(2, 40), warmup_share=st.floats(0, 0.9), gamma=st.floats(0.3, 1.0),
+       multiplier=st.sampled_from([1.0, 1.5, 2.0]), min_lr=st.sampled_from([0.0, 1e-6, 1e-5]),
+       bases=st.tuples(st.floats(1e-5, 1e-2), st.floats(1e-5, 1e-2)))
+def test_an_installed_class_gives_each_group_its_lr_in_kohyas_loop_bit_for_bit(first, warmup_share, gamma, multiplier,
+                                                                               min_lr, bases):
+    args = {"first_cycle_max_steps": first, "warmup_steps": int(first * warmup_share), "gamma": gamma,
+            "cycle_multiplier": multiplier, "min_lr": min_lr}
+    schedule = ImportedSchedule.parse(f"{HERE}.WarmupCosineRestarts", args)
+    real = _kohya_lrs(lambda o: WarmupCosineRestarts(o, **args), 150, bases)
+    assert _ours(schedule, 150, bases) == real
+
+
+def test_a_function_returning_a_scheduler_is_built_and_stepped_as_kohya_does():
+    schedule = ImportedSchedule.parse(f"{HERE}.warmup_then_constant", {"warmup_steps": 7})
+    assert _ours(schedule, 20) == _kohya_lrs(lambda o: warmup_then_constant(o, 7), 20)
+
+
+def test_transformers_schedule_functions_are_taken_by_their_path():
+    """``lr_scheduler_type = "transformers.get_cosine_schedule_with_warmup"``: the real library's function."""
+    transformers = pytest.importorskip("transformers")
+    args = {"num_warmup_steps": 4, "num_training_steps": 30, "num_cycles": 1.5}
+    schedule = ImportedSchedule.parse("transformers.get_cosine_schedule_with_warmup", args)
+    real = _kohya_lrs(lambda o: transformers.get_cosine_schedule_with_warmup(o, **args), 40)
+    assert _ours(schedule, 40) == real and len({row[0] for row in real}) > 20
+
+
+@pytest.mark.parametrize("name, args", [
+    ("StepLR", {"step_size": 7, "gamma": 0.7}), ("MultiStepLR", {"milestones": [3, 9, 9], "gamma": 0.5}),
+    ("ConstantLR", {"factor": 0.4, "total_iters": 11}), ("LinearLR", {"start_factor": 0.2, "total_iters": 30}),
+    ("ExponentialLR", {"gamma": 0.97}), ("PolynomialLR", {"total_iters": 50, "power": 2.0}),
+    ("CosineAnnealingLR", {"T_max": 37, "eta_min": 1e-6}), ("CosineAnnealingWarmRestarts", {"T_0": 10, "T_mult": 2}),
+    ("OneCycleLR", {"max_lr": 1e-3, "total_steps": 60, "cycle_momentum": False}),
+])
+def test_torchs_classes_stepped_are_the_replayed_curves(name, args):
+    """Two paths to one curve: the real torch class stepped on the probe optimiser, and TorchSchedule's replay of
+    its update rule (OneCycleLR's stop at total_steps included)."""
+    stepped = ImportedSchedule.parse(f"torch.optim.lr_scheduler.{name}", args)
+    assert _ours(stepped, 200) == _ours(TorchSchedule.parse(name, args), 200)
+
+
+def test_a_class_with_total_steps_stops_where_accelerate_stops_stepping_it():
+    schedule = ImportedSchedule.parse(f"{HERE}.HalvingWithTotal", {"total_steps": 5})
+    real = _kohya_lrs(lambda o: HalvingWithTotal(o, total_steps=5), 12)
+    assert _ours(schedule, 12) == real
+    assert real != _kohya_lrs(lambda o: HalvingWithTotal(o, total_steps=5), 12, total_stop=False)  # (the stop matters)
+
+
+@pytest.mark.parametrize("name, args, error, words", [
+    ("no_such_package_xyz.Schedule", {}, InputError, "cannot import no_such_package_xyz"),
+    (f"{HERE}.NoSuchClass", {}, InputError, "has no 'NoSuchClass'"),
+    (f"{HERE}.HERE", {}, InputError, "has nothing callable named 'HERE'"),
+    (f"{HERE}.WarmupCosineRestarts", {}, ValueError, "first_cycle_max_steps"),
+    (f"{HERE}.WarmupCosineRestarts", {"first_cycle_max_steps": 4, "warmup_steps": 4}, ValueError,
+     "warmup_steps must be smaller"),
+    (f"{HERE}.WarmupCosineRestarts", {"first_cycle_max_steps": 4, "last_epoch": 3}, ValueError, "--resume"),
+    (f"{HERE}.WarmupCosineRestarts", {"first_cycle_max_steps": 4, "gamma": object()}, ValueError, "not a Python literal"),
+    (f"{HERE}.MovesBeta1", {"at": 1}, ValueError, "sets the optimiser's betas"),
+    (f"{HERE}._no_step", {}, ValueError, "has no step()"),
+])
+def test_what_cannot_be_run_is_refused_when_parsed(name, args, error, words):
+    with pytest.raises(error) as info:
+        ImportedSchedule.parse(name, args)
+    assert words in str(info.value)
+
+
+def _no_step(optimizer):
+    return object()
+
+
+def test_torch_schedule_points_a_foreign_module_to_the_imported_path():
+    with pytest.raises(ValueError, match="ImportedSchedule's"):
+        TorchSchedule.parse(f"{HERE}.WarmupCosineRestarts", {"first_cycle_max_steps": 4})
+
+
+def _toy_fit(schedule, monkeypatch, steps: int = 5):
+    """A toy LoRA fit under ``schedule``: (its first group's LR at each step, the trained parameters)."""
+    import importlib
+
+    from sdadapt.methods import fit, prepare_lora
+    from sdadapt.toy import build_toy
+
+    fit_module = importlib.import_module("sdadapt.methods.fit")
+    made = []
+    real_make = fit_module.make_optimizer
+    monkeypatch.setattr(fit_module, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+    system = build_toy(seed=1)
+    adaptation = prepare_lora(system, rank=2)
+    seen: list[float] = []
+    config = FitConfig(steps=steps, batch_size=2, learning_rate=1e-3, warmup_steps=0, optimizer="adamw", seed=2,
+                       torch_schedule=schedule)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    try:
+        fit(system, adaptation, images, ["a red circle"] * 2, config=config,
+            on_step=lambda p: seen.append(float(made[0].param_groups[0]["lr"])))
+    finally:
+        monkeypatch.undo()
+    return seen, [p.detach().clone() for p in adaptation.params]
+
+
+def test_fit_follows_the_class_and_a_stepped_torch_class_trains_as_the_replayed_one(monkeypatch):
+    args = {"first_cycle_max_steps": 3, "warmup_steps": 1, "gamma": 0.5, "min_lr": 1e-5}
+    seen, _ = _toy_fit(ImportedSchedule.parse(f"{HERE}.WarmupCosineRestarts", args), monkeypatch)
+    assert seen == [row[0] for row in _kohya_lrs(lambda o: WarmupCosineRestarts(o, **args), 5, (1e-3,))]
+    cosine = {"T_max": 3, "eta_min": 1e-5}
+    stepped = _toy_fit(ImportedSchedule.parse("torch.optim.lr_scheduler.CosineAnnealingLR", cosine), monkeypatch)
+    replayed = _toy_fit(TorchSchedule.parse("CosineAnnealingLR", cosine), monkeypatch)
+    assert stepped[0] == replayed[0] and len(set(stepped[0])) > 2
+    assert all(torch.equal(a, b) for a, b in zip(stepped[1], replayed[1]))
+
+
+def test_a_class_moving_beta1_later_stops_fit_before_its_first_step(monkeypatch):
+    """Refused at parse only when its first step moves β1; one moving it at step 3 is found when fit computes
+    every group's curve, before any training (the weights stay as they were)."""
+    from sdadapt.methods import fit, prepare_lora
+    from sdadapt.toy import build_toy
+
+    schedule = ImportedSchedule.parse(f"{HERE}.MovesBeta1", {"at": 3})
+    system = build_toy(seed=1)
+    adaptation = prepare_lora(system, rank=2)
+    before = [p.detach().clone() for p in adaptation.params]
+    config = FitConfig(steps=5, batch_size=2, learning_rate=1e-3, warmup_steps=0, torch_schedule=schedule)
+    with pytest.raises(ValueError, match=r"sets the optimiser's betas .* at step 3"):
+        fit(system, adaptation, torch.rand(2, 3, 32, 32) * 2 - 1, ["a red circle"] * 2, config=config)
+    assert all(torch.equal(p, b) for p, b in zip(adaptation.params, before))
+    short = FitConfig(steps=3, batch_size=2, learning_rate=1e-3, warmup_steps=0, torch_schedule=schedule)
+    fit(system, adaptation, torch.rand(2, 3, 32, 32) * 2 - 1, ["a red circle"] * 2, config=short)  # (never reaches it)
+
+
+def test_options_import_the_class_and_refuse_a_warmup_or_a_missing_package():
+    options = TrainOptions(model="toy", images="x", lr_scheduler_type=f"{HERE}.WarmupCosineRestarts",
+                           lr_scheduler_args=("first_cycle_max_steps=4", "warmup_steps=1", "min_lr=1e-6", "gamma=0.85"))
+    check_schedule_options(options)
+    schedule = schedule_fit_args(options, total=8)["torch_schedule"]
+    assert schedule == ImportedSchedule.parse(f"{HERE}.WarmupCosineRestarts", {
+        "first_cycle_max_steps": 4, "warmup_steps": 1, "min_lr": 1e-6, "gamma": 0.85})
+    assert isinstance(schedule.options["first_cycle_max_steps"], int)  # (literal_eval's int, as kohya passes it)
+    with pytest.raises(ValueError, match="takes no warm-up"):
+        check_schedule_options(TrainOptions(model="toy", images="x", lr_scheduler_type=f"{HERE}.warmup_then_constant",
+                                            lr_scheduler_args=("warmup_steps=2",), lr_warmup_steps=5))
+    with pytest.raises(InputError, match="cannot import LoraEasyCustomOptimizer"):
+        check_schedule_options(TrainOptions(
+            model="toy", images="x", lr_scheduler_args=("first_cycle_max_steps=4",),
+            lr_scheduler_type="LoraEasyCustomOptimizer.CustomOptimizers.CosineAnnealingWarmupRestarts"))
+
+
+def _kohya_toml(folder, images, steps: int) -> str:
+    config = folder / "k.toml"
+    config.write_text(f"pretrained_model_name_or_path = 'toy'\ntrain_data_dir = '{images}'\noutput_dir = '{folder}'\n"
+                      f"output_name = 'out'\nlearning_rate = 1e-3\nmax_train_steps = {steps}\nresolution = '32,32'\n"
+                      "train_batch_size = 1\nseed = 3\nsave_every_n_steps = 2\nlr_scheduler = 'cosine'\n"
+                      f"lr_scheduler_type = '{HERE}.WarmupCosineRestarts'\n"
+                      "lr_scheduler_args = ['first_cycle_max_steps=3', 'warmup_steps=1', 'min_lr=1e-5', 'gamma=0.5']\n",
+                      encoding="utf-8")
+    return str(config)
+
+
+def _logged_rates(folder) -> list[float]:
+    with open(folder / "out-log.csv") as handle:
+        return [float(row["lr"]) for row in csv.DictReader(handle)]
+
+
+def test_a_kohya_toml_naming_an_installed_class_trains_on_its_curve_and_resumes_onto_it(three_shapes, tmp_path):
+    """4 steps of a kohya TOML as LoRA Easy Training Scripts writes one: the logged LRs are the class's in kohya's
+    loop; the state saved at step 2, resumed, logs the last 2 and ends at the same weights."""
+    args = {"first_cycle_max_steps": 3, "warmup_steps": 1, "min_lr": 1e-5, "gamma": 0.5}
+    real = [row[0] for row in _kohya_lrs(lambda o: WarmupCosineRestarts(o, **args), 4, (1e-3,))]
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["train", "lora", "--config", _kohya_toml(run, three_shapes, 4), "--quiet"]) == 0
+    assert _logged_rates(run) == pytest.approx(real, rel=1e-6)
+    state = run / "out-state"
+    assert json.loads((state / "run.json").read_text())["step"] == 2
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    assert main(["train", "lora", "--config", _kohya_toml(resumed, three_shapes, 4), "--resume", str(state),
+                 "--quiet"]) == 0
+    assert _logged_rates(resumed) == pytest.approx(real[2:], rel=1e-6)
+    with safe_open(str(run / "out.safetensors"), "pt") as a, safe_open(str(resumed / "out.safetensors"), "pt") as b:
+        for key in a.keys():  # noqa: SIM118 (safetensors' handle: keys() lists the tensors)
+            torch.testing.assert_close(b.get_tensor(key), a.get_tensor(key), rtol=0, atol=0)
