@@ -180,7 +180,7 @@ def test_check_hires_request_refuses_each_bad_field_by_its_option():
                       (HiresRequest((64, 64), steps=-1), "--hires-steps"),
                       (HiresRequest((64, 64), upscaler="esrgan"), "--hires-upscaler"),
                       (HiresRequest((64, 64), sampler="Euler CFG++"), "--hires-sampler"),
-                      (HiresRequest((60, 64)), "--hires-scale")):
+                      (HiresRequest((4, 64)), "--hires-scale")):
         with pytest.raises(ValueError, match=flag):
             check_hires_request(bad)
 

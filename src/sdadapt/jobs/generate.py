@@ -1441,6 +1441,7 @@ def run_generate(
     from .generate_hires import (
         HiresRequest,
         check_hires_request,
+        hires_pass_size,
         hires_size,
         hires_upscale_size,
         init_latents_from_image,
@@ -1567,9 +1568,13 @@ def run_generate(
             schedule=hires_schedule, upscale_to=hires_upscale_size(size_h, size_w, **hires_sides),
             guidance=hires_guidance),
             multiple=int(getattr(system, "vae_factor", 8)))
-        cut = any((up - side) // 8 for up, side in zip(hires.upscale_to, hires.size))  # (A1111's truncate_x/y)
+        factor = int(getattr(system, "vae_factor", 8))
+        cut = any((up - side) // factor for up, side in zip(hires.upscale_to, hires.size))  # (A1111's truncate_x/y)
         cover = "" if hires.upscale_to == hires.size else (
             f" (enlarged to {hires.upscale_to[1]}x{hires.upscale_to[0]}{' and cropped' if cut else ''}, as A1111)")
+        pass_h, pass_w = hires_pass_size(hires, factor=factor)
+        if (pass_h, pass_w) != hires.size:
+            cover += f", written {pass_w}x{pass_h} (A1111 rounds a side down to a multiple of {factor})"
         say(f"hires fix: {hires.size[1]}x{hires.size[0]}{cover}, {plural(hires.steps or steps or 25, 'step')} at denoising "
             f"{hires.denoising:g}, {getattr(hires.upscaler, 'name', hires.upscaler)}")  # (an ESRGAN model: its name)
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from .generate_refiner import check_refiner_hires_pass
 
 __all__ = ["NO_STEP_REFUSED", "HiresRequest", "check_hires_request", "check_img2img_pass", "crop_hires_latents",
-           "hires_image_conditioning", "hires_size", "hires_upscale_size", "init_latents_from_image",
+           "hires_image_conditioning", "hires_pass_size", "hires_size", "hires_upscale_size", "init_latents_from_image",
            "lanczos_upscale_pixels", "networks_switched", "sample_image", "seeded_encoding"]
 
 #: the samplers whose img2img cannot run at A1111's ``t_enc = 0`` (no step): k-diffusion's DPMSolver takes the
@@ -91,12 +91,25 @@ def crop_hires_latents(latents: Tensor, *, upscale_to: tuple[int, int], size: tu
     return latents[..., t_y // 2:h - (t_y + 1) // 2, t_x // 2:w - (t_x + 1) // 2]
 
 
+def hires_pass_size(request: HiresRequest, *, factor: int = 8) -> tuple[int, int]:
+    """The size ``(H, W)`` the hires pass samples at and writes: A1111's (``sample_hr_pass``) — the first pass
+    enlarged to ``upscale_to`` (its latent upscalers interpolate to ``upscale_to // factor`` latents; its pixel
+    path's VAE encoder floors ``upscale_to / factor``), ``(upscale_to − size) // factor`` latent rows (columns)
+    cropped (``truncate_y/x``), times ``factor``. ``request.size`` itself for multiples of ``factor``; a side
+    that is none comes out rounded down (A1111's 512 x 760 at ``--hires-scale 1.5``: 768 x 1140 asked, 768 x 1136
+    written)."""
+    up = request.upscale_to or request.size
+    height, width = ((u // factor - (u - s) // factor) * factor for u, s in zip(up, request.size))
+    return height, width
+
+
 def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresRequest:
     """``request`` if it can run.
 
     Raises:
-        ValueError: an unknown upscaler, steps < 0, a strength outside (0, 1] or a size that is no multiple of
-            ``multiple`` (each naming its ``--hires-*`` option).
+        ValueError: an unknown upscaler, steps < 0, a strength outside (0, 1] or a side below ``multiple``
+            (each naming its ``--hires-*`` option). A side that is no multiple of ``multiple`` runs as A1111
+            runs it (:func:`hires_pass_size`).
     """
     from ..img2img import HIRES_UPSCALERS
 
@@ -115,12 +128,9 @@ def check_hires_request(request: HiresRequest, *, multiple: int = 8) -> HiresReq
         except ValueError as exc:
             raise ValueError(f"--hires-sampler: {exc}") from None
     h, w = request.size
-    if h < multiple or w < multiple or h % multiple or w % multiple:
-        # (A1111 runs such a size and its image comes out rounded down to a multiple of 8: the latent interpolated to
-        # size // 8, the pixel path's encoder flooring; sdadapt samples at a whole latent size only)
-        raise ValueError(f"the hires size {w}x{h} must be a multiple of {multiple} in both sides (A1111 runs it and "
-                         f"writes a {max(w // multiple, 1) * multiple}x{max(h // multiple, 1) * multiple} image); "
-                         "change --hires-scale, or give --hires-width/--hires-height")
+    if h < multiple or w < multiple:
+        raise ValueError(f"the hires size {w}x{h} must be at least {multiple} in both sides; change --hires-scale, "
+                         "or give --hires-width/--hires-height")
     if request.upscale_to is not None and (request.upscale_to[0] < h or request.upscale_to[1] < w):
         up_h, up_w = request.upscale_to
         raise ValueError(f"the hires pass would enlarge to {up_w}x{up_h} and crop to {w}x{h}, which it does not "
@@ -444,7 +454,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     networks (A1111's ``hr_extra_network_data``: the hires prompt's tags); ``None``: the first pass's networks.
     ``hires.upscale_to``: the first pass is enlarged (either upscaler) to that size and its latents cropped to
     ``hires.size`` (:func:`crop_hires_latents`, A1111's ``truncate_x/y``) before the noise is drawn at the cropped
-    size. An inpainting model's hires pass is conditioned as its txt2img (a grey image under a mask of ones) at
+    size. The pass runs at :func:`hires_pass_size` (``hires.size``, a side that is no multiple of the VAE factor
+    rounded down as A1111's latents round it). An inpainting model's hires pass is conditioned as its txt2img (a grey image under a mask of ones) at
     ``hires.size`` — what A1111's pixel upscalers give it (``img2img_image_conditioning`` of the upscaled pixels
     at mask weight 1: all 0); A1111's latent upscalers hand it the first pass's size and fail (its issue #6281).
     An SD 2.1 unCLIP model's hires pass with ``pixel-lanczos`` is conditioned on the CLIP image embedding of the
@@ -505,9 +516,9 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
     decoder = loaded  # (what decodes the first pass for a pixel upscaler: the model loaded before the hires checkpoint)
     if hires_system is not None:  # (A1111: decode_latent_batch, then reload_model_weights(hr_checkpoint_info))
         loaded = hires_system
-    height, width = hires.size
-    up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y/x: covers the size, then cropped)
     factor = int(getattr(system, "vae_factor", 8))
+    height, width = hires_pass_size(hires, factor=factor)  # (hires.size, or A1111's rounding of it down to 8)
+    up_h, up_w = hires.upscale_to or hires.size  # (A1111's hr_upscale_to_y/x: covers the size, then cropped)
     unclip_scope: AbstractContextManager = nullcontext()  # (the first pass's unCLIP image, if any, stays)
     seed, source = int(options.get("seed", 0)), getattr(options.get("noise"), "source", None)
     hires_generator = None  # (--vae-encode sample's, for the pixel hires pass: seeded_encoding)
@@ -540,11 +551,13 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
             unclip_scope = unclip_image_scope(loaded, hires_unclip_image(loaded, pixels, seed=seed, source=source))
         elif inpainting_mask_weight < 1.0:  # (an inpainting model: A1111 weighs its decoded_samples, in [0, 1])
             weighted = {"latents": None, "pixels": (pixels.float() + 1.0) / 2.0}
-    start = crop_hires_latents(start, upscale_to=(up_h, up_w), size=(height, width), factor=factor)
-    if tuple(start.shape[-2:]) != (height // factor, width // factor):
+    start = crop_hires_latents(start, upscale_to=(up_h, up_w), size=hires.size, factor=factor)
+    if tuple(start.shape[-2:]) != (height // factor, width // factor):  # (an encoder that does not floor as the VAE)
         raise ValueError(f"the hires pass's latents are {tuple(start.shape[-2:])} after the crop from "
                          f"{up_w}x{up_h}, not the {width}x{height} image's {(height // factor, width // factor)}: "
-                         f"the hires size must be a multiple of {factor} (check_hires_request)")
+                         f"this model's encoder does not floor a {up_w}x{up_h} image to "
+                         f"{(up_h // factor, up_w // factor)} latents as the VAE does; give a hires size that is a "
+                         f"multiple of {factor}")
     steps = hires.steps or int(options.get("steps", 25))
     second = dict(options, height=height, width=width)
     second.pop("generator", None)
@@ -565,8 +578,7 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
 
             unclip_scope = unclip_image_scope(loaded, unclip_image)
         if conditioning is not None:  # (cut as the latents; A1111 leaves it uncut and fails on a crop)
-            conditioning = crop_hires_latents(conditioning, upscale_to=(up_h, up_w), size=(height, width),
-                                              factor=factor)
+            conditioning = crop_hires_latents(conditioning, upscale_to=(up_h, up_w), size=hires.size, factor=factor)
     elif drawn is not None:  # (A1111's noise, a pixel pass at weight 1: the grey's ε after the pixels' own)
         from ..inpaint import txt2img_masked_image
 
