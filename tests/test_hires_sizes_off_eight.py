@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import tiny_sd_fixtures
 import torch
 
 from sdadapt.cli import main
@@ -27,6 +28,8 @@ from tests.test_hires_a1111_crop import (
     _a1111_truncate,
     _run,
 )
+
+system, tiny_sd = tiny_sd_fixtures.system, tiny_sd_fixtures.tiny_sd
 
 
 def _request(width, height, *, scale=None, rx=None, ry=None, upscaler="latent", steps=0):
@@ -84,28 +87,13 @@ def test_latent_upscalers_start_from_a1111s_latents_at_the_rounded_size(monkeypa
 # ------------------------------------------------------------------------------------ a tiny Stable Diffusion
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from tests.test_cli_train import _tiny_pipeline
-
-    return _tiny_pipeline(tmp_path_factory.mktemp("tiny_sd_off8"), prediction_type="epsilon")
-
-
-@pytest.fixture(scope="module")
-def tiny_system(tiny_sd):
-    from sdadapt.jobs.models import load_system
-
-    return load_system(str(tiny_sd), device=torch.device("cpu"))
-
-
-def test_pixel_lanczos_encodes_the_odd_size_as_a1111s_vae_does(tiny_system, monkeypatch):
+def test_pixel_lanczos_encodes_the_odd_size_as_a1111s_vae_does(system, monkeypatch):
     """``pixel-lanczos`` with a real (tiny, factor 2) VAE: 52 x 40 at scale 1.25 asks 65 x 50; A1111 resizes the
     first pass to exactly 65 x 50 (its Lanczos chain, 8-bit), the VAE's strided convolutions floor 65 to 32 latent
     columns, and the pass runs at 64 x 50. Catches a resize to the rounded size, a pad or ceil in the encode."""
     pytest.importorskip("PIL.Image")
     from tests.test_hires_pixel_upscale_a1111 import _a1111_hires_input
 
-    system = tiny_system
     f = system.vae_factor
     request = _request(52, 40, scale=1.25, upscaler="pixel-lanczos")
     assert request.size == (50, 65) and hires_pass_size(request, factor=f) == (50, 64)

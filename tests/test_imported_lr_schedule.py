@@ -11,8 +11,6 @@ a warm-up + cosine-with-restarts class shaped as LoRA Easy Training Scripts' ``C
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import warnings
 
@@ -20,16 +18,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from sdadapt.cli import main
 from sdadapt.errors import InputError
 from sdadapt.jobs import TrainOptions
 from sdadapt.jobs.train_schedule import check_schedule_options, schedule_fit_args
 from sdadapt.methods import FitConfig
 from sdadapt.training.imported_lr_schedule import ImportedSchedule
 from sdadapt.training.torch_lr_schedules import TorchSchedule
+from tests.test_lr_scheduler_type import straight_and_resumed_rates
 
 HERE = __name__
 
@@ -261,38 +258,13 @@ def test_options_import_the_class_and_refuse_a_warmup_or_a_missing_package():
             lr_scheduler_type="LoraEasyCustomOptimizer.CustomOptimizers.CosineAnnealingWarmupRestarts"))
 
 
-def _kohya_toml(folder, images, steps: int) -> str:
-    config = folder / "k.toml"
-    config.write_text(f"pretrained_model_name_or_path = 'toy'\ntrain_data_dir = '{images}'\noutput_dir = '{folder}'\n"
-                      f"output_name = 'out'\nlearning_rate = 1e-3\nmax_train_steps = {steps}\nresolution = '32,32'\n"
-                      "train_batch_size = 1\nseed = 3\nsave_every_n_steps = 2\nlr_scheduler = 'cosine'\n"
-                      f"lr_scheduler_type = '{HERE}.WarmupCosineRestarts'\n"
-                      "lr_scheduler_args = ['first_cycle_max_steps=3', 'warmup_steps=1', 'min_lr=1e-5', 'gamma=0.5']\n",
-                      encoding="utf-8")
-    return str(config)
-
-
-def _logged_rates(folder) -> list[float]:
-    with open(folder / "out-log.csv") as handle:
-        return [float(row["lr"]) for row in csv.DictReader(handle)]
-
-
 def test_a_kohya_toml_naming_an_installed_class_trains_on_its_curve_and_resumes_onto_it(three_shapes, tmp_path):
     """4 steps of a kohya TOML as LoRA Easy Training Scripts writes one: the logged LRs are the class's in kohya's
     loop; the state saved at step 2, resumed, logs the last 2 and ends at the same weights."""
     args = {"first_cycle_max_steps": 3, "warmup_steps": 1, "min_lr": 1e-5, "gamma": 0.5}
     real = [row[0] for row in _kohya_lrs(lambda o: WarmupCosineRestarts(o, **args), 4, (1e-3,))]
-    run = tmp_path / "run"
-    run.mkdir()
-    assert main(["train", "lora", "--config", _kohya_toml(run, three_shapes, 4), "--quiet"]) == 0
-    assert _logged_rates(run) == pytest.approx(real, rel=1e-6)
-    state = run / "out-state"
-    assert json.loads((state / "run.json").read_text())["step"] == 2
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    assert main(["train", "lora", "--config", _kohya_toml(resumed, three_shapes, 4), "--resume", str(state),
-                 "--quiet"]) == 0
-    assert _logged_rates(resumed) == pytest.approx(real[2:], rel=1e-6)
-    with safe_open(str(run / "out.safetensors"), "pt") as a, safe_open(str(resumed / "out.safetensors"), "pt") as b:
-        for key in a.keys():  # noqa: SIM118 (safetensors' handle: keys() lists the tensors)
-            torch.testing.assert_close(b.get_tensor(key), a.get_tensor(key), rtol=0, atol=0)
+    straight, resumed, _ = straight_and_resumed_rates(three_shapes, tmp_path, scheduler=(
+        f"lr_scheduler = 'cosine'\nlr_scheduler_type = '{HERE}.WarmupCosineRestarts'\n"
+        "lr_scheduler_args = ['first_cycle_max_steps=3', 'warmup_steps=1', 'min_lr=1e-5', 'gamma=0.5']\n"))
+    assert straight == pytest.approx(real, rel=1e-6)
+    assert resumed == pytest.approx(real[2:], rel=1e-6)

@@ -227,13 +227,14 @@ def test_options_map_the_args_to_the_class_and_refuse_a_warmup():
         FitConfig(steps=5, warmup_steps=2, torch_schedule=TorchSchedule.parse("StepLR", {"step_size": 2}))
 
 
-def _kohya_toml(folder, images, steps: int) -> str:
+def _kohya_toml(folder, images, steps: int, *, scheduler: str = "lr_scheduler = 'constant'\n"
+                "lr_scheduler_type = 'torch.optim.lr_scheduler.CosineAnnealingLR'\n"
+                "lr_scheduler_args = ['T_max=3', 'eta_min=1e-5']\n") -> str:
+    """A kohya TOML of ``steps`` toy LoRA steps saving its state every 2, with the ``scheduler`` lines."""
     config = folder / "k.toml"
     config.write_text(f"pretrained_model_name_or_path = 'toy'\ntrain_data_dir = '{images}'\noutput_dir = '{folder}'\n"
                       f"output_name = 'out'\nlearning_rate = 1e-3\nmax_train_steps = {steps}\nresolution = '32,32'\n"
-                      "train_batch_size = 1\nseed = 3\nsave_every_n_steps = 2\nlr_scheduler = 'constant'\n"
-                      "lr_scheduler_type = 'torch.optim.lr_scheduler.CosineAnnealingLR'\n"
-                      "lr_scheduler_args = ['T_max=3', 'eta_min=1e-5']\n", encoding="utf-8")
+                      f"train_batch_size = 1\nseed = 3\nsave_every_n_steps = 2\n{scheduler}", encoding="utf-8")
     return str(config)
 
 
@@ -242,25 +243,33 @@ def _logged_rates(folder) -> list[float]:
         return [float(row["lr"]) for row in csv.DictReader(handle)]
 
 
+def straight_and_resumed_rates(images, folder, **toml) -> tuple[list[float], list[float], dict[str, str]]:
+    """4 steps of a kohya TOML (:func:`_kohya_toml`), then the same resumed from its state saved at step 2: (the LRs
+    logged straight, those logged resumed, the straight file's metadata); both must end at the same weights."""
+    run, resumed = folder / "run", folder / "resumed"
+    run.mkdir()
+    resumed.mkdir()
+    assert main(["train", "lora", "--config", _kohya_toml(run, images, 4, **toml), "--quiet"]) == 0
+    state = run / "out-state"
+    assert json.loads((state / "run.json").read_text())["step"] == 2
+    assert main(["train", "lora", "--config", _kohya_toml(resumed, images, 4, **toml), "--resume", str(state),
+                 "--quiet"]) == 0
+    with safe_open(str(run / "out.safetensors"), "pt") as a, safe_open(str(resumed / "out.safetensors"), "pt") as b:
+        for key in a.keys():  # noqa: SIM118 (safetensors' handle: keys() lists the tensors)
+            torch.testing.assert_close(b.get_tensor(key), a.get_tensor(key), rtol=0, atol=0)
+        metadata = a.metadata()
+    return _logged_rates(run), _logged_rates(resumed), metadata
+
+
 def test_a_kohya_toml_trains_on_torchs_curve_and_resumes_onto_it(three_shapes, tmp_path):
     """4 steps of a kohya TOML with lr_scheduler_type: the logged LRs are torch's; the state saved at
     step 2, resumed, logs the same last 2 LRs and ends at the same weights; ``ss_lr_scheduler`` is
     kohya's (its lr_scheduler, which lr_scheduler_type replaces)."""
     real = [row[0] for row in _torch_lrs("CosineAnnealingLR", {"T_max": 3, "eta_min": 1e-5}, steps=4, bases=(1e-3,))]
-    run = tmp_path / "run"
-    run.mkdir()
-    assert main(["train", "lora", "--config", _kohya_toml(run, three_shapes, 4), "--quiet"]) == 0
-    assert _logged_rates(run) == pytest.approx(real, rel=1e-6)
-    state = run / "out-state"
-    assert json.loads((state / "run.json").read_text())["step"] == 2
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    assert main(["train", "lora", "--config", _kohya_toml(resumed, three_shapes, 4), "--resume", str(state), "--quiet"]) == 0
-    assert _logged_rates(resumed) == pytest.approx(real[2:], rel=1e-6)
-    with safe_open(str(run / "out.safetensors"), "pt") as a, safe_open(str(resumed / "out.safetensors"), "pt") as b:
-        assert a.metadata()["ss_lr_scheduler"] == "constant"
-        for key in a.keys():  # noqa: SIM118 (safetensors' handle: keys() lists the tensors)
-            torch.testing.assert_close(b.get_tensor(key), a.get_tensor(key), rtol=0, atol=0)
+    straight, resumed, metadata = straight_and_resumed_rates(three_shapes, tmp_path)
+    assert straight == pytest.approx(real, rel=1e-6)
+    assert resumed == pytest.approx(real[2:], rel=1e-6)
+    assert metadata["ss_lr_scheduler"] == "constant"
 
 
 def test_one_cycle_leaves_a_group_whose_lr_is_0_frozen():
