@@ -284,6 +284,7 @@ def schedule_free_notes(options: TrainOptions, given: OptimizerArgs) -> list[str
               "hold its eval-mode weights (the average of the steps), as kohya's optimizer_eval_fn")]
     unused = [f"{flag} {value}" for flag, value in (
         ("--lr-scheduler", options.lr_scheduler if options.lr_scheduler != "cosine" else None),  # (not the default)
+        ("--lr-scheduler-type", options.lr_scheduler_type or None),  # (kohya does not import it)
         ("--lr-warmup-steps", options.lr_warmup_steps or None)) if value is not None]
     if unused:
         notes.append(f"{', '.join(unused)}: not used with a schedule-free optimizer (kohya ignores them too: its "

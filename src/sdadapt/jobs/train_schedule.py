@@ -186,8 +186,9 @@ def torch_schedule(options: TrainOptions) -> TorchSchedule | ImportedSchedule | 
     items = _key_value_items(options, "lr_scheduler_args")
     module = str(options.lr_scheduler_type).strip().rpartition(".")[0]
     if module and module != TORCH_SCHEDULE_MODULE:  # (kohya imports the module)
-        return ImportedSchedule.parse(str(options.lr_scheduler_type),
-                                      dict(parse_optimizer_args(items, where="--lr-scheduler-args")))
+        rate = options.learning_rate if options.learning_rate is not None else options.unet_lr
+        return ImportedSchedule.parse(str(options.lr_scheduler_type), _kohya_scheduler_kwargs(items),
+                                      **({} if rate is None else {"learning_rate": float(rate)}))
     quoted = []
     for item in items:
         key, equals, value = item.partition("=")
@@ -196,6 +197,23 @@ def torch_schedule(options: TrainOptions) -> TorchSchedule | ImportedSchedule | 
         quoted.append(item)
     args = dict(parse_optimizer_args(quoted, where="--lr-scheduler-args"))
     return TorchSchedule.parse(str(options.lr_scheduler_type), args)
+
+
+def _kohya_scheduler_kwargs(items: list[str]) -> dict[str, Any]:
+    """kohya's ``get_scheduler_fix`` reading of ``--lr_scheduler_args``: ``key, value = arg.split("=")``, the value
+    through ``ast.literal_eval`` as it is (a list stays a list) — for a class sdadapt hands them to as they are."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        parts = str(item).split("=")
+        if len(parts) != 2 or not parts[0].strip():
+            raise ValueError(f"--lr-scheduler-args: {item!r} is not KEY=VALUE with one '=' (kohya splits each at '=')")
+        key, text = parts[0].strip(), parts[1].strip()
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise ValueError(f"--lr-scheduler-args: {item!r}: the value {text!r} is not a Python literal (kohya reads "
+                             "it with ast.literal_eval: quote text, e.g. mode='cos')") from None
+    return kwargs
 
 
 def _min_lr_ratio(options: TrainOptions, kwargs: dict[str, Any], learning_rate: float | None = None) -> float | None:
@@ -216,7 +234,9 @@ def check_schedule_options(options: TrainOptions) -> None:
     Raises:
         ValueError: naming the option and the fix.
     """
-    if options.lr_scheduler_type:
+    from .train_optimizer import uses_schedule_free
+
+    if options.lr_scheduler_type and not uses_schedule_free(options):  # (kohya's dummy scheduler: never built)
         torch_schedule(options)
         warmup = options.lr_warmup_steps
         if warmup:  # (kohya's wrap_check_needless_num_warmup_steps)
@@ -301,6 +321,10 @@ def _cosine_waves(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 def schedule_notes(options: TrainOptions) -> list[str]:
     """The schedule options given that ``--lr-scheduler`` does not read (kohya configs carry them)."""
+    from .train_optimizer import uses_schedule_free
+
+    if options.lr_scheduler_type and uses_schedule_free(options):  # (train_optimizer.schedule_free_notes says it)
+        return []
     if options.lr_scheduler_type:
         unused = [f"--{name.replace('_', '-')} {value}" for name, value in (
             ("lr_scheduler", options.lr_scheduler if options.lr_scheduler not in ("cosine", "constant") else None),

@@ -517,8 +517,9 @@ class FitConfig:
         ``warmup_steps`` unused; its own warm-up is ``optimizer_args`` ``warmup_steps``)."""
         if self.schedule_free:
             return base
-        if self.torch_schedule is not None:
-            return self.torch_schedule.lr(step, base)  # (OneCycleLR: accelerate's stop at total_steps)
+        if self.torch_schedule is not None:  # (OneCycleLR: accelerate's stop at total_steps; an imported class may read
+            # the optimiser's own LR, kohya's learning_rate: transformers' polynomial / cosine-with-min-LR schedules)
+            return self.torch_schedule.lr(step, base, reference_lr=self._schedule_lr)
         schedule = {"constant_with_warmup": "warmup"}.get(self.schedule, self.schedule)
         if schedule == "constant" and self.warmup_steps:
             schedule = "warmup"

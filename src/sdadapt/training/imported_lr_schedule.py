@@ -3,13 +3,14 @@
 kohya sd-scripts (``get_scheduler_fix`` in library/train_util.py) imports the module of a dotted
 ``--lr_scheduler_type``, builds ``Class(optimizer, **lr_scheduler_args)`` (values through
 ``ast.literal_eval``) and accelerate steps what it returns once after every optimiser step. GUIs write
-such configs: LoRA Easy Training Scripts' ``CosineAnnealingWarmupRestarts`` and ``RexAnnealingWarmRestarts``
-(``lr_scheduler_type = "LoraEasyCustomOptimizer.CustomOptimizers.CosineAnnealingWarmupRestarts"`` with
-``first_cycle_max_steps``, ``warmup_steps``, ``min_lr``, ``gamma`` in ``lr_scheduler_args``), or a
+such configs: LoRA Easy Training Scripts' ``CosineAnnealingWarmRestarts`` and ``RexAnnealingWarmRestarts``
+(``lr_scheduler_type = "LoraEasyCustomOptimizer.RexAnnealingWarmRestarts.RexAnnealingWarmRestarts"`` with
+``first_cycle_max_steps``, ``warmup_steps``, ``min_lr``, ``gamma``, ``d`` in ``lr_scheduler_args``), or a
 function returning a scheduler (``transformers.get_cosine_schedule_with_warmup``).
 
 :class:`ImportedSchedule` builds the real class, on an optimiser of its own with one parameter group at
-the group's base LR, and steps it as accelerate steps kohya's: the LR at optimiser step ``s`` is that
+the group's base LR (the optimiser's own LR, ``defaults["lr"]``, kohya's ``learning_rate``), and steps it as
+accelerate steps kohya's: the LR at optimiser step ``s`` is that
 group's LR after ``s`` calls of ``.step()`` (each after an ``optimizer.step()``), and a scheduler
 with a ``total_steps`` attribute (``OneCycleLR``-like) is stepped only while its ``_step_count`` is at
 most ``total_steps`` (accelerate's ``AcceleratedScheduler.step``). Each group gets its own run from its
@@ -27,10 +28,9 @@ groups so that such a move shows. (torch's own ``OneCycleLR`` by name is
 from __future__ import annotations
 
 import ast
-import functools
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,10 +45,13 @@ _FIXED_KEYS = {"momentum": 0.9, "betas": (0.9, 0.999), "weight_decay": 0.0}
 
 
 class _ProbeOptimizer(torch.optim.Optimizer):
-    """An optimiser over one empty tensor whose ``step`` changes nothing: what the scheduler moves is its groups."""
+    """An optimiser over one empty tensor whose ``step`` changes nothing: what the scheduler moves is its group.
+    The group's LR is ``lr``; the optimiser's (``defaults["lr"]``, which transformers' polynomial and
+    cosine-with-min-LR schedules read) is ``reference_lr``, kohya's ``learning_rate`` the optimiser is built with."""
 
-    def __init__(self, lr: float) -> None:
-        super().__init__([torch.zeros(0, requires_grad=True)], {"lr": lr, **_FIXED_KEYS})
+    def __init__(self, lr: float, reference_lr: float) -> None:
+        super().__init__([{"params": [torch.zeros(0, requires_grad=True)], "lr": lr}],
+                         {"lr": reference_lr, **_FIXED_KEYS})
 
     def step(self, closure: Any = None) -> None:
         """Nothing to update (the scheduler counts the call)."""
@@ -59,7 +62,7 @@ class ImportedSchedule:
     """One installed scheduler class with its arguments, as a function of the step.
 
     Attributes:
-        name: the dotted path as given (``"LoraEasyCustomOptimizer.CustomOptimizers.CosineAnnealingWarmupRestarts"``).
+        name: the dotted path as given (``"LoraEasyCustomOptimizer.RexAnnealingWarmRestarts.RexAnnealingWarmRestarts"``).
         args: the arguments, each ``(key, repr of the value)`` (the values are Python literals, as kohya's
             ``ast.literal_eval`` reads them; :attr:`options` gives them back).
 
@@ -68,14 +71,17 @@ class ImportedSchedule:
 
     name: str
     args: tuple[tuple[str, str], ...] = ()
+    #: each group's curve, by (its LR, the optimiser's LR): kept as long as the schedule (a run's groups all at once)
+    _curves: dict[tuple[float, float], _Curve] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def parse(cls, type_name: str, args: Mapping[str, Any] | None = None) -> ImportedSchedule:
+    def parse(cls, type_name: str, args: Mapping[str, Any] | None = None, *,
+              learning_rate: float = 1e-3) -> ImportedSchedule:
         """kohya's dotted ``lr_scheduler_type`` and its ``lr_scheduler_args`` -> a schedule.
 
-        The module is imported and the class built once on a probe optimiser at LR 1e-3 and stepped
-        once, so a missing package, an unknown or missing argument or a value the class refuses stops
-        the run before a model loads.
+        The module is imported and the class built once on a probe optimiser at ``learning_rate`` (kohya's
+        ``--learning_rate``, what its optimiser is built with) and stepped once, so a missing package, an
+        unknown or missing argument or a value the class refuses stops the run before a model loads.
 
         Raises:
             InputError: the module is not installed or has no such callable.
@@ -101,7 +107,8 @@ class ImportedSchedule:
             pairs.append((key, text))
         schedule = cls(type_name.strip(), tuple(pairs))
         imported_schedule_class(schedule.name)
-        schedule.lr(1, 1e-3)
+        schedule.lr(1, learning_rate)
+        schedule._curves.clear()  # (the probe's: a run builds its own)
         return schedule
 
     @property
@@ -118,9 +125,10 @@ class ImportedSchedule:
         """``None``: see :attr:`cycles_momentum`."""
         return None
 
-    def lr(self, step: int, base_lr: float) -> float:
+    def lr(self, step: int, base_lr: float, *, reference_lr: float | None = None) -> float:
         """A group's LR at optimiser step ``step`` (0-based) when its own LR is ``base_lr``: the class's
-        after ``step`` calls of ``.step()``.
+        after ``step`` calls of ``.step()``. ``reference_lr``: the optimiser's LR (kohya's ``--learning_rate``,
+        ``optimizer.defaults["lr"]``; default ``base_lr``), which some classes read.
 
         Raises:
             ValueError: the class fails when built or stepped, or moves a group's momentum, ``betas`` or
@@ -128,22 +136,21 @@ class ImportedSchedule:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a whole number >= 0, got {step!r}")
+        key = (float(base_lr), float(base_lr if reference_lr is None else reference_lr))
+        curve = self._curves.get(key)
+        if curve is None:
+            curve = self._curves[key] = _Curve(_stepped(self, *key))
         try:
-            return _curve(self, float(base_lr)).at(step)
-        except ValueError:
-            _curve.cache_clear()  # (not a spent curve for the next call)
+            return curve.at(step)
+        except BaseException:
+            del self._curves[key]  # (not a spent curve for the next call)
             raise
 
 
-@functools.lru_cache(maxsize=64)
-def _curve(schedule: ImportedSchedule, base_lr: float) -> _Curve:
-    return _Curve(_stepped(schedule, base_lr))
-
-
-def _stepped(schedule: ImportedSchedule, base_lr: float) -> Iterator[float]:
+def _stepped(schedule: ImportedSchedule, base_lr: float, reference_lr: float) -> Iterator[float]:
     """The LR of a probe optimiser's group after 0, 1, 2 ... of accelerate's ``scheduler.step()`` calls."""
     where = f"lr_scheduler_type {schedule.name}"
-    optimizer = _ProbeOptimizer(base_lr)
+    optimizer = _ProbeOptimizer(base_lr, reference_lr)
     try:
         scheduler = imported_schedule_class(schedule.name)(optimizer, **schedule.options)
     except Exception as exc:  # noqa: BLE001 - its own checks (a missing or unknown argument, a bad value), reported
@@ -162,13 +169,16 @@ def _stepped(schedule: ImportedSchedule, base_lr: float) -> Iterator[float]:
         lr = group["lr"]
         yield float(lr.item() if isinstance(lr, torch.Tensor) else lr)
         step += 1
-        total = getattr(scheduler, "total_steps", None)  # (accelerate stops a OneCycleLR-like one past its total)
-        if total is not None and getattr(scheduler, "_step_count", 0) > total:
-            continue
-        optimizer.step()
         try:
+            # (accelerate's AcceleratedScheduler.step: one with total_steps is stepped only while _step_count <= it)
+            if hasattr(scheduler, "total_steps") and not scheduler._step_count <= scheduler.total_steps:
+                continue
+            optimizer.step()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (torch's "step() before optimizer.step()" is not for a probe)
                 scheduler.step()
         except Exception as exc:  # noqa: BLE001 - whatever the class raises, reported with the step
-            raise ValueError(f"{where}: its step() failed at step {step}: {type(exc).__name__}: {exc}") from None
+            hint = ("; it uses optimizer._step_count, which older torch versions set and this one does not (kohya fails "
+                    "the same way: a version of the class made for this torch fixes it)"
+                    if "_step_count" in str(exc) else "")
+            raise ValueError(f"{where}: stepping it failed at step {step}: {type(exc).__name__}: {exc}{hint}") from None

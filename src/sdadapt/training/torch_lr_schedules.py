@@ -58,11 +58,10 @@ from __future__ import annotations
 
 import array
 import difflib
-import functools
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["REFUSED_TORCH_SCHEDULES", "TORCH_SCHEDULES", "TORCH_SCHEDULE_MODULE", "TorchSchedule"]
@@ -132,6 +131,8 @@ class TorchSchedule:
 
     name: str
     args: tuple[tuple[str, Any], ...] = ()
+    #: each group's curve, by its LR: kept as long as the schedule (a run asks for all its groups' at every step)
+    _curves: dict[float, _Curve] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, type_name: str, args: Mapping[str, Any] | None = None) -> TorchSchedule:
@@ -275,10 +276,11 @@ class TorchSchedule:
 
     # ------------------------------------------------------------------ the curve
 
-    def lr(self, step: int, base_lr: float) -> float:
+    def lr(self, step: int, base_lr: float, *, reference_lr: float | None = None) -> float:
         """The LR of a parameter group whose own LR is ``base_lr`` at optimiser step ``step``
         (0-based): what the real scheduler sets after ``step`` calls of ``.step()`` (``OneCycleLR``:
         after ``min(step, total_steps)``, where accelerate stops stepping it — the module's docstring).
+        ``reference_lr`` (the optimiser's own LR) is not read: torch's classes start from each group's.
 
         Raises:
             ValueError: ``step < 0``.
@@ -286,7 +288,10 @@ class TorchSchedule:
         if self.name == "OneCycleLR":  # (_one_cycle_step checks the step)
             return _one_cycle(self.options, self._one_cycle_step(step))[0]
         _check_step(step)
-        return _curve(self, float(base_lr)).at(step)
+        curve = self._curves.get(float(base_lr))
+        if curve is None:
+            curve = self._curves[float(base_lr)] = _Curve(_RECURSIONS[self.name](self.options, float(base_lr)))
+        return curve.at(step)
 
     @property
     def cycles_momentum(self) -> bool:
@@ -345,11 +350,6 @@ class _Curve:
         while len(self._known) <= step:
             self._known.append(next(self._values))
         return self._known[step]
-
-
-@functools.lru_cache(maxsize=64)
-def _curve(schedule: TorchSchedule, base_lr: float) -> _Curve:
-    return _Curve(_RECURSIONS[schedule.name](schedule.options, base_lr))
 
 
 # Each generator yields the LR after 0, 1, 2 ... calls of .step(): torch's get_lr, operation for operation
