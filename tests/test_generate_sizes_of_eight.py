@@ -1,7 +1,8 @@
 """Generated sizes are multiples of 8, A1111's and diffusers' rule: SD1's UNet halves the latents three times, so
-520 x 512 (latents 65 x 64) does not halve evenly — diffusers' UNet resizes each up block to its skip's size
-(``forward_upsample_size``), as A1111's ``TorchHijackForUnet`` resizes LDM's (nearest: the same pixels). sdadapt's
-sample runs the same UNet: it equals diffusers' StableDiffusionPipeline at such sizes."""
+520 x 512 (latents 65 x 64) does not halve evenly — diffusers' UNet resizes each upsampler's output to its skip's
+size before the convolution (``forward_upsample_size``), as ComfyUI and Forge do (A1111's ``TorchHijackForUnet``
+resizes LDM's after it: the last row / column of each uneven level differs). sdadapt's sample runs the same UNet: it
+equals diffusers' StableDiffusionPipeline at such sizes."""
 
 from __future__ import annotations
 

@@ -91,26 +91,44 @@ def _comfyui_grid(total: int, lh: int, lw: int) -> tuple[int, int]:
     return xx, total // xx
 
 
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(2, 24), cols=st.integers(2, 24), factor=st.sampled_from([1, 2, 4, 8]))
-def test_the_token_grid_is_comfyuis_and_the_mask_blurs_only_where_set(rows, cols, factor):
+def _forge_grid(total: int, lh: int, lw: int) -> tuple[int, int]:
+    """Forge's SAG grid (extensions-builtin/sd_forge_sag/scripts/forge_sag.py:66-69), transcribed."""
+    ratio = 2 ** (math.ceil(math.sqrt(lh * lw / total)) - 1).bit_length()
+    return math.ceil(lh / ratio), math.ceil(lw / ratio)
+
+
+@settings(max_examples=60, deadline=None)
+@given(height=st.integers(5, 300), width=st.integers(5, 300), halvings=st.integers(0, 3))
+def test_the_token_grid_is_the_halved_latent_as_forge_and_diffusers_take_it(height, width, halvings):
+    """The middle block's grid is the latent halved by stride-2 convolutions rounding up (diffusers' ``map_size``),
+    Forge's formula; ComfyUI's aspect-ratio guess agrees wherever it finds that grid."""
     from sdadapt.self_attention_guidance import _token_grid
 
-    if min(rows, cols) * factor <= 4:  # (ComfyUI skips such latents: the blur's padding needs 5 pixels)
-        rows, cols = max(rows, 5), max(cols, 5)
+    rows, cols = -(-height // 2 ** halvings), -(-width // 2 ** halvings)
+    assert _token_grid(rows * cols, height, width) == (rows, cols) == _forge_grid(rows * cols, height, width)
+    f = 2 ** halvings
+    if height % f == 0 and width % f == 0:  # (whole cells: the first token's cell is the top-left f x f)
+        x0 = torch.randn(1, 2, height, width)
+        mask = torch.zeros(1, rows * cols, dtype=torch.bool)
+        mask[0, 0] = True
+        out = blur_by_attention(x0, mask, sigma=2.0)
+        assert torch.equal(out[..., f:, :], x0[..., f:, :]) and torch.equal(out[..., :, f:], x0[..., :, f:])
+        assert torch.equal(out[..., :f, :f], gaussian_blur_2d(x0, 9, 2.0)[..., :f, :f])
 
-    assert _token_grid(rows * cols, rows * factor, cols * factor) == _comfyui_grid(rows * cols, rows * factor,
-                                                                                  cols * factor)
-    got = _token_grid(rows * cols, rows * factor, cols * factor)
-    if got != (rows, cols):  # (ComfyUI's search can land on another divisor: it is what ComfyUI uses)
-        return
-    x0 = torch.randn(1, 2, rows * factor, cols * factor)
-    mask = torch.zeros(1, rows * cols, dtype=torch.bool)
-    mask[0, 0] = True
-    out = blur_by_attention(x0, mask, sigma=2.0)
-    assert torch.equal(out[..., factor:, :], x0[..., factor:, :]) and torch.equal(out[..., :, factor:],
-                                                                                   x0[..., :, factor:])
-    assert torch.equal(out[..., :factor, :factor], gaussian_blur_2d(x0, 9, 2.0)[..., :factor, :factor])
+
+def test_comfyuis_guess_misses_some_sizes_no_multiple_of_64_and_the_grid_does_not():
+    """Every SD 1 size from 256 to 2048 in steps of 8 (3 halvings of the latent): ComfyUI's guess is another
+    grid at some (264 x 512: rows and columns swapped in shape), sdadapt's is the halved latent at all."""
+    from sdadapt.self_attention_guidance import _token_grid
+
+    missed = 0
+    for height in range(256, 2049, 8):
+        for width in range(256, 2049, 8):
+            lh, lw = height // 8, width // 8
+            grid = (-(-lh // 8), -(-lw // 8))
+            assert _token_grid(grid[0] * grid[1], lh, lw) == grid
+            missed += _comfyui_grid(grid[0] * grid[1], lh, lw) != grid
+    assert missed > 50
 
 
 # ---- against diffusers' SAG pipeline -------------------------------------------------------------------------------

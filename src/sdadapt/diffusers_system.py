@@ -1282,8 +1282,9 @@ class DiffusersSystem(nn.Module):
         ``info``: a dict ``dpm_adaptive`` fills with its steps and model calls (``nfe``).
         ``height``/``width`` default to :attr:`image_size`
         and must be multiples of :attr:`vae_factor` (8: A1111's and diffusers' rule; a latent side the UNet's
-        downsampling does not halve evenly is run as diffusers' UNet runs it, each up block resized to its skip's
-        size — what A1111's ``TorchHijackForUnet`` does to LDM's UNet, the same nearest-neighbour pixels). The starting noise is drawn on the CPU from
+        downsampling does not halve evenly is run as diffusers' UNet runs it — each upsampler resizing to its
+        skip's size before its convolution, as ComfyUI and Forge do; A1111's ``TorchHijackForUnet`` resizes LDM's
+        after the convolution, which differs in the last row / column of each uneven level). The starting noise is drawn on the CPU from
         ``torch.Generator().manual_seed(seed)``; the ancestral samplers draw their noise from that same
         generator after it (what a diffusers pipeline given that generator does). ``cond``: the
         prompts' conditioning, precomputed (as :meth:`condition` returns it: SD1/SD2 (B, L, D),

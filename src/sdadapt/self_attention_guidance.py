@@ -9,8 +9,9 @@ is pushed away from what it predicts there::
 pass) — and ``b`` the same branch's prediction at the degraded input. The mask: the middle block's first
 self-attention map (``mid_block.attentions.0.transformer_blocks.0.attn1``, diffusers' and ComfyUI's layer) averaged
 over its heads and summed over its queries, each token whose total exceeds ``threshold`` (1) blurred (a 9×9 Gaussian
-of ``blur_sigma``, reflect-padded), the token grid read from the latent's aspect ratio (ComfyUI's
-``create_blur_map``) and brought to the latent size by nearest neighbours.
+of ``blur_sigma``, reflect-padded), the token grid the latent halved by the UNet's convolutions (Forge's SAG,
+diffusers' ``map_size``; ComfyUI's ``create_blur_map`` guesses it from the aspect ratio, the same grid except at some
+sides no multiple of 64) and brought to the latent size by nearest neighbours.
 
 Where it combines follows the sampler's home tool (:mod:`sdadapt.denoised_branches`):
 
@@ -18,7 +19,7 @@ Where it combines follows the sampler's home tool (:mod:`sdadapt.denoised_branch
   ``alphas_cumprod`` at ``t``, the degraded input ``add_noise(blurred, ε, t)``, the term ``s·(out − out_degraded)``
   (its blur σ is fixed at 1: pass ``blur_sigma=1.0``; its default scale 0.75);
 - A1111's σ grids: ComfyUI's SelfAttentionGuidance node, which Forge's built-in "SelfAttentionGuidance Integrated"
-  runs, on x̂0 — the degraded input ``blurred + x − x̂0`` in k-diffusion's space, the term ``s·(blurred − x̂0')``
+  follows (with its own grid, above), on x̂0 — the degraded input ``blurred + x − x̂0`` in k-diffusion's space, the term ``s·(blurred − x̂0')``
   (defaults: scale 0.5, blur σ 2). For an ε model the two are one formula; for a v model they differ (ComfyUI's
   reads the degraded call's x̂0 against the blurred one).
 
@@ -77,8 +78,17 @@ def attention_token_mask(attn: nn.Module, hidden: Tensor, *, threshold: float = 
 
 
 def _token_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
-    """The (rows, columns) of ``tokens`` laid out at the latent's aspect ``height / width`` (ComfyUI's
-    ``create_blur_map``: the divisor of ``tokens`` nearest ``√(tokens·h/w)``)."""
+    """The (rows, columns) of the middle block's ``tokens`` for a latent of ``height`` x ``width``: the latent halved
+    by the UNet's stride-2 convolutions, each rounding up (``⌈h / 2^k⌉ × ⌈w / 2^k⌉``), as Forge's SAG computes it
+    and diffusers' pipeline reads it (``map_size``); a layout no halving gives: ComfyUI's ``create_blur_map``
+    guess, the divisor of ``tokens`` nearest ``√(tokens·h/w)`` (the same grid wherever ComfyUI is right: it
+    guesses wrong at some sides no multiple of 64, e.g. 264 x 512 on SD 1)."""
+    for halvings in range(12):
+        rows, cols = -(-height // 2 ** halvings), -(-width // 2 ** halvings)
+        if rows * cols == tokens:
+            return rows, cols
+        if rows * cols < tokens:
+            break
     guess = round(math.sqrt((height / width) * tokens))
     for i in range(math.floor(math.sqrt(tokens) / 2)):
         for rows in (guess + i, max(1, guess - i)):
