@@ -394,7 +394,6 @@ def test_train_without_it_records_none(red_circles, tmp_path):
     ("dora", ["--scale-weight-norms", "1"], "DoRA renormalises"),
     ("full", ["--scale-weight-norms", "1"],
      "shrinks LoRA-family and OFT adapters (lora, locon, loha, lokr, diag-oft, boft), not full"),
-    ("glora", ["--scale-weight-norms", "1"], "LyCORIS defines no max norm for GLoRA"),
 ])
 def test_train_refuses_bad_values_and_other_methods_before_the_model_loads(red_circles, tmp_path, capsys, monkeypatch,
                                                                             method, flags, message):
@@ -404,3 +403,16 @@ def test_train_refuses_bad_values_and_other_methods_before_the_model_loads(red_c
     monkeypatch.setattr(jobs, "load_system", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["train", method, "--images", str(red_circles), *flags, "-o", str(tmp_path / "x.safetensors")]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ia3", "glora"])
+def test_lycoris_adapters_without_a_max_norm_train_with_a_note(red_circles, tmp_path, capsys, method):
+    """GUIs write scale_weight_norms for every LoRA type (kohya_ss's iA3 preset has 1); LyCORIS' IA3 and GLoRA
+    modules have no max norm (apply_max_norm returns (None, None)), so kohya trains with nothing scaled: so here,
+    said in the report, and the metadata says none was applied."""
+    out = tmp_path / f"{method}.safetensors"
+    assert main(["train", method, "--images", str(red_circles), "--steps", "1", "--batch-size", "2", "--no-prior",
+                 "--scale-weight-norms", "1", "-o", str(out)]) == 0
+    assert f"--scale-weight-norms 1.0: not used by {method}" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_scale_weight_norms"] == "None"

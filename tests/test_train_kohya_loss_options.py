@@ -53,7 +53,7 @@ def test_the_defaults_are_kohyas_and_train_as_before():
     # (past the model's T: refused once the model is loaded, before any latent is cached)
     (["--max-timestep", "1001"], "has 1000 training timesteps (its scheduler's num_train_timesteps), so need 0 <= min < max <= 1000"),
     (["--huber-c", "0"], "--huber-c must be > 0"),
-    (["--multires-noise-discount", "1.5"], "--multires-noise-discount must be in (0, 1]"),
+    (["--multires-noise-discount", "1.5", "--multires-noise-iterations", "6"], "--multires-noise-discount must be in (0, 1]"),
     (["--ip-noise-gamma", "-0.1"], "--ip-noise-gamma must be >= 0"),
 ])
 def test_bad_values_are_refused_before_the_model_loads(red_circles, tmp_path, capsys, flags, message):

@@ -44,6 +44,14 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
     from .errors import InputError
 
     out: dict[str, str] = {}
+    for item in items:  # an algo sdadapt does not train first: it says more than the args it brings (dylora's block_size)
+        arg, _, setting = str(item).partition("=")
+        algo = setting.strip().lower()
+        if arg.strip() == "algo" and algo not in LYCORIS_ALGOS:
+            raise InputError(f"{source} {item!r}: sdadapt trains the LyCORIS algos {', '.join(LYCORIS_ALGOS)} (train "
+                             f"lora/locon/loha/lokr/ia3/diag-oft/boft/glora) and DoRA (train dora); not {algo}"
+                             + (" (kohya's own DyLoRA, networks.dylora, is `train dylora` with network_args unit=N, "
+                                "LyCORIS' block_size)" if algo == "dylora" else ""))
     for item in items:
         arg, equals, setting = str(item).partition("=")
         arg = arg.strip()

@@ -29,7 +29,11 @@ where sdadapt's own differs:
 - ``min_bucket_reso`` 256, ``max_bucket_reso`` 1024, ``bucket_reso_steps`` 64 when bucketing is on
   (not on the toy model: kohya's sizes are for Stable Diffusion images);
 - the toy model: no generated class images (kohya has prior preservation only with
-  ``reg_data_dir``); not for dreambooth, whose class images sdadapt requires.
+  ``reg_data_dir``); not for dreambooth, whose class images sdadapt requires;
+- dreambooth on an SDXL model: no text encoder training (``sdxl_train.py`` trains them only with
+  ``train_text_encoder``; ``train_db.py``, SD1/SD2, trains its encoder by default, as sdadapt).
+
+The run-report line leaves out the dataset options a ``dataset_config`` TOML sets (its values win).
 
 Kept as sdadapt's: ``resolution`` (kohya has none: the model's own), ``clip_skip``,
 ``max_token_length``, ``max_grad_norm``, ``mixed_precision``, the optimiser and the loss and noise
@@ -63,6 +67,26 @@ _KOHYA_BUCKETS = {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_
 _TOY_MODELS = ("toy", "toy-image")
 
 
+def _dataset_toml_keys(path: Any) -> set[str]:
+    """The option names a kohya dataset TOML sets (its ``[general]``, ``[[datasets]]`` and their subsets' keys); empty
+    without one or when it cannot be read (the run reads it and reports that)."""
+    if not path:
+        return set()
+    from ..training.dataset_config import read_config_table
+
+    try:
+        data = read_config_table(path, flag="--dataset-config", allow_json=True)
+    except (OSError, ValueError, ImportError):
+        return set()
+    keys = set(data.get("general", {})) if isinstance(data.get("general"), dict) else set()
+    for dataset in data.get("datasets", []) if isinstance(data.get("datasets"), list) else []:
+        if isinstance(dataset, dict):
+            keys |= set(dataset)
+            for subset in dataset.get("subsets", []) if isinstance(dataset.get("subsets"), list) else []:
+                keys |= set(subset) if isinstance(subset, dict) else set()
+    return keys
+
+
 def is_kohya_config(keys: Any, *, own_names: set[str]) -> bool:
     """Whether a config with these (flattened) ``keys`` is a kohya config: one key, dashes read as
     underscores, is not in ``own_names`` (sdadapt's option names: the
@@ -91,10 +115,12 @@ def kohya_defaults(*, method: str, values: Mapping[str, Any], methods: Mapping[s
     options: dict[str, Any] = {}
     added: dict[str, Any] = {}
     shown: list[str] = []
+    in_dataset = _dataset_toml_keys(values.get("dataset_config"))  # (what a dataset TOML sets wins: not shown)
     for name, (value, kohya, text) in KOHYA_TRAIN_DEFAULTS.items():
         if name not in values:
             options[name] = value
-            shown.append(f"{kohya} {text}")
+            if kohya not in in_dataset and name not in in_dataset:
+                shown.append(f"{kohya} {text}")
     if "steps" not in values and "epochs" not in values:
         options["steps"] = _KOHYA_STEPS
         shown.append(f"max_train_steps {_KOHYA_STEPS}")
@@ -111,7 +137,14 @@ def kohya_defaults(*, method: str, values: Mapping[str, Any], methods: Mapping[s
         for name, value in _KOHYA_BUCKETS.items():
             if name not in values:
                 options[name] = value
-                shown.append(f"{name} {value}")
+                if name not in in_dataset:
+                    shown.append(f"{name} {value}")
+    if method == "dreambooth" and "text_encoder" in method_options and "text_encoder" not in methods:
+        from ..jobs.model_size import model_is_sdxl
+
+        if model_is_sdxl(model):  # (train_db.py trains SD1/SD2's encoder by default, sdxl_train.py none without it)
+            added["text_encoder"] = False
+            shown.append("train_text_encoder off (sdxl_train.py trains the text encoders only with it)")
     if prior == "auto" and model in _TOY_MODELS and not any(name in values for name in (
             "prior", "class_prompt", "class_images", "class_data_dir", "reg_data_dir", "dataset_config")):
         options["prior"] = False

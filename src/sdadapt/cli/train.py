@@ -116,6 +116,9 @@ KOHYA_IGNORED = {
     "epoch": "a kohya_ss GUI field; sd-scripts reads max_train_epochs / max_train_steps (read here too)",
     "noise_offset_type": "a kohya_ss GUI field choosing which noise keys it writes; noise_offset, adaptive_noise_scale "
                          "and multires_noise_* are read themselves",
+    # keys LoRA Easy Training Scripts' backend copies from its GUI into the config (sd-scripts ignores them)
+    **{name: "a LoRA Easy Training Scripts GUI field (sd-scripts does not read it)" for name in (
+        "save_toml", "save_toml_location", "tag_occurrence", "tag_file_location", "easy_name")},
 }
 #: kohya options refused when on (off, as kohya configs write them: nothing to do)
 _REFUSED_WHEN_ON = {
@@ -406,6 +409,9 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
                 options["prediction_type"] = "v_prediction"
             continue
         if name in _REFUSED_WHEN_ON:
+            if isinstance(value, str) and value.strip().lower() in ("false", "none"):  # (older kohya_ss GUI files)
+                notes.append(f"ignored {key} = {value!r} (read as off: the kohya_ss GUI's text for an unset field)")
+                continue
             if value:
                 raise ValueError(f"--config {file}: {key}: {_REFUSED_WHEN_ON[name]}")
             continue
@@ -418,6 +424,10 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ValueError(f"--config {file}: unknown option {key!r}{hint}")
     _settle_kohya_values(file, options, notes, encoder_lrs=encoder_lrs, adam8bit=adam8bit, lion=lion)
+    kohya_steps = [k for k in typed if k.replace("-", "_") in ("max_train_steps", "max_train_epochs")]
+    if len(kohya_steps) == 2 and "steps" in options and "epochs" in options:  # (the kohya_ss GUI writes both)
+        notes.append(f"ignored max_train_steps = {options.pop('steps')} (max_train_epochs = {options['epochs']} is "
+                     "given, and kohya's scripts then count the steps from the epochs)")
     cached = [k for k, v in typed.items() if k.replace("-", "_") in ("cache_latents", "cache_latents_to_disk") and v is True]
     if options.get("face_crop_aug_range") not in (None, "", []) and cached:  # (kohya caches the plain crops: no faces)
         notes.append(f"ignored face_crop_aug_range ({cached[0]}: kohya caches each image's latents once and crops "
@@ -436,8 +446,9 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
     if output_name is not None or output_dir is not None:
         if "out" in options:
             raise ValueError(f"--config {file}: give out, or output_dir/output_name, not both")
-        name = str(output_name or "last")
-        options["out"] = str(Path(str(output_dir or ".")) / (name if Path(name).suffix else name + ".safetensors"))
+        name = str(output_name or "last")  # (kohya appends the extension to any name: "v1.0a" is no suffix)
+        own = name.lower().endswith((".safetensors", ".pt", ".ckpt", ".bin"))
+        options["out"] = str(Path(str(output_dir or ".")) / (name if own else name + ".safetensors"))
     if "resolution" in options:
         options["resolution"] = _resolution(options["resolution"])
     if "dtype" in options:

@@ -112,7 +112,10 @@ def prior_images(
         prompts = system.class_prompts(count, seed=seed)
     elif method.prior == "required" or enabled or class_data_dir is not None:
         raise ValueError(f"prior preservation for {method.name} needs a class prompt: pass --class-prompt "
-                         "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog')")
+                         "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog'), or "
+                         "--reg-data-dir with your own class images; to fine-tune without prior preservation (what "
+                         "kohya's train_db.py / sdxl_train.py do without reg_data_dir) use 'train full' (with "
+                         "--text-encoder for SD 1/2, as train_db.py trains its text encoder)")
     else:
         return None
     if class_data_dir is None:

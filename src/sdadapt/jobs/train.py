@@ -530,7 +530,7 @@ class TrainOptions:
             if not Path(self.conditioning_data_dir).is_dir():
                 raise FileNotFoundError(f"--conditioning-data-dir {self.conditioning_data_dir}: no such folder (the "
                                         "folder of mask images named as the training images)")
-        if not 0 < self.multires_noise_discount <= 1:
+        if self.multires_noise_iterations and not 0 < self.multires_noise_discount <= 1:  # (unused without: noted)
             raise ValueError(f"--multires-noise-discount must be in (0, 1], got {self.multires_noise_discount}")
         # (the model's T is not known before the load: checked against it there, _check_timesteps; here what holds for
         # any T, with 1000 — SD's, SDXL's — or a larger one the options need)
@@ -1090,6 +1090,9 @@ def _check_optimizer_args(options: TrainOptions) -> None:
 _LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 #: the methods whose adapters --scale-weight-norms shrinks (sdadapt.training.max_norm.MAX_NORM_FAMILIES)
 _MAX_NORM_METHODS = ("lora", "locon", "loha", "lokr", "diag-oft", "boft")
+#: LyCORIS' adapters whose modules define no max norm (``apply_max_norm`` returns ``(None, None)``; its kohya network
+#: skips them): --scale-weight-norms is a no-op there, said in the run report
+_NO_LYCORIS_MAX_NORM = ("ia3", "glora")
 #: the methods kohya's --fp8_base serves (train_network.py): adapters over a frozen base (LyCORIS' OFT and GLoRA
 #: read the base weight: OFT's rotation upcasts it to float32 (its Cayley inverse too), GLoRA's W·a1·a2 runs under
 #: the run's autocast as the base layer does)
@@ -1869,12 +1872,16 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
+    max_norm_note = None
+    if options.scale_weight_norms is not None and method in _NO_LYCORIS_MAX_NORM:  # (GUIs write it for every type)
+        max_norm_note = (f"--scale-weight-norms {options.scale_weight_norms}: not used by {method} (LyCORIS' "
+                         f"{'IA3' if method == 'ia3' else 'GLoRA'} modules have no max norm: kohya runs it as a no-op)")
+        options = dataclasses.replace(options, scale_weight_norms=None)
     if options.scale_weight_norms is not None and method not in _MAX_NORM_METHODS:
         raise ValueError(f"--scale-weight-norms {options.scale_weight_norms} shrinks LoRA-family and OFT adapters "
                          f"({', '.join(_MAX_NORM_METHODS)}), not {method}"
                          + (" (DoRA renormalises W + ΔW to its magnitude: shrinking ΔW does not bound the change)"
-                            if method == "dora" else " (LyCORIS defines no max norm for GLoRA: its kohya network "
-                            "skips GLoRA modules)" if method == "glora" else ""))
+                            if method == "dora" else ""))
     weights_file = options.method_options.get("network_weights")
     if weights_file is not None and not Path(weights_file).exists():  # (a peft adapter is a folder)
         raise FileNotFoundError(f"--network-weights {weights_file}: no such file (give the LoRA/LyCORIS file to start from)")
@@ -1954,6 +1961,8 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     agreed = data_config is None or all(name in data_config.options for name in (
         "shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "token_warmup_step", "token_warmup_min"))
     notes.extend(_inactive_option_notes(options, caption_notes=agreed))
+    if max_norm_note is not None:
+        notes.append(max_norm_note)
     notes.extend(train_optimizer.relative_step_notes(options, _optimizer_args(options), defaults=optimizer_defaults,
                                                      learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate))
     notes.extend(train_optimizer.prodigy_notes(options, learning_rate=options.unet_lr or options.learning_rate

@@ -219,8 +219,9 @@ def prodigy_clashes(options: TrainOptions) -> list[str]:
     clashes = []
     unet = options.unet_lr if options.unet_lr is not None else options.learning_rate
     second = options.learning_rate if isinstance(options.text_encoder_2_lr, str) else options.text_encoder_2_lr
+    frozen = options.method_options.get("text_encoder") is False  # (no text-encoder group: its rates are unused)
     for flag, rate in (("--text-encoder-lr", options.text_encoder_lr), ("--text-encoder-2-lr", second)):
-        if rate not in (None, 0) and (unet is None or rate != unet):
+        if rate not in (None, 0) and (unet is None or rate != unet) and not frozen:
             clashes.append(f"{flag} {rate:g} (give the text encoder the UNet's learning rate, or 0 to freeze it)")
     clashes += [f"{name} {options.method_options[name]}" for name in _LR_FACTOR_OPTIONS[:3]
                 if options.method_options.get(name) not in (None, 1, 1.0)]

@@ -441,7 +441,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = None,
                   other: list[str] | None = None, unread: list[str] | None = None) -> str | None:
-    """The text of ``file``'s caption file (``extension``, else ``.txt``, else ``.caption``), or ``None``.
+    """The text of ``file``'s caption file (``extension``, else ``.txt``, else ``.caption`` when ``extension`` is one
+    of those two; another extension — kohya_ss's ``.none-use-foldername``, which asks for the folder's class tokens —
+    is read alone, as kohya reads it), or ``None``.
 
     As kohya's ``read_caption``, a path of five ``_``-separated parts or more (a face position,
     ``<name>_<cx>_<cy>_<w>_<h>``: :mod:`sdadapt.training.face_crop`) also takes ``<name>`` + ``extension``
@@ -459,8 +461,9 @@ def _caption_text(file: Path, extension: str, *, borrowed: list[str] | None = No
     tokens = os.path.splitext(str(file))[0].split("_")
     base = "_".join(tokens[:-4])
     stripped = Path(base + extension) if len(tokens) >= 5 and base else None
+    standard = (".txt", ".caption") if extension in (".txt", ".caption") else ()  # (another extension named: its alone)
     for caption_file in dict.fromkeys([file.with_suffix(extension), *([stripped] if stripped is not None else []),
-                                       *(file.with_suffix(suffix) for suffix in (".txt", ".caption"))]):
+                                       *(file.with_suffix(suffix) for suffix in standard)]):
         if caption_file.is_file():
             if caption_file == stripped and borrowed is not None:
                 shown = caption_file.name if caption_file.parent == file.parent else str(caption_file)

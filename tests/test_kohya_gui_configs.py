@@ -1,0 +1,123 @@
+"""kohya configs as GUIs write them, not as a person would: bmaltais/kohya_ss (its ``train_model`` building
+``config_toml_data``: kohya_gui/lora_gui.py, dreambooth_gui.py), LoRA Easy Training Scripts' backend (its GUI's fields
+copied into config.toml) and older kohya_ss JSONs. Each key below is written as those GUIs write it; kohya's
+sd-scripts trains every one of these files, and so must sdadapt (or say exactly what differs)."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors import safe_open
+from train_inputs import kohya_config_names
+
+from sdadapt.cli import main
+from sdadapt.cli.kohya_defaults import kohya_defaults
+from sdadapt.cli.train import read_config
+from sdadapt.jobs import TrainOptions
+
+
+def _read(tmp_path, text: str):
+    config = tmp_path / "gui.toml"
+    config.write_text(text, encoding="utf-8")
+    fields, method_options = kohya_config_names()
+    return read_config(config, fields=fields, method_options=method_options)
+
+
+def test_max_train_epochs_wins_over_the_max_train_steps_the_gui_also_writes(tmp_path):
+    """kohya_ss writes max_train_steps whenever it is 0 in the form (computed from the epochs) and max_train_epochs
+    when set; sd-scripts' scripts then count the steps from the epochs (train_network.py: ``if
+    args.max_train_epochs is not None: args.max_train_steps = ...``). Refused before ("--steps or --epochs")."""
+    options, _, notes = _read(tmp_path, "max_train_steps = 1600\nmax_train_epochs = 3\n")
+    assert options.get("epochs") == 3 and "steps" not in options
+    assert any("ignored max_train_steps = 1600 (max_train_epochs = 3" in note for note in notes)
+    options, _, _ = _read(tmp_path, "max_train_steps = 1600\n")
+    assert options["steps"] == 1600
+    with pytest.raises(ValueError, match="--steps or --epochs"):  # (sdadapt's own names: both is a mistake)
+        TrainOptions(model="toy", images="x", **_read(tmp_path, "steps = 5\nepochs = 2\n")[0])
+
+
+@pytest.mark.parametrize("name, written", [("froddy-loha-sx_v1.0a", "froddy-loha-sx_v1.0a.safetensors"),
+                                           ("char_sd1.5", "char_sd1.5.safetensors"), ("last", "last.safetensors"),
+                                           ("mine.safetensors", "mine.safetensors"), ("net.pt", "net.pt")])
+def test_an_output_name_with_a_dot_gets_the_extension_as_kohya_appends_it(tmp_path, name, written):
+    options, _, _ = _read(tmp_path, f"output_dir = '{tmp_path}'\noutput_name = '{name}'\n")
+    assert options["out"] == str(tmp_path / written)
+
+
+def test_gui_only_fields_and_off_texts_are_notes_not_errors(tmp_path):
+    """LoRA Easy Training Scripts' backend copies save_toml / tag_occurrence ... into config.toml (sd-scripts
+    ignores them); older kohya_ss JSONs write huggingface_repo_id = "False"."""
+    options, _, notes = _read(tmp_path, "save_toml = true\nsave_toml_location = '/x'\ntag_occurrence = true\n"
+                                        "tag_file_location = '/y'\neasy_name = 'n'\nhuggingface_repo_id = 'False'\n")
+    assert options == {}
+    for key in ("save_toml", "save_toml_location", "tag_occurrence", "tag_file_location", "easy_name"):
+        assert any(note.startswith(f"ignored {key} (a LoRA Easy Training Scripts GUI field") for note in notes)
+    assert any("ignored huggingface_repo_id = 'False' (read as off" in note for note in notes)
+    with pytest.raises(ValueError, match="uploads nothing"):
+        _read(tmp_path, "huggingface_repo_id = 'me/model'\n")
+
+
+def test_a_multires_discount_without_iterations_is_unused_as_in_kohya():
+    """kohya_ss's DreamBooth and fine-tune tabs write multires_noise_discount = 0 whatever the iterations; kohya reads
+    it only with multires_noise_iterations."""
+    TrainOptions(model="toy", images="x", multires_noise_discount=0.0)
+    with pytest.raises(ValueError, match="--multires-noise-discount must be in"):
+        TrainOptions(model="toy", images="x", multires_noise_discount=0.0, multires_noise_iterations=6)
+
+
+def test_sdxl_dreambooth_from_a_kohya_config_trains_no_text_encoder_unless_it_says(tmp_path):
+    """kohya_ss runs sdxl_train.py for an SDXL DreamBooth and writes train_text_encoder only when ticked; sdxl_train.py
+    trains the encoders only with it, train_db.py (SD 1/2) trains its encoder by default."""
+    from tiny_checkpoints import tiny_sd1_file, tiny_sdxl_file
+
+    sdxl = tiny_sdxl_file(tmp_path / "xl.safetensors")
+    sd1 = tiny_sd1_file(tmp_path / "sd1.safetensors")
+    own = {"text_encoder", "rank"}
+    _, added, note = kohya_defaults(method="dreambooth", values={"model": str(sdxl)}, methods={}, method_options=own)
+    assert added.get("text_encoder") is False and "train_text_encoder off (sdxl_train.py" in note
+    assert "text_encoder" not in kohya_defaults(method="dreambooth", values={"model": str(sd1)}, methods={},
+                                                method_options=own)[1]
+    assert "text_encoder" not in kohya_defaults(method="dreambooth", values={"model": str(sdxl)},
+                                                methods={"text_encoder": True}, method_options=own)[1]
+
+
+def test_the_defaults_note_leaves_out_what_the_dataset_toml_sets(tmp_path):
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text("[general]\nenable_bucket = true\n[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\n"
+                       "image_dir = 'x'\ncaption_extension = '.txt'\n", encoding="utf-8")
+    _, _, note = kohya_defaults(method="lora", values={"dataset_config": str(dataset)}, methods={},
+                                method_options=set())
+    for shown in ("enable_bucket", "caption_extension", "train_batch_size"):
+        assert shown not in note
+    assert "lr_scheduler constant" in note
+    _, _, plain = kohya_defaults(method="lora", values={}, methods={}, method_options=set())
+    assert "enable_bucket off" in plain and "caption_extension .caption" in plain
+
+
+def test_an_algo_sdadapt_does_not_train_is_named_before_its_own_args(tmp_path):
+    with pytest.raises(ValueError, match=r"not dylora \(kohya's own DyLoRA, networks.dylora, is `train dylora`"):
+        _read(tmp_path, "network_module = 'lycoris.kohya'\nnetwork_args = ['block_size=4', 'algo=dylora']\n")
+
+
+def test_a_kohya_ss_style_config_trains_end_to_end(tmp_path, capsys):
+    """One file carrying all of it (on the toy model): both step counts, a dotted output name, GUI-only fields, an
+    off upload text, the DreamBooth tab's multires discount, and the folder-name captions kohya_ss's
+    ``.none-use-foldername`` asks for (the .txt captions beside the images are not read, as in kohya)."""
+    from train_inputs import captioned_pngs
+
+    images = tmp_path / "img"
+    images.mkdir()
+    captioned_pngs(images / "2_sks shape", [(32, 32), (32, 32)], caption="a red circle")
+    out = tmp_path / "out"
+    config = tmp_path / "gui.toml"
+    config.write_text(f"pretrained_model_name_or_path = 'toy'\ntrain_data_dir = '{images}'\n"
+                      f"output_dir = '{out}'\noutput_name = 'shapes_v1.0a'\nmax_train_steps = 1600\n"
+                      "max_train_epochs = 1\ntrain_batch_size = 2\nlearning_rate = 1e-3\nresolution = '32,32'\n"
+                      "seed = 1\nsave_toml = true\nhuggingface_repo_id = 'False'\nmultires_noise_discount = 0\n"
+                      "caption_extension = '.none-use-foldername'\nnetwork_module = 'networks.lora'\n", encoding="utf-8")
+    assert main(["train", "lora", "--config", str(config), "--no-prior"]) == 0
+    err = capsys.readouterr().err
+    assert (out / "shapes_v1.0a.safetensors").is_file()
+    assert "ignored max_train_steps = 1600" in err and "ignored save_toml" in err
+    with safe_open(str(out / "shapes_v1.0a.safetensors"), "pt") as f:
+        tags = f.metadata()["ss_tag_frequency"]
+    assert "sks shape" in tags and "circle" not in tags  # (no caption file read: the folder's class tokens)
