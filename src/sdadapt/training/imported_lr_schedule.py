@@ -19,8 +19,8 @@ torch classes, so the values are a pure function of ``(step, base LR)``: a resum
 loop follow the same curve, and ``fit`` computes every group's curve before its first step.
 
 The LR is all that is replayed. A scheduler that also moves the momentum, ``betas`` or weight decay of
-its groups (``CyclicLR``'s and ``OneCycleLR``'s ``cycle_momentum``) is refused when its first step
-does, naming the key: the optimiser it runs on has ``momentum``, ``betas`` and ``weight_decay`` in its
+its groups (``CyclicLR``'s and ``OneCycleLR``'s ``cycle_momentum``) is refused, naming the key and the step
+it first does so (before a run trains: ``fit`` computes the curves first): the optimiser it runs on has ``momentum``, ``betas`` and ``weight_decay`` in its
 groups so that such a move shows. (torch's own ``OneCycleLR`` by name is
 :class:`~sdadapt.training.torch_lr_schedules.TorchSchedule`'s, momentum included.)
 """
