@@ -1561,14 +1561,14 @@ def run_generate(
             raise ValueError(f"--hires-*: this model makes {size_w}x{size_h} images only, so it has no hires pass; "
                              "use a Stable Diffusion model")
         hires_sides = dict(scale=hires_scale, hires_height=hires_height, hires_width=hires_width)
+        factor = int(getattr(system, "vae_factor", 8))
         hires = check_hires_request(HiresRequest(
             hires_size(size_h, size_w, **hires_sides),
             steps=hires_steps, denoising=hires_denoising, upscaler=hires_upscaler,
             prompt=_expanded(hires_prompt, handles), negative=_expanded(hires_negative, handles), sampler=hires_sampler,
             schedule=hires_schedule, upscale_to=hires_upscale_size(size_h, size_w, **hires_sides),
             guidance=hires_guidance),
-            multiple=int(getattr(system, "vae_factor", 8)))
-        factor = int(getattr(system, "vae_factor", 8))
+            multiple=factor)
         cut = any((up - side) // factor for up, side in zip(hires.upscale_to, hires.size))  # (A1111's truncate_x/y)
         cover = "" if hires.upscale_to == hires.size else (
             f" (enlarged to {hires.upscale_to[1]}x{hires.upscale_to[0]}{' and cropped' if cut else ''}, as A1111)")
