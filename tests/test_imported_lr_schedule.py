@@ -386,3 +386,19 @@ def test_the_args_reach_the_class_as_kohya_reads_them_and_a_schedule_free_run_ne
                         lr_scheduler_type="no_such_package_xyz.Schedule")
     check_schedule_options(free)  # (kohya hands a schedule-free optimiser its dummy scheduler: nothing imported)
     assert any("--lr-scheduler-type no_such_package_xyz.Schedule" in note for note in schedule_free_notes(free, ()))
+
+
+def test_torchs_cyclic_lr_is_stepped_as_an_installed_class_with_its_lr_alone():
+    """CyclicLR has no replay in TorchSchedule; the train options step the real class (its LR only): equal to it in
+    kohya's loop with cycle_momentum=False, and its default (cycling beta1 too) refused by name and fix."""
+    args = ("base_lr=1e-4", "max_lr=1e-3", "step_size_up=3", "mode='triangular2'", "cycle_momentum=False")
+    schedule = schedule_fit_args(TrainOptions(model="toy", images="x", lr_scheduler_type="CyclicLR",
+                                              lr_scheduler_args=args), total=30)["torch_schedule"]
+    kwargs = {"base_lr": 1e-4, "max_lr": 1e-3, "step_size_up": 3, "mode": "triangular2", "cycle_momentum": False}
+    real = _kohya_lrs(lambda o: torch.optim.lr_scheduler.CyclicLR(o, **kwargs), 30)
+    assert _ours(schedule, 30) == real and len({row[0] for row in real}) > 5
+    with pytest.raises(ValueError, match=r"CyclicLR: it sets the optimiser's betas .*cycle_momentum=False"):
+        check_schedule_options(TrainOptions(model="toy", images="x", lr_scheduler_type="CyclicLR",
+                                            lr_scheduler_args=args[:3]))
+    with pytest.raises(ValueError, match="cycle_momentum=False"):
+        TorchSchedule.parse("CyclicLR", {"base_lr": 1e-4, "max_lr": 1e-3})

@@ -166,6 +166,8 @@ def lr_scheduler_kwargs(options: TrainOptions) -> dict[str, Any]:
 
 #: the text arguments of the torch classes (read unquoted too; kohya needs them quoted: ast.literal_eval)
 _TORCH_TEXT_KEYS = ("anneal_strategy",)
+#: torch classes TorchSchedule does not replay that run stepped as an installed class (ImportedSchedule: the LR alone)
+_STEPPED_TORCH_SCHEDULES = ("CyclicLR",)
 
 
 def torch_schedule(options: TrainOptions) -> TorchSchedule | ImportedSchedule | None:
@@ -184,10 +186,13 @@ def torch_schedule(options: TrainOptions) -> TorchSchedule | ImportedSchedule | 
     from .train import _key_value_items
 
     items = _key_value_items(options, "lr_scheduler_args")
-    module = str(options.lr_scheduler_type).strip().rpartition(".")[0]
-    if module and module != TORCH_SCHEDULE_MODULE:  # (kohya imports the module)
+    type_name = str(options.lr_scheduler_type).strip()
+    module, _, name = type_name.rpartition(".")
+    stepped = name in _STEPPED_TORCH_SCHEDULES and module in ("", TORCH_SCHEDULE_MODULE)
+    if stepped or module and module != TORCH_SCHEDULE_MODULE:  # (kohya imports the module)
         rate = options.learning_rate if options.learning_rate is not None else options.unet_lr
-        return ImportedSchedule.parse(str(options.lr_scheduler_type), _kohya_scheduler_kwargs(items),
+        return ImportedSchedule.parse(f"{TORCH_SCHEDULE_MODULE}.{name}" if stepped else type_name,
+                                      _kohya_scheduler_kwargs(items),
                                       **({} if rate is None else {"learning_rate": float(rate)}))
     quoted = []
     for item in items:

@@ -164,8 +164,9 @@ def _stepped(schedule: ImportedSchedule, base_lr: float, reference_lr: float) ->
         for key, value in _FIXED_KEYS.items():
             if group.get(key) != value:
                 raise ValueError(f"{where}: it sets the optimiser's {key} ({value!r} -> {group.get(key)!r} at step "
-                                 f"{step}); sdadapt replays the LR alone (take the LR schedule without it, or "
-                                 "a torch class by name: OneCycleLR's momentum is replayed)")
+                                 f"{step}); sdadapt replays the LR alone: give the class its LR-only form (torch's "
+                                 "CyclicLR: cycle_momentum=False; torch's OneCycleLR by name is replayed with its "
+                                 "momentum)")
         lr = group["lr"]
         yield float(lr.item() if isinstance(lr, torch.Tensor) else lr)
         step += 1

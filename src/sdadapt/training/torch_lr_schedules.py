@@ -96,8 +96,9 @@ REFUSED_TORCH_SCHEDULES = {
     "ChainedScheduler": "it chains scheduler objects, which lr_scheduler_args cannot give",
     "ReduceLROnPlateau": "it steps on a metric (the validation loss), and kohya calls .step() without one (it fails "
                          "there)",
-    "CyclicLR": "not run by sdadapt (it also cycles the momentum by default); use OneCycleLR, CosineAnnealingWarmRestarts "
-                "or lr_scheduler = cosine_with_restarts",
+    "CyclicLR": ("not replayed here: it is stepped as an installed class is (ImportedSchedule.parse("
+                 "'torch.optim.lr_scheduler.CyclicLR', ...); the train command does so), its LR alone: give it "
+                 "cycle_momentum=False (its default cycles beta1 / momentum too)"),
     "LRScheduler": "the base class schedules nothing",
 }
 
