@@ -121,3 +121,48 @@ def test_a_kohya_ss_style_config_trains_end_to_end(tmp_path, capsys):
     with safe_open(str(out / "shapes_v1.0a.safetensors"), "pt") as f:
         tags = f.metadata()["ss_tag_frequency"]
     assert "sks shape" in tags and "circle" not in tags  # (no caption file read: the folder's class tokens)
+
+
+def test_rank_dropout_scale_without_rank_dropout_changes_nothing_as_in_lycoris():
+    """kohya_ss's "sd15 - LoKr v1.1" / "sd15 - GLoRA v1.0" presets write rank_dropout_scale=True with no rank dropout;
+    LyCORIS reads the scale only under rank dropout."""
+    from sdadapt.errors import InputError
+    from sdadapt.network_args import parse_network_args
+
+    assert parse_network_args(["rank_dropout_scale=True", "factor=4"], method_options={"factor", "rank_dropout"}) == {
+        "factor": "4"}
+    with pytest.raises(InputError, match="no LyCORIS rescaling"):
+        parse_network_args(["rank_dropout_scale=True", "rank_dropout=0.1"], method_options={"factor", "rank_dropout"})
+
+
+def test_full_from_a_kohya_config_counts_the_unused_text_encoder_rates_as_unused():
+    """The kohya_ss DreamBooth tab's SDXL Prodigy config, run as `train full` (fine_tune.py / sdxl_train.py train no
+    text encoder without train_text_encoder): the learning_rate_te1 it writes names no group, so Prodigy trains."""
+    _, added, _ = kohya_defaults(method="full", values={}, methods={}, method_options={"text_encoder"})
+    assert added["text_encoder"] is False
+    TrainOptions(model="toy", images="x", optimizer="prodigy", learning_rate=1.0, text_encoder_lr=1e-5,
+                 method_options={"text_encoder": False})
+    with pytest.raises(ValueError, match="cannot train with --text-encoder-lr"):
+        TrainOptions(model="toy", images="x", optimizer="prodigy", learning_rate=1.0, text_encoder_lr=1e-5)
+
+
+def test_a_dataset_toml_with_the_in_json_and_prompt_file_the_gui_writes_trains(tmp_path, capsys):
+    """The kohya_ss fine-tune tab writes in_json beside dataset_config (kohya warns and ignores it), and every tab
+    writes sample_prompts whatever the sampling settings (kohya reads the file only when it samples: here it is
+    missing)."""
+    from train_inputs import captioned_pngs
+
+    images = captioned_pngs(tmp_path / "img", [(32, 32), (32, 32)])
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"[general]\nresolution = 32\n[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\n"
+                       f"image_dir = '{images}'\ncaption_extension = '.txt'\n", encoding="utf-8")
+    config = tmp_path / "gui.toml"
+    config.write_text(f"pretrained_model_name_or_path = 'toy'\ndataset_config = '{dataset}'\n"
+                      f"in_json = '{tmp_path}/meta_lat.json'\nsample_prompts = '{tmp_path}/sample/prompt.txt'\n"
+                      f"output_dir = '{tmp_path / 'out'}'\noutput_name = 'ft'\nmax_train_steps = 2\n"
+                      "learning_rate = 1e-3\nseed = 1\n", encoding="utf-8")
+    assert main(["train", "lora", "--config", str(config), "--no-prior"]) == 0
+    err = capsys.readouterr().err
+    assert (tmp_path / "out" / "ft.safetensors").is_file()
+    assert f"--in-json {tmp_path}/meta_lat.json: not used, --dataset-config {dataset}" in err
+    assert "ignored sample_prompts" in err and "kohya samples nothing then" in err

@@ -302,6 +302,7 @@ def test_a_kohya_config_with_its_sampler_trains_and_samples_each_prompt_with_its
     write_kohya_toml(config, {"pretrained_model_name_or_path": "toy", "train_data_dir": str(three_shapes),
                               "output_dir": str(tmp_path / "out"), "output_name": "lora", "resolution": "32,32",
                               "max_train_steps": 2, "sample_prompts": str(prompts), "sample_sampler": kohya_name,
+                              "sample_every_n_steps": 2,
                               "network_dim": 2, "learning_rate": 1e-4})
     assert main(["train", "lora", "--config", str(config), "--no-prior"]) == 0
     assert used == [kohya_name, "ddim"]

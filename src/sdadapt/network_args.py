@@ -52,6 +52,8 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
                              f"lora/locon/loha/lokr/ia3/diag-oft/boft/glora) and DoRA (train dora); not {algo}"
                              + (" (kohya's own DyLoRA, networks.dylora, is `train dylora` with network_args unit=N, "
                                 "LyCORIS' block_size)" if algo == "dylora" else ""))
+    rank_dropout = next((str(item).partition("=")[2].strip() for item in items
+                         if str(item).partition("=")[0].strip() == "rank_dropout"), "0")
     for item in items:
         arg, equals, setting = str(item).partition("=")
         arg = arg.strip()
@@ -60,6 +62,8 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
         if arg in _LYCORIS_OFF_ARGS:  # (the kohya_ss GUI writes them all, off)
             if setting.strip().lower() in ("false", "0", "", "none"):
                 continue
+            if arg == "rank_dropout_scale" and rank_dropout.lower() in ("0", "0.0", "", "none", "false"):
+                continue  # (LyCORIS reads it only under rank dropout: with none it changes nothing, as its presets write it)
             if arg not in method_options:  # (train_norm is a method option of the LoRA family)
                 raise InputError(f"{source} {item!r}: {_LYCORIS_OFF_ARGS[arg]}; leave it off")
         name = NETWORK_ARG_NAMES.get(arg, arg)

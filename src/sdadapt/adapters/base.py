@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LayerGeometry", "AdapterModule", "adapter_input", "autocast_casts", "autocast_dtype", "geometry_of",
-           "graph_capturing", "refresh_scale_after_load", "rank_alpha_for", "ConvRankAlpha"]
+           "graph_capturing", "refresh_scale_after_load", "rank_alpha_for", "ConvRankAlpha", "drop_output_rows"]
 
 
 @dataclass(frozen=True)
@@ -411,6 +411,14 @@ def graph_capturing() -> bool:
 def refresh_scale_after_load(module: nn.Module, incompatible_keys: object) -> None:
     """``load_state_dict`` post-hook: a loaded ``alpha`` changes the cached scale."""
     module.refresh_scale()  # type: ignore[operator]
+
+
+def drop_output_rows(delta: Tensor, p: float) -> Tensor:
+    """LyCORIS' rank dropout of a weight delta (its LoHa, LoKr and DoRA ``rank_dropout``): ``delta`` (out, in, *k)
+    with each output row kept with probability ``1 − p``, one draw for the whole batch, no rescaling (LyCORIS'
+    default ``rank_dropout_scale=False``). Drawn from the global RNG on ``delta``'s device."""
+    keep = (torch.rand(delta.shape[0], device=delta.device) > p).to(delta.dtype)
+    return delta * keep.view(-1, *[1] * (delta.dim() - 1))
 
 
 def check_ranks_and_rates(config, *, ranks: tuple[str, ...] = ("rank", "conv_rank"),

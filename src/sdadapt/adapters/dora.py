@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterModule, LayerGeometry
+from .base import AdapterModule, LayerGeometry, drop_output_rows
 from .lora import LoRAConfig
 
 __all__ = ["DoRAConfig", "DoRAModule", "weight_norm", "dora_weight", "dora_orientation"]
@@ -197,8 +197,7 @@ class DoRAModule(AdapterModule):
         delta = self.inner.delta_weight()
         drop = getattr(self.inner, "rank_dropout", 0.0)
         if self.training and drop > 0:
-            keep = (torch.rand(delta.shape[0], device=delta.device) > drop).to(delta.dtype)
-            delta = delta * keep.view(-1, *[1] * (delta.dim() - 1))
+            delta = drop_output_rows(delta, drop)
         base = base_weight.to(delta.dtype).reshape(delta.shape)
         return dora_weight(base, delta, self.dora_scale.to(delta.dtype), wd_on_out=self.wd_on_out)
 

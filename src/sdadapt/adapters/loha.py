@@ -27,7 +27,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
+from .base import (
+    AdapterModule,
+    ConvRankAlpha,
+    LayerGeometry,
+    check_ranks_and_rates,
+    drop_output_rows,
+)
 from .lora import _scaled, lora_scale
 from .tucker import rebuild_tucker
 
@@ -93,6 +99,8 @@ class LoHaConfig(ConvRankAlpha):
         use_tucker: Tucker cores for kxk convolutions (LyCORIS ``use_tucker``).
         rank_stabilized: scale ``alpha / sqrt(r)``; files store ``alpha·sqrt(r)`` like LyCORIS.
         module_dropout: probability to skip the whole module per training step.
+        rank_dropout: LyCORIS' rank dropout: each output row of ΔW dropped with this probability while
+            training, one draw per forward for the whole batch, no rescaling (``drop_output_rows``).
     """
 
     rank: int = 4
@@ -102,9 +110,10 @@ class LoHaConfig(ConvRankAlpha):
     use_tucker: bool = False
     rank_stabilized: bool = False
     module_dropout: float = 0.0
+    rank_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        check_ranks_and_rates(self)
+        check_ranks_and_rates(self, rates=("module_dropout", "rank_dropout"))
 
 
 def _factor_shapes(geometry: LayerGeometry, rank: int, tucker: bool) -> dict[str, tuple[int, ...]]:
@@ -147,6 +156,7 @@ class LoHaModule(AdapterModule):
         use_tucker: bool = False,
         rank_stabilized: bool = False,
         module_dropout: float = 0.0,
+        rank_dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         init_weights: bool = True,
@@ -163,6 +173,7 @@ class LoHaModule(AdapterModule):
         scale = lora_scale(alpha, rank, rank_stabilized=rank_stabilized)
         self._register_alpha_scale(scale * rank, scale, device)
         self.module_dropout = module_dropout
+        self.rank_dropout = rank_dropout
         if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
             return
         with torch.no_grad():  # LyCORIS init: w2_a = 0 makes ΔW = 0
@@ -189,8 +200,11 @@ class LoHaModule(AdapterModule):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Δy = ``geometry.conv(x, ΔW)``."""
-        return self.geometry.conv(x, self.delta_weight())
+        """Δy = ``geometry.conv(x, ΔW)`` (training with ``rank_dropout``: ΔW's output rows dropped, as LyCORIS)."""
+        delta = self.delta_weight()
+        if self.training and self.rank_dropout > 0:
+            delta = drop_output_rows(delta, self.rank_dropout)
+        return self.geometry.conv(x, delta)
 
     def file_tensors(self) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {key: getattr(self, key) for key in _FACTORS}
@@ -213,7 +227,7 @@ class LoHaModule(AdapterModule):
         return cls(
             geometry, rank, alpha, use_tucker=config.use_tucker and geometry.is_kxk,
             rank_stabilized=config.rank_stabilized,
-            module_dropout=config.module_dropout, dtype=dtype, device=device,
+            module_dropout=config.module_dropout, rank_dropout=config.rank_dropout, dtype=dtype, device=device,
         )
 
     @classmethod

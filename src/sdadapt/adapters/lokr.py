@@ -32,7 +32,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterModule, ConvRankAlpha, LayerGeometry, check_ranks_and_rates
+from .base import (
+    AdapterModule,
+    ConvRankAlpha,
+    LayerGeometry,
+    check_ranks_and_rates,
+    drop_output_rows,
+)
 from .lora import _scaled, lora_scale
 from .tucker import rebuild_tucker
 
@@ -213,6 +219,8 @@ class LoKrConfig(ConvRankAlpha):
         use_tucker: Tucker core for ``w2`` of kxk convolutions.
         rank_stabilized: scale ``alpha / sqrt(r)`` (files store ``alpha·sqrt(r)``).
         module_dropout: probability to skip the whole module per training step.
+        rank_dropout: LyCORIS' rank dropout: each output row of ΔW dropped with this probability while
+            training, one draw per forward for the whole batch, no rescaling (``drop_output_rows``).
     """
 
     rank: int = 4
@@ -225,9 +233,10 @@ class LoKrConfig(ConvRankAlpha):
     use_tucker: bool = False
     rank_stabilized: bool = False
     module_dropout: float = 0.0
+    rank_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        check_ranks_and_rates(self)
+        check_ranks_and_rates(self, rates=("module_dropout", "rank_dropout"))
         if not isinstance(self.factor, int) or self.factor == 0 or self.factor < -1:
             raise ValueError(f"LoKrConfig.factor must be -1 or a positive int, got {self.factor!r}")
 
@@ -260,6 +269,7 @@ class LoKrModule(AdapterModule):
         *,
         rank_stabilized: bool = False,
         module_dropout: float = 0.0,
+        rank_dropout: float = 0.0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         init_weights: bool = True,
@@ -277,6 +287,7 @@ class LoKrModule(AdapterModule):
             stored_alpha = scale * layout.rank
         self._register_alpha_scale(stored_alpha, scale, device)
         self.module_dropout = module_dropout
+        self.rank_dropout = rank_dropout
         if not init_weights:  # the caller fills every factor (from_file_tensors): no draw, no global RNG use
             return
         with torch.no_grad():
@@ -317,8 +328,11 @@ class LoKrModule(AdapterModule):
         return lokr_delta_weight(*self.factors(), self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Δy = ``geometry.conv(x, ΔW)``."""
-        return self.geometry.conv(x, self.delta_weight())
+        """Δy = ``geometry.conv(x, ΔW)`` (training with ``rank_dropout``: ΔW's output rows dropped, as LyCORIS)."""
+        delta = self.delta_weight()
+        if self.training and self.rank_dropout > 0:
+            delta = drop_output_rows(delta, self.rank_dropout)
+        return self.geometry.conv(x, delta)
 
     def file_tensors(self) -> dict[str, Tensor]:
         tensors: dict[str, Tensor] = {key: getattr(self, key) for key in _KEYS if getattr(self, key) is not None}
@@ -343,7 +357,7 @@ class LoKrModule(AdapterModule):
         if layout.rank is None:
             alpha = float(rank)  # LyCORIS writes alpha = r when both factors are full
         return cls(geometry, layout, alpha, rank_stabilized=config.rank_stabilized,
-                   module_dropout=config.module_dropout, dtype=dtype, device=device)
+                   module_dropout=config.module_dropout, rank_dropout=config.rank_dropout, dtype=dtype, device=device)
 
     @classmethod
     def from_file_tensors(

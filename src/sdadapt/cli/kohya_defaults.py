@@ -145,6 +145,9 @@ def kohya_defaults(*, method: str, values: Mapping[str, Any], methods: Mapping[s
         if model_is_sdxl(model):  # (train_db.py trains SD1/SD2's encoder by default, sdxl_train.py none without it)
             added["text_encoder"] = False
             shown.append("train_text_encoder off (sdxl_train.py trains the text encoders only with it)")
+    if method == "full" and "text_encoder" in method_options and "text_encoder" not in methods:
+        added["text_encoder"] = False  # (fine_tune.py's and sdxl_train.py's default, and sdadapt's: said, so the
+        # text-encoder LRs a GUI writes count as unused — with Prodigy / D-Adaptation no clash, as in kohya)
     if prior == "auto" and model in _TOY_MODELS and not any(name in values for name in (
             "prior", "class_prompt", "class_images", "class_data_dir", "reg_data_dir", "dataset_config")):
         options["prior"] = False

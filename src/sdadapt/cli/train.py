@@ -815,6 +815,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     values.update(given)
     if kohya:  # (after the flags: a --random-crop given with the file's cache_latents counts too)
         _check_cached_pixel_changes(Path(args.config), values)
+        if values.get("sample_prompts") is not None and not any(values.get(name) for name in (
+                "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")):
+            unused = [f"{name} {values.pop(name)}" for name in ("sample_prompts", "sample_sampler") if name in values]
+            notes.append(f"ignored {', '.join(unused)} (no sample_every_n_steps, sample_every_n_epochs or "
+                         "sample_at_first: kohya samples nothing then, and does not read the file; the kohya_ss GUI "
+                         "writes the prompt file's path whatever its sampling settings)")
     if given.get("save_state") is True and "save_state_on_train_end" not in given:
         values["save_state_on_train_end"] = True  # kohya's --save_state: args.save_state or args.save_state_on_train_end
         # (train_network.py); without it a run with no periodic saves wrote no state at all

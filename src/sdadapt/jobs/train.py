@@ -730,14 +730,7 @@ def _check_data_sources(options: TrainOptions) -> None:
     if options.images is None and options.dataset_config is None and options.in_json is None:
         raise ValueError("no images: pass --images DIR (kohya's train_data_dir) or --dataset-config TOML (kohya's "
                          "dataset_config)")
-    if options.dataset_config is not None:
-        for flag, value in (("--reg-data-dir", options.reg_data_dir), ("--in-json", options.in_json)):
-            if value is not None:
-                raise ValueError(f"--dataset-config {options.dataset_config} lists the images, so {flag} {value} would "
-                                 "not be used (kohya ignores it): "
-                                 + ("give the regularisation folder as a subset with is_reg = true" if flag == "--reg-data-dir"
-                                    else "give the metadata as a subset with metadata_file = '...'") + ", or leave one out")
-    if options.in_json is not None and options.reg_data_dir is not None:
+    if options.in_json is not None and options.reg_data_dir is not None and options.dataset_config is None:
         raise ValueError(f"--in-json {options.in_json} is kohya's fine-tuning data, which has no regularisation images "
                          f"(kohya ignores --reg-data-dir with it): leave --reg-data-dir {options.reg_data_dir} out, or use "
                          "--dataset-config with an is_reg subset and DreamBooth-style training images")
@@ -1872,6 +1865,16 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     relative_step = train_optimizer.uses_relative_step(options, _optimizer_args(options), optimizer_defaults)
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
+    unused_sources = [(flag, value) for flag, value in (("--reg-data-dir", options.reg_data_dir),
+                                                        ("--in-json", options.in_json)) if value is not None]
+    if options.dataset_config is not None and unused_sources:  # (the kohya_ss fine-tune tab always writes in_json)
+        source_note = (f"{', '.join(f'{flag} {value}' for flag, value in unused_sources)}: not used, --dataset-config "
+                       f"{options.dataset_config} lists the images (kohya ignores them with a dataset config too; "
+                       "a regularisation folder is a subset with is_reg = true there, metadata a subset's "
+                       "metadata_file)")
+        options = dataclasses.replace(options, reg_data_dir=None, in_json=None)
+    else:
+        source_note = None
     max_norm_note = None
     if options.scale_weight_norms is not None and method in _NO_LYCORIS_MAX_NORM:  # (GUIs write it for every type)
         max_norm_note = (f"--scale-weight-norms {options.scale_weight_norms}: not used by {method} (LyCORIS' "
@@ -1961,8 +1964,7 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     agreed = data_config is None or all(name in data_config.options for name in (
         "shuffle_caption", "keep_tokens", "caption_tag_dropout_rate", "token_warmup_step", "token_warmup_min"))
     notes.extend(_inactive_option_notes(options, caption_notes=agreed))
-    if max_norm_note is not None:
-        notes.append(max_norm_note)
+    notes.extend(note for note in (source_note, max_norm_note) if note is not None)
     notes.extend(train_optimizer.relative_step_notes(options, _optimizer_args(options), defaults=optimizer_defaults,
                                                      learning_rate=options.unet_lr or options.learning_rate or spec.learning_rate))
     notes.extend(train_optimizer.prodigy_notes(options, learning_rate=options.unet_lr or options.learning_rate
