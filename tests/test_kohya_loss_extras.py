@@ -477,6 +477,49 @@ def test_masked_loss_reads_the_conditioning_folder(masked_images, tmp_path, monk
     assert seen and seen[0].loss_masks == LossMaskSource(masks)
 
 
+def test_a_dataset_tomls_subsets_give_their_own_mask_folders(tmp_path, monkeypatch, capsys):
+    """kohya's masked loss from a dataset TOML (kohya_ss's masked-loss test configs): each subset's
+    ``conditioning_data_dir`` holds its images' masks, found by name there only (config_util.py's ControlNet subsets,
+    train_util.py ``glob_images(subset.conditioning_data_dir, basename)``). Two subsets whose images share a name
+    and whose masks differ: each image gets its own subset's red channel / 255."""
+    jobs = importlib.import_module("sdadapt.jobs.train")
+    blocks = []
+    expected: dict[str, np.ndarray] = {}
+    for k, sub in enumerate(("one", "two")):
+        images, masks = tmp_path / sub, tmp_path / f"{sub}_masks"
+        images.mkdir()
+        masks.mkdir()
+        for name in ("a", "b"):
+            (images / f"{name}.png").write_bytes(encode_png(_rgba(32, 32, 10 * k + ord(name))[..., :3].copy()))
+            (images / f"{name}.txt").write_text("a red circle")
+            mask = _rgba(32, 32, 100 + 10 * k + ord(name))[..., :3].copy()
+            (masks / f"{name}.png").write_bytes(encode_png(mask))
+            expected[f"{images}/{name}.png"] = mask[..., 0].astype(np.float32) / 255
+        blocks.append(f"[[datasets.subsets]]\nimage_dir = '{images}'\nconditioning_data_dir = '{masks}'\n"
+                      "caption_extension = '.txt'\n")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text("[general]\nresolution = 32\n[[datasets]]\nbatch_size = 2\n" + "".join(blocks))
+    seen = []
+    monkeypatch.setattr(jobs, "fit", lambda system, adaptation, dataset, *a, **k: seen.append(dataset) or [0.1])
+    out = tmp_path / "m.safetensors"
+    main(["train", "lora", "--dataset-config", str(toml), "--masked-loss", "--steps", "1", "--no-prior",
+          "-o", str(out)])
+    (dataset,) = seen
+    assert dataset.loss_masks == LossMaskSource(per_subset=True)
+    assert "--masked-loss: no masks" not in capsys.readouterr().err
+    read = {str(r.path): dataset.loss_masks.read(r)[0].numpy() for r in dataset.records}
+    assert read.keys() == expected.keys()
+    for path, mask in expected.items():
+        np.testing.assert_array_equal(read[path], mask)
+    other = tmp_path / "n.safetensors"
+    assert main(["train", "lora", "--dataset-config", str(toml), "--steps", "1", "--no-prior", "-o", str(other)]) == 2
+    assert "read only with --masked-loss" in capsys.readouterr().err
+    (tmp_path / "two_masks" / "b.png").unlink()
+    assert main(["train", "lora", "--dataset-config", str(toml), "--masked-loss", "--steps", "1", "--no-prior",
+                 "-o", str(other)]) != 0
+    assert "no mask image in its subset's conditioning_data_dir for 1 training image(s): b.png" in capsys.readouterr().err
+
+
 def test_the_flags_reach_the_options():
     args = build_parser().parse_args(["train", "lora", "--images", ".", "--ip-noise-gamma", "0.1",
                                       "--ip-noise-gamma-random-strength", "--scale-v-pred-loss-like-noise-pred",

@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..network_args import KOHYA_NETWORK_DEFAULTS, kohya_conv_alpha
+from ..training.dataset_config import dataset_toml_keys
 
 __all__ = ["KOHYA_NETWORK_DEFAULTS", "KOHYA_TRAIN_DEFAULTS", "is_kohya_config", "kohya_defaults"]
 
@@ -65,26 +66,6 @@ _KOHYA_STEPS = 1600
 #: kohya's bucket sizes (add_dataset_arguments), by sdadapt's name
 _KOHYA_BUCKETS = {"min_bucket_reso": 256, "max_bucket_reso": 1024, "bucket_reso_steps": 64}
 _TOY_MODELS = ("toy", "toy-image")
-
-
-def _dataset_toml_keys(path: Any) -> set[str]:
-    """The option names a kohya dataset TOML sets (its ``[general]``, ``[[datasets]]`` and their subsets' keys); empty
-    without one or when it cannot be read (the run reads it and reports that)."""
-    if not path:
-        return set()
-    from ..training.dataset_config import read_config_table
-
-    try:
-        data = read_config_table(path, flag="--dataset-config", allow_json=True)
-    except (OSError, ValueError, ImportError):
-        return set()
-    keys = set(data.get("general", {})) if isinstance(data.get("general"), dict) else set()
-    for dataset in data.get("datasets", []) if isinstance(data.get("datasets"), list) else []:
-        if isinstance(dataset, dict):
-            keys |= set(dataset)
-            for subset in dataset.get("subsets", []) if isinstance(dataset.get("subsets"), list) else []:
-                keys |= set(subset) if isinstance(subset, dict) else set()
-    return keys
 
 
 def is_kohya_config(keys: Any, *, own_names: set[str]) -> bool:
@@ -115,7 +96,7 @@ def kohya_defaults(*, method: str, values: Mapping[str, Any], methods: Mapping[s
     options: dict[str, Any] = {}
     added: dict[str, Any] = {}
     shown: list[str] = []
-    in_dataset = _dataset_toml_keys(values.get("dataset_config"))  # (what a dataset TOML sets wins: not shown)
+    in_dataset = dataset_toml_keys(values.get("dataset_config"))  # (what a dataset TOML sets wins: not shown)
     for name, (value, kohya, text) in KOHYA_TRAIN_DEFAULTS.items():
         if name not in values:
             options[name] = value

@@ -1317,7 +1317,8 @@ def _inactive_option_notes(options: TrainOptions, *, caption_notes: bool = True)
     if options.ip_noise_gamma_random_strength and not options.ip_noise_gamma:
         notes.append("--ip-noise-gamma-random-strength: not used without --ip-noise-gamma")
     notes.extend(_timestep_sampling_notes(options))
-    if options.masked_loss and options.conditioning_data_dir is None and not options.alpha_mask:
+    if options.masked_loss and options.conditioning_data_dir is None and not options.alpha_mask and not (
+            "conditioning_data_dir" in _dataset_keys(options)):
         notes.append("--masked-loss: no masks to apply without --conditioning-data-dir (mask images) or --alpha-mask; "
                      "every pixel counts fully")
     if options.alpha_mask and options.masked_loss and options.conditioning_data_dir is not None:
@@ -1368,6 +1369,13 @@ def _check_v_pred_loss(options: TrainOptions, prediction_type: str | None) -> No
                          f"loss and {where} (kohya: not with --v-parameterization); leave it out")
 
 
+def _dataset_keys(options: TrainOptions) -> set[str]:
+    """The keys ``--dataset-config`` sets (:func:`sdadapt.training.dataset_config.dataset_toml_keys`)."""
+    from ..training.dataset_config import dataset_toml_keys
+
+    return dataset_toml_keys(options.dataset_config)
+
+
 def _loss_mask_source(options: TrainOptions, records: list, method: str = "") -> LossMaskSource | None:
     """Where the loss masks of ``records`` (training images) come from (kohya's order: the mask
     images of ``--conditioning-data-dir`` with ``--masked-loss``, else the alpha channel with
@@ -1376,6 +1384,8 @@ def _loss_mask_source(options: TrainOptions, records: list, method: str = "") ->
     otherwise the extension's attention maps, ``<stem>_att<suffix>`` beside the images, when any image has one)."""
     if options.masked_loss and options.conditioning_data_dir is not None:
         return LossMaskSource(Path(options.conditioning_data_dir))
+    if options.masked_loss and any(r.mask_folder is not None for r in records):  # (a dataset TOML's subsets' folders)
+        return LossMaskSource(per_subset=True)
     if options.alpha_mask or any(r.alpha_mask for r in records):
         return LossMaskSource()
     if method == "dreamartist":  # (the extension's attention maps beside the images, where there are any)
@@ -1970,12 +1980,24 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     notes.extend(train_optimizer.prodigy_notes(options, learning_rate=options.unet_lr or options.learning_rate
                                                or spec.learning_rate))
     notes.extend(train_optimizer.schedule_free_notes(options, _optimizer_args(options)))
+    subset_masks = [str(r.mask_folder) for r in records if r.mask_folder is not None]
+    if subset_masks and not options.masked_loss:  # (kohya's DreamBooth dataset schema has no such key without it)
+        raise ValueError(f"--dataset-config {options.dataset_config}: conditioning_data_dir {subset_masks[0]} gives "
+                         "mask images, read only with --masked-loss (kohya's masked_loss): add it, or leave the key out")
     loss_masks = _loss_mask_source(options, records, method)
-    if loss_masks is not None and loss_masks.folder is not None and not options.alpha_mask and any(
+    if loss_masks is not None and loss_masks.mask_images and not options.alpha_mask and any(
             r.alpha_mask for r in records):
-        notes.append(f"--dataset-config alpha_mask: not used; the masks come from --conditioning-data-dir "
-                     f"{options.conditioning_data_dir} (kohya's masked loss prefers the mask images)")
+        notes.append("--dataset-config alpha_mask: not used; the masks come from the mask images (kohya's masked loss "
+                     "prefers them)")
+    if loss_masks is not None and loss_masks.per_subset and options.alpha_mask:
+        notes.append("--alpha-mask: not used; the masks come from the dataset TOML's conditioning_data_dir folders "
+                     "(kohya's masked loss prefers the mask images)")
     unmasked = loss_masks.missing(records) if loss_masks is not None else []
+    if unmasked and loss_masks is not None and loss_masks.per_subset:  # (kohya asserts the same before training)
+        raise ImageFolderError(f"--dataset-config {options.dataset_config}: no mask image in its subset's "
+                               f"conditioning_data_dir for {len(unmasked)} training image(s): {', '.join(unmasked[:5])}"
+                               f"{' ...' if len(unmasked) > 5 else ''}; give each image a mask of the same name (every "
+                               "training subset needs its conditioning_data_dir, as kohya's)")
     if unmasked:  # (kohya asserts the same before training)
         raise ImageFolderError(f"--conditioning-data-dir {options.conditioning_data_dir}: no mask image for "
                                f"{len(unmasked)} training image(s): {', '.join(unmasked[:5])}"

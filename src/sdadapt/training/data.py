@@ -380,6 +380,8 @@ class ImageRecord:
         full_size: kept at its own size, a bucket-sized window cut from it (kohya's no-bucket ``random_crop``,
             :func:`plan_dataset` ``full_size_crop``): SDXL conditions it as kohya's uncached path does, an uncropped
             image of the bucket's size (:func:`size_conditioning`).
+        mask_folder: its dataset-TOML subset's ``conditioning_data_dir`` (kohya's masked loss per subset): the folder
+            its mask image is looked for in (:class:`~sdadapt.training.loss_masks.LossMaskSource` ``per_subset``).
     """
 
     path: Path | None
@@ -400,6 +402,7 @@ class ImageRecord:
     suffix_cut: bool = False
     wrapped: tuple[str, str, str] | None = None
     full_size: bool = False
+    mask_folder: Path | None = None
 
     def draw_caption(self, options: CaptionOptions, rng: random.Random, *, epoch: int = 0, step: int = 0) -> str:
         """One draw of this image's caption under ``options`` (:meth:`CaptionOptions.apply`); an image with

@@ -66,6 +66,7 @@ __all__ = [
     "DatasetConfig",
     "SubsetConfig",
     "dataset_records",
+    "dataset_toml_keys",
     "in_json_config",
     "kohya_bucket_range",
     "kohya_config_dataset_dirs",
@@ -98,7 +99,7 @@ _SUBSET_COMMON = {"color_aug": "bool", "face_crop_aug_range": "pair", "flip_aug"
                   "caption_dropout_every_n_epochs": "int", "caption_dropout_rate": "number",
                   "caption_tag_dropout_rate": "number"}
 _DREAMBOOTH_SHARED = {"caption_extension": "text", "class_tokens": "text", "cache_info": "bool"}
-_DREAMBOOTH_OWN = {"image_dir": "text", "is_reg": "bool", "alpha_mask": "bool"}
+_DREAMBOOTH_OWN = {"image_dir": "text", "is_reg": "bool", "alpha_mask": "bool", "conditioning_data_dir": "text"}
 _FINETUNE_OWN = {"metadata_file": "text", "image_dir": "text", "alpha_mask": "bool"}
 _DATASET_OWN = {"batch_size": "int", "bucket_no_upscale": "bool", "bucket_reso_steps": "int", "enable_bucket": "bool",
                 "max_bucket_reso": "int", "min_bucket_reso": "int", "validation_seed": "int", "validation_split": "number",
@@ -163,6 +164,8 @@ class SubsetConfig:
             ``None``: sdadapt's scaling.
         dataset: the index of its ``[[datasets]]`` block (its resolution, batch size and buckets:
             :attr:`DatasetConfig.blocks`).
+        conditioning_data_dir: kohya's subset ``conditioning_data_dir``: with ``masked_loss``, the folder of its
+            images' mask images (the red channel weighs the loss; :mod:`sdadapt.training.loss_masks`); ``None``: none.
     """
 
     where: str
@@ -180,6 +183,7 @@ class SubsetConfig:
     alpha_mask: bool = False
     resize_interpolation: str | None = None
     dataset: int = 0
+    conditioning_data_dir: Path | None = None
 
     @property
     def label(self) -> str:
@@ -201,7 +205,9 @@ class SubsetConfig:
                    if self.face_crop_aug_range is not None else {}),
                 **({"alpha_mask": True} if self.alpha_mask else {}),  # (the same)
                 **({"resize_interpolation": self.resize_interpolation} if self.resize_interpolation else {}),
-                **({"dataset": self.dataset} if self.dataset else {})}  # (the same)
+                **({"dataset": self.dataset} if self.dataset else {}),  # (the same)
+                **({"conditioning_data_dir": _absolute(self.conditioning_data_dir)}
+                   if self.conditioning_data_dir is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,25 @@ def record_changes(before: Any, after: Any, *, at: str = "") -> list[str]:
             return [f"{at}: {plural(len(before), 'entry', many='entries')} (now {len(after)})"]
         return [change for i, (b, a) in enumerate(zip(before, after)) for change in record_changes(b, a, at=f"{at}[{i}]")]
     return [] if before == after else [f"{at or 'the dataset'} {before!r} (now {after!r})"]
+
+
+def dataset_toml_keys(path: Any) -> set[str]:
+    """The keys a kohya dataset TOML (or JSON) at ``path`` sets anywhere: its ``[general]``, ``[[datasets]]`` and their
+    subsets' (what it decides over the run's options; the run report's kohya-defaults line leaves them out). Empty
+    without one or when it cannot be read (the run reads it and reports that)."""
+    if not path:
+        return set()
+    try:
+        data = read_config_table(path, flag="--dataset-config", allow_json=True)
+    except (OSError, ValueError, ImportError):
+        return set()
+    keys = set(data.get("general", {})) if isinstance(data.get("general"), dict) else set()
+    for dataset in data.get("datasets", []) if isinstance(data.get("datasets"), list) else []:
+        if isinstance(dataset, dict):
+            keys |= set(dataset)
+            for subset in dataset.get("subsets", []) if isinstance(dataset.get("subsets"), list) else []:
+                keys |= set(subset) if isinstance(subset, dict) else set()
+    return keys
 
 
 def read_config_table(path: str | os.PathLike, *, flag: str, allow_json: bool = False) -> dict:
@@ -361,9 +386,9 @@ def _check_keys(table: Mapping[str, Any], schema: Mapping[str, str], where: str,
     for key, value in table.items():
         if key in extra:
             continue
-        if key == "conditioning_data_dir":
-            raise InputError(f"{source}: {where}.conditioning_data_dir: kohya's ControlNet / masked-loss conditioning "
-                             "images are not read here; leave it out")
+        if key == "conditioning_data_dir" and key not in schema:  # (kohya's: a subset's own, masked loss / ControlNet)
+            raise InputError(f"{source}: {where}.conditioning_data_dir: kohya reads a subset's own mask folder (its "
+                             "masked loss); write it in a [[datasets.subsets]] block")
         if key not in schema:
             close = difflib.get_close_matches(key, sorted(set(schema) | set(extra)), n=1)
             raise InputError(f"{source}: unknown key {key!r} in {where}" + (f"; did you mean {close[0]}?" if close else "")
@@ -522,7 +547,8 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
                 **{name: bool(resolve(name, tables)) for name in _AUGMENT_KEYS}, face_crop_aug_range=faces,
                 alpha_mask=bool(resolve("alpha_mask", tables)),
                 resize_interpolation=_interpolation(resolve("resize_interpolation", tables), where=f"{source}: {where}"),
-                dataset=index))
+                dataset=index, conditioning_data_dir=(Path(table["conditioning_data_dir"])
+                                                      if table.get("conditioning_data_dir") else None)))
         if not any(not s.is_reg and s.dataset == index for s in subsets):
             raise InputError(f"{source}: {block} has no training subset (every subset is is_reg = true or ignored); add "
                              "one with the images to learn" + (", or leave the block out" if len(datasets) > 1 else ""))
@@ -861,6 +887,7 @@ def dataset_records(config: DatasetConfig, *, uncaptioned: bool = False,
         for record in records:
             record.folder = label
             record.alpha_mask = subset.alpha_mask  # (kohya's per-subset alpha_mask: loss_masks reads it)
+            record.mask_folder = subset.conditioning_data_dir  # (kohya's per-subset mask folder, with masked_loss)
             record.interpolation = subset.resize_interpolation  # (kohya's per-subset resize_interpolation)
             record.dataset = subset.dataset  # (its [[datasets]] block: bucketed and batched with its block only)
         (reg_records if subset.is_reg else train).extend(records)

@@ -52,6 +52,14 @@ class LossMaskSource:
 
     folder: Path | None = None
     attention: bool = False
+    #: kohya's per-subset ``conditioning_data_dir`` (a dataset TOML with ``masked_loss``): each image's mask image in
+    #: its record's :attr:`~sdadapt.training.data.ImageRecord.mask_folder`, found by its name as kohya's ``glob_images``
+    per_subset: bool = False
+
+    @property
+    def mask_images(self) -> bool:
+        """Whether the masks are mask images (red channel), not the images' alpha channels."""
+        return self.folder is not None or self.per_subset
 
     def mask_file(self, record: ImageRecord) -> Path | None:
         """The file ``record``'s mask is read from.
@@ -64,16 +72,21 @@ class LossMaskSource:
                              "dataset from files with find_images")
         if self.attention:  # (the DreamArtist extension's map beside the image; None: none, all weights 1)
             return attention_map_file(record.path)
-        if self.folder is None:
+        if not self.mask_images:
             return record.path
         stem = record.path.stem
-        for where in (self.folder / record.folder, self.folder):
+        if self.per_subset:
+            places = [] if record.mask_folder is None else [Path(record.mask_folder)]
+        else:
+            places = [self.folder / record.folder, self.folder]
+        for where in places:
             for suffix in IMAGE_SUFFIXES:
                 for candidate in (where / f"{stem}{suffix}", where / f"{stem}{suffix.upper()}"):
                     if candidate.is_file():
                         return candidate
-        raise ImageFolderError(f"{self.folder}: no mask image for {record.path.name} (looked for {stem}.png/.jpg/... in "
-                               f"{self.folder / record.folder} and {self.folder}); every training image needs one, as kohya's "
+        looked = " and ".join(map(str, places)) or "no conditioning_data_dir of its subset"
+        raise ImageFolderError(f"{places[0] if places else record.folder}: no mask image for {record.path.name} (looked "
+                               f"for {stem}.png/.jpg/... in {looked}); every training image needs one, as kohya's "
                                "conditioning_data_dir")
 
     def latent_mask(self, record: ImageRecord, *, size: tuple[int, int], crop: tuple[int, int] | None = None,
@@ -116,17 +129,17 @@ class LossMaskSource:
                 raise ImageFolderError(f"{file}: the attention map is {grey.shape[1]}x{grey.shape[0]} but its image "
                                        f"{record.path} is {width}x{height}; a map must have its image's size")
             return torch.from_numpy(grey.astype(np.float32) / 255.0)[None]
-        if self.folder is None and record.alpha_mask is False:
+        if not self.mask_images and record.alpha_mask is False:
             from .data import image_size  # (data imports this module)
 
             height, width = record.size if all(record.size) else image_size(self.mask_file(record))
             return torch.ones(1, height, width)
         file = self.mask_file(record)
         channels = read_image_channels(file)
-        if self.folder is not None and tuple(channels.shape[:2]) != tuple(record.size):
+        if self.mask_images and tuple(channels.shape[:2]) != tuple(record.size):
             raise ImageFolderError(f"{file}: the mask is {channels.shape[1]}x{channels.shape[0]} but its image "
                                    f"{record.path} is {record.size[1]}x{record.size[0]}; a mask must have its image's size")
-        channel = 0 if self.folder is not None else 3  # red of a mask image / the image's alpha
+        channel = 0 if self.mask_images else 3  # red of a mask image / the image's alpha
         return torch.from_numpy(channels[..., channel].astype(np.float32) / 255.0)[None]
 
 
