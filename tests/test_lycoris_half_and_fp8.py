@@ -97,9 +97,23 @@ def test_scale_weight_norms_bounds_every_layers_oft_blocks(method, red_circles, 
     assert norms and max(norms) <= 0.01 * (1 + 1e-5) and max(norms) > 0.005
 
 
-def test_scale_weight_norms_refuses_train_norm_modules(red_circles, tmp_path, capsys):
+def test_scale_weight_norms_bounds_the_lora_modules_and_skips_train_norms_as_lycoris(red_circles, tmp_path, capsys):
+    """kohya_ss's "sd15 - LoKr v1.1" preset sets train_norm with scale_weight_norms: LyCORIS' norm modules have no max
+    norm (apply_max_norm returns (None, None)) and its kohya network skips them, bounding the others. Refused before."""
     from sdadapt.cli import main
 
-    code = main(["train", "lora", "--images", str(red_circles), "--scale-weight-norms", "1", "--network-args",
-                 "train_norm=true", "--no-prior", "--steps", "1", "-o", str(tmp_path / "n.safetensors")])
-    assert code != 0 and "no max norm for its norm modules" in capsys.readouterr().err
+    out = tmp_path / "n.safetensors"
+    assert main(["train", "lora", "--images", str(red_circles), "--scale-weight-norms", "0.01", "--network-args",
+                 "train_norm=true", "--no-prior", "--steps", "2", "--batch-size", "2", "--learning-rate", "1e-2",
+                 "-o", str(out)]) == 0
+    assert "not train_norm's norm modules (LyCORIS defines no max norm" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())  # noqa: SIM118 (safetensors' handle)
+        norms = []
+        for up in (k for k in keys if k.endswith(".lora_up.weight")):
+            base = up[: -len(".lora_up.weight")]
+            w_up, w_down = f.get_tensor(up).double().flatten(1), f.get_tensor(base + ".lora_down.weight").double()
+            scale = float(f.get_tensor(base + ".alpha")) / w_down.shape[0]
+            norms.append(float((w_up @ w_down.flatten(1)).norm()) * scale)
+        assert any(k.endswith(".w_norm") for k in keys)
+    assert norms and max(norms) <= 0.01 * (1 + 1e-5) and max(norms) > 0.005

@@ -1890,6 +1890,10 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         max_norm_note = (f"--scale-weight-norms {options.scale_weight_norms}: not used by {method} (LyCORIS' "
                          f"{'IA3' if method == 'ia3' else 'GLoRA'} modules have no max norm: kohya runs it as a no-op)")
         options = dataclasses.replace(options, scale_weight_norms=None)
+    elif options.scale_weight_norms is not None and str(options.method_options.get("train_norm", "")).strip().lower() in (
+            "true", "1", "yes", "on"):
+        max_norm_note = (f"--scale-weight-norms {options.scale_weight_norms}: bounds the {method} modules, not "
+                         "train_norm's norm modules (LyCORIS defines no max norm for them: its kohya network skips them)")
     if options.scale_weight_norms is not None and method not in _MAX_NORM_METHODS:
         raise ValueError(f"--scale-weight-norms {options.scale_weight_norms} shrinks LoRA-family and OFT adapters "
                          f"({', '.join(_MAX_NORM_METHODS)}), not {method}"

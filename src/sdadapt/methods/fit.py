@@ -1481,17 +1481,21 @@ def _max_norm_pass(system: System, trained: list[nn.Parameter], max_norm: float 
     that own trained parameters (UNet and text encoders), or ``None`` without ``max_norm``.
 
     Raises:
-        ValueError: no adapter trains, or one is not of the LoRA family (DoRA, full deltas).
+        ValueError: no adapter trains, or one is not of the LoRA family (DoRA, full deltas). GLoRA, (IA)³ and norm
+            modules are skipped, as LyCORIS' kohya network skips them (``None`` when only they train).
     """
     if max_norm is None:
         return None
-    from ..training.max_norm import adapters_in, max_norm_factors, scale_weight_norms_
+    from ..training.max_norm import MAX_NORM_SKIPPED, adapters_in, max_norm_factors, scale_weight_norms_
 
     roots = [m for _, m in system_models(system)]
     adapters = adapters_in(roots, trained)
     if not adapters:
         raise ValueError("scale_weight_norms (--scale-weight-norms) shrinks LoRA-family adapters (lora, locon, loha, lokr); "
                          "this run trains none")
+    adapters = [a for a in adapters if a.family not in MAX_NORM_SKIPPED]  # (LyCORIS' kohya network skips them)
+    if not adapters:
+        return None
     for adapter in adapters:
         max_norm_factors(adapter)  # refuses DoRA / full deltas before the first step
 

@@ -21,8 +21,9 @@ the ``rescale`` scales untouched), with the same ratio: ``oft_blocks ← oft_blo
 ``‖oft_blocks‖ > M``. sdadapt does the same (:data:`MAX_NORM_OWN_NORM`).
 
 Refused: DoRA (its layer change ``m ⊙ (W + ΔW)/‖W + ΔW‖ − W`` is not ΔW, and shrinking ΔW does not
-bound it), full deltas (``diff``), GLoRA and norm modules (LyCORIS defines no max norm for them: its kohya
-network skips them).
+bound it) and full deltas (``diff``). Skipped (:data:`MAX_NORM_SKIPPED`): GLoRA, (IA)³ and norm modules — LyCORIS
+defines no max norm for them (their ``apply_max_norm`` returns ``(None, None)``) and its kohya network skips them,
+so a LoKr run with ``train_norm`` bounds its LoKr modules alone.
 
 Everything runs on the device (norms, ratios, in-place multiplies): no host read, nothing that
 branches on a value, so the step can be replayed in a CUDA graph. The statistics kohya logs
@@ -39,14 +40,16 @@ from torch import Tensor, nn
 
 from ..adapters.base import AdapterModule
 
-__all__ = ["MAX_NORM_FAMILIES", "MAX_NORM_OWN_NORM", "adapters_in", "delta_norms", "max_norm_factors",
-           "max_norm_ratios", "scale_weight_norms_"]
+__all__ = ["MAX_NORM_FAMILIES", "MAX_NORM_OWN_NORM", "MAX_NORM_SKIPPED", "adapters_in", "delta_norms",
+           "max_norm_factors", "max_norm_ratios", "scale_weight_norms_"]
 
 #: families whose norm is that of one parameter of theirs, which alone is scaled (LyCORIS' apply_max_norm):
 #: OFT's oft_blocks (a rotation's generator; OFT has no ΔW without the base weight)
 MAX_NORM_OWN_NORM = {"oft": "oft_blocks"}
 #: adapter families whose ΔW is multilinear in their factors (one each), and MAX_NORM_OWN_NORM's: max norm scales these
 MAX_NORM_FAMILIES = ("lora", "loha", "lokr", *MAX_NORM_OWN_NORM)
+#: adapter families LyCORIS' kohya network skips (no max norm defined: ``apply_max_norm`` returns ``(None, None)``)
+MAX_NORM_SKIPPED = ("glora", "ia3", "norm")
 
 
 def max_norm_factors(adapter: AdapterModule) -> list[nn.Parameter]:
