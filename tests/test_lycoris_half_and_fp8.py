@@ -108,7 +108,7 @@ def test_scale_weight_norms_bounds_the_lora_modules_and_skips_train_norms_as_lyc
                  "-o", str(out)]) == 0
     assert "not train_norm's norm modules (LyCORIS defines no max norm" in capsys.readouterr().err
     with safe_open(str(out), "pt") as f:
-        keys = list(f.keys())  # noqa: SIM118 (safetensors' handle)
+        keys = list(f.keys())
         norms = []
         for up in (k for k in keys if k.endswith(".lora_up.weight")):
             base = up[: -len(".lora_up.weight")]
