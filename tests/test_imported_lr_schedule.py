@@ -402,3 +402,17 @@ def test_torchs_cyclic_lr_is_stepped_as_an_installed_class_with_its_lr_alone():
                                             lr_scheduler_args=args[:3]))
     with pytest.raises(ValueError, match="cycle_momentum=False"):
         TorchSchedule.parse("CyclicLR", {"base_lr": 1e-4, "max_lr": 1e-3})
+
+
+def test_a_used_schedule_copies_and_pickles_as_its_class_and_arguments():
+    """The curves a run built are a cache (generators inside): a deep copy or a pickle of a FitConfig holding the
+    schedule is the class and its arguments, equal, on the same curve."""
+    import copy
+    import pickle
+
+    for schedule in (TorchSchedule.parse("StepLR", {"step_size": 3}),
+                     ImportedSchedule.parse(f"{HERE}.WarmupCosineRestarts", {"first_cycle_max_steps": 4})):
+        config = FitConfig(steps=8, learning_rate=1e-3, warmup_steps=0, torch_schedule=schedule)
+        before = [config.lr_at(s, 1e-3) for s in range(8)]
+        for other in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+            assert other.torch_schedule == schedule and [other.lr_at(s, 1e-3) for s in range(8)] == before

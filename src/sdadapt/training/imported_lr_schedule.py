@@ -74,6 +74,10 @@ class ImportedSchedule:
     #: each group's curve, by (its LR, the optimiser's LR): kept as long as the schedule (a run's groups all at once)
     _curves: dict[tuple[float, float], _Curve] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __reduce__(self) -> tuple:
+        """A copy or a pickle is the class and its arguments (the curves are a cache, rebuilt on use)."""
+        return (type(self), (self.name, self.args))
+
     @classmethod
     def parse(cls, type_name: str, args: Mapping[str, Any] | None = None, *,
               learning_rate: float = 1e-3) -> ImportedSchedule:

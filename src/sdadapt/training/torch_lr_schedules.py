@@ -135,6 +135,10 @@ class TorchSchedule:
     #: each group's curve, by its LR: kept as long as the schedule (a run asks for all its groups' at every step)
     _curves: dict[float, _Curve] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __reduce__(self) -> tuple:
+        """A copy or a pickle is the class and its arguments (the curves are a cache, rebuilt on use)."""
+        return (type(self), (self.name, self.args))
+
     @classmethod
     def parse(cls, type_name: str, args: Mapping[str, Any] | None = None) -> TorchSchedule:
         """kohya's ``lr_scheduler_type`` and ``lr_scheduler_args`` -> a schedule.
