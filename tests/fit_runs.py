@@ -145,3 +145,13 @@ def toy_lora_fit(dataset, *, steps: int, monkeypatch, seed: int = 0, save_at: in
         monkeypatch.setattr(fit_module, "train_step", real)
         monkeypatch.setattr(fit_module, "_condition_batch", real_condition)
     return losses, seen
+
+
+def optimizers_made(monkeypatch) -> list:
+    """The optimisers ``fit`` builds from now on, in order (``make_optimizer`` patched to record each): a test reads
+    their groups' LRs and betas at each step."""
+    fit_module = importlib.import_module("sdadapt.methods.fit")  # (the module: sdadapt.methods.fit is the function)
+    made: list = []
+    real_make = fit_module.make_optimizer
+    monkeypatch.setattr(fit_module, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+    return made

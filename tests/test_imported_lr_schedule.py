@@ -191,15 +191,12 @@ def test_torch_schedule_points_a_foreign_module_to_the_imported_path():
 
 def _toy_fit(schedule, monkeypatch, steps: int = 5):
     """A toy LoRA fit under ``schedule``: (its first group's LR at each step, the trained parameters)."""
-    import importlib
+    from fit_runs import optimizers_made
 
     from sdadapt.methods import fit, prepare_lora
     from sdadapt.toy import build_toy
 
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    made = []
-    real_make = fit_module.make_optimizer
-    monkeypatch.setattr(fit_module, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+    made = optimizers_made(monkeypatch)
     system = build_toy(seed=1)
     adaptation = prepare_lora(system, rank=2)
     seen: list[float] = []

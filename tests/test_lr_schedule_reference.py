@@ -26,7 +26,6 @@ process), so the LR of optimiser step ``j`` (0-based) is ``base · f(j)`` whatev
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -247,13 +246,12 @@ def test_the_schedule_steps_once_per_optimiser_step_whatever_the_accumulation(mo
     ``j`` the LR of kohya's loop written out here — ``lr_scheduler.step()`` after every micro-batch,
     accelerate's ``AcceleratedScheduler`` bumping ``_step_count`` between optimiser steps and
     stepping the ``LambdaLR`` at each optimiser step — for both a warm-up and a decay."""
+    from fit_runs import optimizers_made
+
     from sdadapt.methods import fit, prepare_lora
     from sdadapt.toy import build_toy
 
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    made = []
-    real_make = fit_module.make_optimizer
-    monkeypatch.setattr(fit_module, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+    made = optimizers_made(monkeypatch)
     steps, warmup, lr = 4, 2, 1e-3
     seen: list[float] = []
     config = FitConfig(steps=steps, batch_size=2, learning_rate=lr, warmup_steps=warmup, schedule="cosine",

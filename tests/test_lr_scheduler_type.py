@@ -124,16 +124,12 @@ def test_one_cycle_moves_beta1_or_momentum_as_torch_does(args, adam):
 
 def test_fit_sets_each_groups_lr_and_beta1_as_torchs_one_cycle(monkeypatch):
     """The loop itself: a 5-step toy run under OneCycleLR holds torch's LR and β1 at every step."""
-    import importlib
+    from fit_runs import optimizers_made
 
     from sdadapt.methods import fit, prepare_lora
-
-    fit_module = importlib.import_module("sdadapt.methods.fit")  # (the module: sdadapt.methods.fit is the function)
     from sdadapt.toy import build_toy
 
-    made = []
-    real_make = fit_module.make_optimizer
-    monkeypatch.setattr(fit_module, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+    made = optimizers_made(monkeypatch)
     args = {"max_lr": 2e-3, "total_steps": 5, "pct_start": 0.4}
     seen: list[tuple[float, float]] = []
     system = build_toy(seed=1)
@@ -301,15 +297,12 @@ def test_a_repeated_milestone_decays_once_per_listing():
 def test_fit_starts_each_groups_curve_from_its_own_lr(monkeypatch):
     """Groups of different LRs (LoRA+ / block LR weights scale them): each follows torch's curve from
     its own LR, as torch's ``base_lrs`` (a group of LR 0 stays 0)."""
-    import importlib
+    from fit_runs import optimizers_made
 
     from sdadapt.methods import fit, prepare_lora
     from sdadapt.toy import build_toy
 
-    fit_module = importlib.import_module("sdadapt.methods.fit")
-    made = []
-    real_make = fit_module.make_optimizer
-    monkeypatch.setattr(fit_module, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+    made = optimizers_made(monkeypatch)
     system = build_toy(seed=1)
     adaptation = prepare_lora(system, rank=2)
     count = len(adaptation.params)
