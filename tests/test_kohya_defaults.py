@@ -213,10 +213,11 @@ def test_a_run_started_with_sdadapts_defaults_resumes_with_them_from_a_kohya_con
 
 def test_class_images_stay_off_only_where_the_method_makes_them_optional():
     """The toy model generates class images for the LoRA family (prior "auto"): a kohya config turns
-    that off (kohya: class images only from reg_data_dir); dreambooth needs them here, so it keeps them."""
+    that off (kohya: class images only from reg_data_dir); so for dreambooth ("required") on any model,
+    as kohya's train_db.py trains without them (tests/test_kohya_gui_configs.py)."""
     from sdadapt.cli.kohya_defaults import kohya_defaults
 
-    for prior, want in (("auto", False), ("required", None), ("off", None)):
+    for prior, want in (("auto", False), ("required", False), ("off", None)):
         options, _, _ = kohya_defaults(method="x", values={"model": "toy"}, methods={}, method_options=set(), prior=prior)
         assert options.get("prior") is want, prior
     options, _, _ = kohya_defaults(method="lora", values={"model": "toy", "reg_data_dir": "r"}, methods={},

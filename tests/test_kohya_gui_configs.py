@@ -166,3 +166,19 @@ def test_a_dataset_toml_with_the_in_json_and_prompt_file_the_gui_writes_trains(t
     assert (tmp_path / "out" / "ft.safetensors").is_file()
     assert f"--in-json {tmp_path}/meta_lat.json: not used, --dataset-config {dataset}" in err
     assert "ignored sample_prompts" in err and "kohya samples nothing then" in err
+
+
+def test_dreambooth_without_class_images_trains_as_kohyas_train_db_without_reg_data_dir(red_circles, tmp_path, capsys):
+    """kohya's train_db.py / sdxl_train.py train a DreamBooth config without reg_data_dir with no prior preservation
+    (a warning), diffusers' train_dreambooth.py without --with_prior_preservation too: a kohya config gets it as a
+    kohya default (noted), and --no-prior turns it off by name; a class prompt is still asked for otherwise."""
+    _, _, note = kohya_defaults(method="dreambooth", values={"model": "m.safetensors"}, methods={},
+                                method_options=set(), prior="required")
+    assert "no class images (kohya: only with reg_data_dir)" in note
+    options, _, _ = kohya_defaults(method="dreambooth", values={"model": "m.safetensors", "reg_data_dir": "reg"},
+                                   methods={}, method_options=set(), prior="required")
+    assert "prior" not in options
+    out = tmp_path / "db.safetensors"
+    assert main(["train", "dreambooth", "--images", str(red_circles), "--no-prior", "--steps", "1", "--batch-size", "2",
+                 "-o", str(out)]) == 0
+    assert out.is_file() and "prior images" not in capsys.readouterr().out

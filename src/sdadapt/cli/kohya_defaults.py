@@ -28,8 +28,8 @@ where sdadapt's own differs:
   the network alpha for loha / lokr / dora (LyCORIS' ``create_network``);
 - ``min_bucket_reso`` 256, ``max_bucket_reso`` 1024, ``bucket_reso_steps`` 64 when bucketing is on
   (not on the toy model: kohya's sizes are for Stable Diffusion images);
-- the toy model: no generated class images (kohya has prior preservation only with
-  ``reg_data_dir``); not for dreambooth, whose class images sdadapt requires;
+- no generated class images on the toy model, and none for dreambooth on any model (kohya has prior
+  preservation only with ``reg_data_dir``: ``train_db.py`` / ``sdxl_train.py`` train without it);
 - dreambooth on an SDXL model: no text encoder training (``sdxl_train.py`` trains them only with
   ``train_text_encoder``; ``train_db.py``, SD1/SD2, trains its encoder by default, as sdadapt).
 
@@ -129,9 +129,9 @@ def kohya_defaults(*, method: str, values: Mapping[str, Any], methods: Mapping[s
     if method == "full" and "text_encoder" in method_options and "text_encoder" not in methods:
         added["text_encoder"] = False  # (fine_tune.py's and sdxl_train.py's default, and sdadapt's: said, so the
         # text-encoder LRs a GUI writes count as unused — with Prodigy / D-Adaptation no clash, as in kohya)
-    if prior == "auto" and model in _TOY_MODELS and not any(name in values for name in (
+    if (prior == "auto" and model in _TOY_MODELS or prior == "required") and not any(name in values for name in (
             "prior", "class_prompt", "class_images", "class_data_dir", "reg_data_dir", "dataset_config")):
-        options["prior"] = False
+        options["prior"] = False  # (dreambooth too: train_db.py / sdxl_train.py train it without prior preservation)
         shown.append("no class images (kohya: only with reg_data_dir)")
     from_file = str(methods.get("dim_from_weights", False)).lower() in ("true", "1")  # (ranks and alphas: the file's)
     for name, (value, kohya) in KOHYA_NETWORK_DEFAULTS.items():

@@ -89,8 +89,8 @@ def prior_images(
         ``(images (count, 3, H, W), prompts, weight)`` for :func:`sdadapt.methods.fit`, or ``None``.
 
     Raises:
-        ValueError: a method that requires prior preservation run without it, or prior
-            preservation asked for on a user's model with no ``class_prompt``.
+        ValueError: prior preservation asked for (or required by the method, unless ``enabled=False``) on a
+            user's model with no ``class_prompt``.
         InputError: ``class_data_dir`` is a file, or holds an image of another size or made for
             another class prompt (:func:`sdadapt.training.class_folder.read_class_folder`).
     """
@@ -98,9 +98,8 @@ def prior_images(
 
     wanted = enabled if enabled is not None else (method.prior != "off" or class_prompt is not None
                                                   or class_data_dir is not None)
-    if method.prior == "required" and not wanted:
-        raise ValueError(f"{method.name} is fine-tuning *with* prior preservation; to fine-tune without it use 'full'")
-    if not wanted:
+    if not wanted:  # ("required" too when turned off by name: kohya's train_db.py without reg_data_dir, diffusers'
+        # train_dreambooth.py without --with_prior_preservation)
         return None
     if count < 1:
         raise ValueError(f"need at least one class image for prior preservation, got {count}")
@@ -113,9 +112,8 @@ def prior_images(
     elif method.prior == "required" or enabled or class_data_dir is not None:
         raise ValueError(f"prior preservation for {method.name} needs a class prompt: pass --class-prompt "
                          "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog'), or "
-                         "--reg-data-dir with your own class images; to fine-tune without prior preservation (what "
-                         "kohya's train_db.py / sdxl_train.py do without reg_data_dir) use 'train full' (with "
-                         "--text-encoder for SD 1/2, as train_db.py trains its text encoder)")
+                         "--reg-data-dir with your own class images, or --no-prior to train without prior "
+                         "preservation (what kohya's train_db.py / sdxl_train.py do without reg_data_dir)")
     else:
         return None
     if class_data_dir is None:

@@ -116,7 +116,8 @@ class Method:
     kohya's "reg images": what the unadapted model makes for a class prompt, trained on alongside
     the instance images): ``"off"`` only when asked, ``"auto"`` whenever class prompts are known
     (always on the toy model; with ``--class-prompt`` on a user's model), ``"required"`` always
-    (an error without class prompts).
+    (an error without class prompts) unless turned off by name (``--no-prior``: kohya's ``train_db.py`` without
+    ``reg_data_dir``, diffusers' ``train_dreambooth.py`` without ``--with_prior_preservation``).
     """
 
     name: str
