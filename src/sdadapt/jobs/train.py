@@ -1083,9 +1083,6 @@ def _check_optimizer_args(options: TrainOptions) -> None:
 _LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 #: the methods whose adapters --scale-weight-norms shrinks (sdadapt.training.max_norm.MAX_NORM_FAMILIES)
 _MAX_NORM_METHODS = ("lora", "locon", "loha", "lokr", "diag-oft", "boft")
-#: LyCORIS' adapters whose modules define no max norm (``apply_max_norm`` returns ``(None, None)``; its kohya network
-#: skips them): --scale-weight-norms is a no-op there, said in the run report
-_NO_LYCORIS_MAX_NORM = ("ia3", "glora")
 #: the methods kohya's --fp8_base serves (train_network.py): adapters over a frozen base (LyCORIS' OFT and GLoRA
 #: read the base weight: OFT's rotation upcasts it to float32 (its Cayley inverse too), GLoRA's W·a1·a2 runs under
 #: the run's autocast as the base layer does)
@@ -1886,7 +1883,9 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     else:
         source_note = None
     max_norm_note = None
-    if options.scale_weight_norms is not None and method in _NO_LYCORIS_MAX_NORM:  # (GUIs write it for every type)
+    from ..training.max_norm import MAX_NORM_SKIPPED  # (LyCORIS' kohya network skips these: a no-op, said)
+
+    if options.scale_weight_norms is not None and method in MAX_NORM_SKIPPED:  # (GUIs write it for every type)
         max_norm_note = (f"--scale-weight-norms {options.scale_weight_norms}: not used by {method} (LyCORIS' "
                          f"{'IA3' if method == 'ia3' else 'GLoRA'} modules have no max norm: kohya runs it as a no-op)")
         options = dataclasses.replace(options, scale_weight_norms=None)
