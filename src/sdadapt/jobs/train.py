@@ -1882,9 +1882,9 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
         options = dataclasses.replace(options, reg_data_dir=None, in_json=None)
     else:
         source_note = None
-    max_norm_note = None
-    from ..training.max_norm import MAX_NORM_SKIPPED  # (LyCORIS' kohya network skips these: a no-op, said)
+    from ..training.max_norm import MAX_NORM_SKIPPED
 
+    max_norm_note = None  # (LyCORIS' kohya network skips MAX_NORM_SKIPPED's families: a no-op there, said)
     if options.scale_weight_norms is not None and method in MAX_NORM_SKIPPED:  # (GUIs write it for every type)
         max_norm_note = (f"--scale-weight-norms {options.scale_weight_norms}: not used by {method} (LyCORIS' "
                          f"{'IA3' if method == 'ia3' else 'GLoRA'} modules have no max norm: kohya runs it as a no-op)")
