@@ -339,8 +339,11 @@ def test_dropouts_and_tucker_map_onto_the_family_config():
     assert a.handles["text_encoder"].modules  # text encoder modules get the dropouts too
     assert all(m.module_dropout == 0.3 for m in a.handles["text_encoder"].modules.values())
     a.remove()
-    with pytest.raises(InputError, match="loha has no rank_dropout"):
-        prepare_loha(system, rank=4, rank_dropout=0.1)
+    loha = prepare_loha(system, rank=4, rank_dropout=0.1)  # (LyCORIS' rank dropout: ΔW's output rows)
+    assert all(m.rank_dropout == 0.1 for m in loha.handles["unet"].modules.values())
+    loha.remove()
+    with pytest.raises(InputError, match="loha has no dropout"):  # (no rank activations to drop)
+        prepare_loha(system, rank=4, dropout=0.1)
 
 
 def test_block_options_are_checked_before_the_model_loads():
