@@ -103,8 +103,9 @@ def _image(w, h, seed):
 @given(w=st.integers(16, 120), h=st.integers(16, 120), tw=st.integers(8, 48), th=st.integers(8, 48),
        overlap=st.integers(1, 24), seed=st.integers(0, 99))
 def test_split_and_combine_are_a1111s_bit_for_bit(w, h, tw, th, overlap, seed):
-    """The tiles (places and pixels) and the blend of other images in their places, over sizes, tiles, overlaps."""
-    if tw > w or th > h or overlap >= min(tw, th):
+    """The tiles (places and pixels) and the blend of other images in their places, over sizes, tiles, overlaps —
+    images smaller than a tile too (one tile reaching past the edge, black there, as A1111's)."""
+    if overlap >= min(tw, th, w, h):
         return
     image = _image(w, h, seed)
     theirs = _a1111_split_grid(image, tile_w=tw, tile_h=th, overlap=overlap)
@@ -122,10 +123,22 @@ def test_split_and_combine_are_a1111s_bit_for_bit(w, h, tw, th, overlap, seed):
     assert np.array_equal(np.asarray(combine_grid(ours, others)), np.asarray(_a1111_combine_grid(theirs)))
     # its own tiles: the image back where the tiles reach (A1111's rounding can leave the last row or column out:
     # black there, in A1111's combine as in ours — TileGrid.uncovered says so)
-    right, bottom = ours.uncovered
+    # (an image smaller than a tile: its one tile per row pasted through the overlap's ramp over black — A1111's blend
+    # fades the first overlap + x columns, TileGrid.faded — the image elsewhere)
+    (right, bottom), (left, top) = ours.uncovered, ours.faded
     back = np.asarray(combine_grid(ours))
-    assert np.array_equal(back[:h - bottom, :w - right], np.asarray(image)[:h - bottom, :w - right])
+    assert left == (max(0, w - tw + overlap) if tw > w else 0) and top == (max(0, h - th + overlap) if th > h else 0)
+    assert np.array_equal(back[top:h - bottom, left:w - right], np.asarray(image)[top:h - bottom, left:w - right])
     assert not back[h - bottom:].any() and not back[:, w - right:].any()
+    x, y = w - tw, h - th
+    ramp_x = (np.arange(overlap, dtype=np.float32) * 255 / overlap).astype(np.uint8)[-x:][:left] / 255.0
+    ramp_y = (np.arange(overlap, dtype=np.float32) * 255 / overlap).astype(np.uint8)[-y:][:top] / 255.0
+    faded = np.asarray(image).astype(np.float64)
+    faded[:, :left] *= ramp_x[None, :, None]
+    faded[:top] *= ramp_y[:, None, None]
+    edge = np.zeros((h, w), dtype=bool)
+    edge[:, :left] = edge[:top] = True
+    assert np.abs(back[edge] - faded[edge]).max(initial=0) <= 2.0
 
 
 def test_a1111s_rounding_can_leave_the_last_row_black_and_it_is_said():
@@ -232,6 +245,26 @@ def test_cli_sd_upscale_is_a1111s_script(plain_sd, tmp_path, monkeypatch):  # no
     assert np.array_equal(again, first)
 
 
+def test_cli_sd_upscale_of_an_image_smaller_than_a_tile_runs_as_a1111s(plain_sd, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """40 x 48 at scale 1 in 64 x 64 tiles overlapping by 32: one tile reaching past the image (black there), run
+    and blended back as A1111's script does — its first 8 columns and 16 rows faded from black, which is said."""
+    from sdadapt.jobs.generate_tiles import TiledRun
+
+    _image(40, 48, 3).save(tmp_path / "tiny.png")
+    tiles, real_add = [], TiledRun.add
+    monkeypatch.setattr(TiledRun, "add", lambda self, image: (tiles.append(image.clone()), real_add(self, image))[1])
+    assert _cli(plain_sd, tmp_path / "up.png", "--init-image", str(tmp_path / "tiny.png"), "--sd-upscale", "1",
+                "--sd-upscale-overlap", "32") == 0
+    assert "fades its first 8 pixel columns and 16 rows from black" in capsys.readouterr().err
+    grid = _a1111_split_grid(Image.open(tmp_path / "tiny.png").convert("RGB"), tile_w=64, tile_h=64, overlap=32)
+    assert [(y, [x for x, _, _ in row]) for y, _, row in grid.tiles] == [(-16, [-24])] and len(tiles) == 1
+    grid.tiles[0][2][0][2] = Image.fromarray(((tiles[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                                             .permute(1, 2, 0).numpy())
+    out = Image.open(tmp_path / "up.png")
+    assert out.size == (40, 48)
+    assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(_a1111_combine_grid(grid)))
+
+
 def test_cli_sd_upscale_refusals(plain_sd, tmp_path, capsys):  # noqa: F811
     _image(96, 80, 1).save(tmp_path / "small.png")
     Image.new("L", (96, 80), 255).save(tmp_path / "mask.png")
@@ -244,7 +277,7 @@ def test_cli_sd_upscale_refusals(plain_sd, tmp_path, capsys):  # noqa: F811
     for extra, message in [(["--mask", str(tmp_path / "mask.png")], "no --mask"),
                            (["--sd-upscale-upscaler", "ESRGAN_4x"], "ESRGAN"),
                            (["--sd-upscale-overlap", "64"], "below the tile"),
-                           (["--sd-upscale", "0.5"], "smaller than a 64x64 tile")]:
+                           (["--sd-upscale", "0.5", "--sd-upscale-overlap", "40"], "no larger than the 40 px")]:
         args = ["--init-image", str(tmp_path / "small.png"), "--sd-upscale", "2", *extra]
         assert _cli(plain_sd, tmp_path / "a.png", *args) != 0, extra
         assert message in capsys.readouterr().err, extra

@@ -61,6 +61,17 @@ class TileGrid:
         last_y, last_h, last_row = self.rows[-1]
         return (self.size[0] - max(x + w for x, w in last_row), self.size[1] - (last_y + last_h))
 
+    @property
+    def faded(self) -> tuple[int, int]:
+        """The pixels at the left and top edges :func:`combine_grid` blends with black ``(columns, rows)``, as A1111's
+        does: ``(0, 0)`` but for an image narrower (lower) than a tile, whose one tile per row (column) starts before
+        the edge (``x = W - tile_w < 0``) and is pasted through the overlap's ramp like any later tile — over the
+        black of the empty image, ``overlap + x`` columns of it inside the image, fading from black."""
+        y, _, row = self.rows[0]
+        x = row[0][0]
+        return (min(self.size[0], max(0, x + self.overlap)) if x < 0 else 0,
+                min(self.size[1], max(0, y + self.overlap)) if y < 0 else 0)
+
 
 def pixel_upscaler(option: str, text: str, labels: dict[str, str], *, device: str = "cpu",
                    folder: str | None = None):
@@ -149,14 +160,19 @@ def split_grid(image, *, tile_w: int, tile_h: int, overlap: int) -> TileGrid:
     ``overlap`` pixels (module docstring). Returns a :class:`TileGrid`.
 
     An image smaller than a tile gets one tile that reaches past it (``x = w - tile_w`` below 0: PIL's crop fills
-    with black there), as in A1111 (its ESRGAN tiling of a small image).
+    with black there), as in A1111 (its SD upscale and ESRGAN tiling of a small image); :attr:`TileGrid.faded` says
+    where its blend then fades the image's edge.
 
     Raises:
-        ValueError: an overlap not below the tile's sides.
+        ValueError: an overlap not below the tile's sides; an image no larger than the overlap (A1111's formula gives
+            it no tile: its result would be black).
     """
     w, h = image.size
     if not 0 <= overlap < min(tile_w, tile_h):
         raise ValueError(f"SD upscale: the overlap must be at least 0 and below the tile's sides, got {overlap}")
+    if min(w, h) <= overlap:
+        raise ValueError(f"SD upscale: the {w}x{h} image is no larger than the {overlap} px overlap, which leaves it "
+                         "no tile (A1111's result is black); lower the overlap or raise the scale")
     cols = math.ceil((w - overlap) / (tile_w - overlap))
     rows = math.ceil((h - overlap) / (tile_h - overlap))
     dx = (w - tile_w) / (cols - 1) if cols > 1 else 0

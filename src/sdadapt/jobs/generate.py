@@ -1541,6 +1541,10 @@ def run_generate(
             say(f"warning: {'--sd-upscale' if sd_upscaler is not None else '--outpaint'}: A1111's tile places leave "
                 f"the last {tiled.grid.uncovered[1]} pixel rows and {tiled.grid.uncovered[0]} columns uncovered at "
                 "this size, black in the result as in A1111's; another overlap or size avoids it")
+        if any(tiled.grid.faded):  # (an image smaller than a tile: A1111's blend fades its edge into black)
+            say(f"warning: --sd-upscale: the {tiled.grid.size[0]}x{tiled.grid.size[1]} image is smaller than a tile, "
+                f"and A1111's blend fades its first {tiled.grid.faded[0]} pixel columns and {tiled.grid.faded[1]} "
+                "rows from black, as in A1111's result; a smaller overlap or --width/--height avoids it")
     sources = tiled.sources if tiled is not None else batch  # (each image of a tiled run or a batch: its own inputs)
     if sources is not None:  # (the first one's made here: what the run's infotext reads, A1111's first image's)
         if sources[0][1] is not None:

@@ -65,16 +65,12 @@ def sd_upscale_tiles(init_image: str | os.PathLike, folder: str | os.PathLike, *
     by ``overlap`` (:func:`sdadapt.sd_upscale.split_grid`), every tile run, written as PNGs into ``folder``.
 
     Raises:
-        ValueError: an unreadable image, an upscaled image smaller than a tile, a bad overlap.
+        ValueError: an unreadable image, a bad overlap (or an upscaled image no larger than it).
     """
     from ..resize_modes import open_init_image
     from ..sd_upscale import split_grid, upscale_image
 
     image = upscale_image(open_init_image(init_image), scale, upscaler=upscaler)
-    if image.width < width or image.height < height:
-        raise ValueError(f"SD upscale: the upscaled image is {image.width}x{image.height}, smaller than a {width}x"
-                         f"{height} tile (the generation's --width x --height); raise --sd-upscale or make the tiles "
-                         "smaller")
     grid = split_grid(image, tile_w=width, tile_h=height, overlap=overlap)
     sources = tuple((_written(folder, f"tile-{k:03d}.png", tile), None, None) for k, tile in enumerate(grid.tiles))
     return TiledRun(grid, tuple(range(len(grid.tiles))), sources)
