@@ -123,16 +123,28 @@ def test_a_kohya_ss_style_config_trains_end_to_end(tmp_path, capsys):
     assert "sks shape" in tags and "circle" not in tags  # (no caption file read: the folder's class tokens)
 
 
-def test_rank_dropout_scale_without_rank_dropout_changes_nothing_as_in_lycoris():
-    """kohya_ss's "sd15 - LoKr v1.1" / "sd15 - GLoRA v1.0" presets write rank_dropout_scale=True with no rank dropout;
-    LyCORIS reads the scale only under rank dropout."""
-    from sdadapt.errors import InputError
+def test_rank_dropout_scale_changes_nothing_as_in_lycoris_kohya_network(monkeypatch):
+    """kohya_ss's "sd15 - LoKr v1.1" / "sd15 - GLoRA v1.0" presets write rank_dropout_scale=True; LyCORIS' kohya
+    ``create_network`` (what sd-scripts builds from network_args) never passes it to its modules, which keep False:
+    its rank dropout trains unscaled whatever the arg says — the real module built from the same args, below."""
+    from tiny_models import tiny_clip, tiny_unet_sd1
+
     from sdadapt.network_args import parse_network_args
 
-    assert parse_network_args(["rank_dropout_scale=True", "factor=4"], method_options={"factor", "rank_dropout"}) == {
-        "factor": "4"}
-    with pytest.raises(InputError, match="no LyCORIS rescaling"):
-        parse_network_args(["rank_dropout_scale=True", "rank_dropout=0.1"], method_options={"factor", "rank_dropout"})
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    cls = lycoris_kohya.LycorisNetworkKohya
+    for attr in ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+                 "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP",
+                 "NAME_ALGO_MAP"):  # (create_network's apply_preset sets class state: restored afterwards)
+        monkeypatch.setattr(cls, attr, getattr(cls, attr))
+    net = lycoris_kohya.create_network(1.0, 2, 1.0, None, tiny_clip(), tiny_unet_sd1(), algo="lokr",
+                                       rank_dropout="0.1", rank_dropout_scale="True", preset="attn-only")
+    modules = net.unet_loras + net.text_encoder_loras
+    assert modules and all(m.rank_dropout == 0.1 and m.rank_dropout_scale is False for m in modules)
+    for rank_dropout in ("0", "0.1"):
+        assert parse_network_args(["rank_dropout_scale=True", f"rank_dropout={rank_dropout}", "factor=4"],
+                                  method_options={"factor", "rank_dropout"}) == {
+            "factor": "4", "rank_dropout": rank_dropout}
 
 
 def test_full_from_a_kohya_config_counts_the_unused_text_encoder_rates_as_unused():

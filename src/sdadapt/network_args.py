@@ -52,18 +52,16 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
                              f"lora/locon/loha/lokr/ia3/diag-oft/boft/glora) and DoRA (train dora); not {algo}"
                              + (" (kohya's own DyLoRA, networks.dylora, is `train dylora` with network_args unit=N, "
                                 "LyCORIS' block_size)" if algo == "dylora" else ""))
-    rank_dropout = next((str(item).partition("=")[2].strip() for item in items
-                         if str(item).partition("=")[0].strip() == "rank_dropout"), "0")
     for item in items:
         arg, equals, setting = str(item).partition("=")
         arg = arg.strip()
         if not equals or not arg:
             raise InputError(f"{source} {item!r}: write KEY=VALUE, e.g. conv_dim=4")
+        if arg == "rank_dropout_scale":  # (LyCORIS' kohya create_network never reads it: its modules keep False,
+            continue  # whatever the args say, so the rank dropout trains unscaled either way, as here)
         if arg in _LYCORIS_OFF_ARGS:  # (the kohya_ss GUI writes them all, off)
             if setting.strip().lower() in ("false", "0", "", "none"):
                 continue
-            if arg == "rank_dropout_scale" and rank_dropout.lower() in ("0", "0.0", "", "none", "false"):
-                continue  # (LyCORIS reads it only under rank dropout: with none it changes nothing, as its presets write it)
             if arg not in method_options:  # (train_norm is a method option of the LoRA family)
                 raise InputError(f"{source} {item!r}: {_LYCORIS_OFF_ARGS[arg]}; leave it off")
         name = NETWORK_ARG_NAMES.get(arg, arg)
@@ -81,7 +79,6 @@ def parse_network_args(items: list, *, method_options: set[str], source: str = "
 #: LyCORIS network_args read only at their off value (kohya_ss writes them all): why each cannot be on
 _LYCORIS_OFF_ARGS = {
     "use_scalar": "LyCORIS' trained scalar per module is not there",
-    "rank_dropout_scale": "rank dropout here follows kohya's LoRA (no LyCORIS rescaling option)",
     "bypass_mode": "LyCORIS' bypass mode (for quantised base layers) is not there; it trains the same ΔW unquantised",
     "train_norm": "LyCORIS' norm modules train beside lora, locon, loha, lokr, dora and glora",
 }
