@@ -59,3 +59,47 @@ def test_a_side_that_is_no_multiple_of_eight_is_refused_naming_the_nearest(eight
     monkeypatch.setattr(job, "load_system", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match=r"image size 44x40: both sides must be multiples of 8 \(the nearest: 48x40\)"):
         job.run_generate(prompt="a", model=str(eight), out=tmp_path / "x.png", width=44, height=40, steps=1)
+
+
+def test_a1111_upsampling_runs_the_models_unet_as_a1111s_cat(eight, tmp_path, monkeypatch):
+    """`--a1111-upsampling` at 56 x 40 (latents 7 x 5, halved unevenly): the PNG is the one A1111's own
+    ``TorchHijackForUnet`` (transcribed in tests/test_a1111_upsampling.py) makes of the same UNet, called as LDM's is
+    (no ``output_size``) — another image than diffusers' order; at 64 x 64 the same image; the hooks off after."""
+    import numpy as np
+    from diffusers.models.unets import unet_2d_blocks
+    from PIL import Image
+    from test_a1111_upsampling import TorchHijackForUnet
+
+    import sdadapt.jobs.generate as job
+    from sdadapt.cli import main
+
+    systems, real_load = [], job.load_system
+
+    def held(*args, **kwargs):
+        systems.append(real_load(*args, **kwargs))
+        return systems[-1]
+
+    monkeypatch.setattr(job, "load_system", held)
+
+    def run(name, *extra, size=("56", "40")):
+        assert main(["generate", "--model", str(eight), "--prompt", "a photo", "--steps", "3", "--sampler", "euler",
+                     "--seed", "5", "--quiet", "--out", str(tmp_path / name), "--width", size[0], "--height",
+                     size[1], *extra]) == 0
+        return np.asarray(Image.open(tmp_path / name))
+
+    ours, plain = run("a1111.png", "--a1111-upsampling"), run("plain.png")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in systems[0].unet.modules())
+    with monkeypatch.context() as patch:  # (A1111's cat on the blocks, LDM's calls of the upsamplers)
+        patch.setattr(unet_2d_blocks, "torch", TorchHijackForUnet())
+        real_held = held
+
+        def as_ldm(*args, **kwargs):
+            system = real_held(*args, **kwargs)
+            system.unet.num_upsamplers = 0
+            return system
+
+        patch.setattr(job, "load_system", as_ldm)
+        theirs = run("theirs.png")
+    assert np.array_equal(ours, theirs) and not np.array_equal(ours, plain)
+    assert np.array_equal(run("even.png", "--a1111-upsampling", size=("64", "64")),
+                          run("even-plain.png", size=("64", "64")))

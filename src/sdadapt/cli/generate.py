@@ -142,7 +142,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sigma_tmin=args.sigma_tmin, sigma_tmax=args.sigma_tmax, sigma_noise=args.sigma_noise,
         emphasis=args.emphasis, noise_schedule=args.noise_schedule,
         downcast_alphas_cumprod=args.downcast_alphas_cumprod,
-        old_prompt_editing_timelines=args.old_prompt_editing_timelines, tiling=args.tiling, vae_tiling=args.vae_tiling,
+        old_prompt_editing_timelines=args.old_prompt_editing_timelines, tiling=args.tiling,
+        a1111_upsampling=args.a1111_upsampling, vae_tiling=args.vae_tiling,
         token_merging_ratio=args.token_merging_ratio, token_merging_ratio_hr=args.token_merging_ratio_hr,
         hypertile_unet=args.hypertile_unet, hypertile_unet_second_pass=args.hypertile_unet_second_pass,
         hypertile_vae=args.hypertile_vae,
@@ -564,6 +565,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a1111.add_argument("--tiling", action="store_true",
                        help="A1111's 'Tiling': every convolution of the UNet and VAE pads circularly, so the image "
                             "tiles without a seam (seamless textures)")
+    a1111.add_argument("--a1111-upsampling", action="store_true",
+                       help="A1111's UNet at sizes it does not halve evenly (SD1's 520, SDXL's 1000): each upsampler's "
+                            "output resized to its skip after its convolution, as A1111 (not before: diffusers, "
+                            "ComfyUI, Forge); no change at sizes it halves evenly")
     a1111.add_argument("--vae-tiling", action="store_true",
                        help="the VAE decodes and encodes in overlapping tiles (diffusers' enable_vae_tiling): a large "
                             "image in the memory of one tile, its seams blended")

@@ -110,6 +110,7 @@ def run_generate(
     downcast_alphas_cumprod: bool = False,
     old_prompt_editing_timelines: bool = False,
     tiling: bool = False,
+    a1111_upsampling: bool = False,
     vae_tiling: bool = False,
     token_merging_ratio: float = 0.0,
     token_merging_ratio_hr: float | None = None,
@@ -310,6 +311,10 @@ def run_generate(
         tiling: A1111's "Tiling": every ``Conv2d`` of the UNet and VAE (the refiner's too) pads circularly for the
             run, so the image tiles without a seam (:func:`sdadapt.tiling.circular_padding`); "Tiling: True" in the
             infotext.
+        a1111_upsampling: A1111's UNet at sizes its halvings do not divide (SD1's 520: latents 65): each upsampler's
+            output resized to its skip's size after its convolution (A1111's ``TorchHijackForUnet``), not before it
+            (diffusers, ComfyUI, Forge): :class:`sdadapt.a1111_upsampling.A1111Upsampling` on every UNet of the run.
+            No change at sizes the halvings divide; nothing in the infotext (A1111 writes nothing of it).
         token_merging_ratio: A1111's "Token merging ratio" (ToMe, :class:`sdadapt.token_merging.TokenMerging`): the share
             of the full-resolution self-attention tokens merged for the first pass (img2img's too); 0 off. Written
             "Token merging ratio" in the infotext. Not with ``refiner``; a model without SD's transformer blocks
@@ -1141,6 +1146,15 @@ def run_generate(
 
         run_scope.enter_context(circular_padding(*(module for held in (system, refiner_system, hires_system)
                                                    if held is not None for module in models_of(held))))
+    if a1111_upsampling:  # (A1111's TorchHijackForUnet is LDM's and SGM's torch: every UNet it runs)
+        from ..a1111_upsampling import A1111Upsampling
+
+        for holder in (system, refiner_system, hires_system):
+            if holder is not None:
+                try:
+                    run_scope.enter_context(A1111Upsampling(getattr(holder, "unet", None) or torch.nn.Module()))
+                except ValueError as exc:
+                    raise ValueError(f"--a1111-upsampling: {exc}") from None
     if vae_tiling:  # (diffusers' own tiled decode and encode, for the run)
         from ..vae_tiling import tiled_vae
 
