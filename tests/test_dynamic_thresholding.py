@@ -509,7 +509,12 @@ def test_generate_writes_the_tools_fields_and_reads_them_back(tiny_sd, tmp_path,
                 "Startpoint: MEAN, Variability Measure: AD, Interpolate Phi: 1, Threshold percentile: 100, CFG mode: "
                 "Linear Down, CFG scale minimum: 4") in text
     else:
-        assert "dynthres_enabled: True, dynthres_mimic_scale: 5, dynthres_separate_feature_channels: enable" in text
+        # (Forge's forge_dynamic_thresholding.py extra_generation_params, in its order)
+        assert ("dynthres_enabled: True, dynthres_mimic_scale: 5, dynthres_threshold_percentile: 1, "
+                "dynthres_mimic_mode: Constant, dynthres_mimic_scale_min: 0, dynthres_cfg_mode: Linear Down, "
+                "dynthres_cfg_scale_min: 4, dynthres_sched_val: 1, dynthres_separate_feature_channels: enable, "
+                "dynthres_scaling_startpoint: MEAN, dynthres_variability_measure: AD, dynthres_interpolate_phi: 1"
+                ) in text
     assert main([*base[:-2], "--infotext", str(tmp_path / "a.png"), "--out", str(tmp_path / "b.png")]) == 0
     assert main([*base, "--out", str(tmp_path / "plain.png")]) == 0
     a, b, plain = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("a", "b", "plain"))
@@ -530,12 +535,36 @@ def test_generate_refuses_before_any_output(tiny_sd, tmp_path, capsys):
         run_generate(out=tmp_path / "c.png", sampler="euler", **run)
     with pytest.raises(ValueError, match="--dynamic-thresholding: .* unipc combines the model outputs"):
         run_generate(out=tmp_path / "d.png", sampler="euler", schedule="karras", hires_scale=1.5,
-                     hires_sampler="unipc", **run)
+                     hires_sampler="unipc", **{**run, "dynamic_thresholding": DynamicThresholding(
+                         step_rule="timesteps")})  # (Forge's: the UNet patched, every pass)
     assert not list(tmp_path.iterdir())
     assert main(["generate", "--model", str(tiny_sd), "--prompt", "a cat", "--dynamic-thresholding", "7", "x",
                  "--out", str(tmp_path / "e.png")]) == 2
     assert "--dynamic-thresholding: 'x' is not KEY=VALUE" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("rule", ["calls", "timesteps"])
+def test_a_hires_sampler_of_its_own_runs_plain_cfg_under_a1111s_extension(tiny_sd, tmp_path, monkeypatch, rule):
+    """A1111's extension wraps ``p.sampler_name`` only, and A1111 builds the hires pass's own sampler
+    (``hr_sampler_name``) by its plain name: that pass runs plain CFG — UniPC too, which the extension refuses only
+    as the first pass's sampler. Forge's built-in ("timesteps") patches the UNet: both passes; "Use same sampler"
+    keeps it in both under either rule."""
+    from generate_recorder import record_generate
+
+    from sdadapt.jobs import run_generate
+
+    calls = record_generate(monkeypatch)
+    setting = DynamicThresholding(mimic_scale=5.0, step_rule=rule)
+    run = {"model": str(tiny_sd), "steps": 2, "width": 32, "height": 32, "prompt": "a cat", "sampler": "euler",
+           "schedule": "karras", "hires_scale": 1.5, "denoising_strength": 0.5, "dynamic_thresholding": setting}
+    lines = []
+    run_generate(out=tmp_path / "a.png", hires_sampler="dpmpp_2m" if rule == "timesteps" else "unipc", **run,
+                 log=lines.append)
+    run_generate(out=tmp_path / "b.png", **run)
+    thresholded = [kw.get("dynamic_thresholding") for kw, _ in calls]
+    assert thresholded == ([setting, None] if rule == "calls" else [setting, setting]) + [setting, setting]
+    assert any("the hires pass's own sampler (unipc) runs plain CFG" in line for line in lines) == (rule == "calls")
 
 
 def test_the_example_in_docs_samplers_md_runs():

@@ -3,8 +3,9 @@ scale, its spread brought back to what a lower *mimic* scale would give, so a sc
 pull without burning the image::
 
     m = u + s_mimic·Δ      g = u + s·Δ            Δ = Σ_i w_i·(c_i − u)   (B, C, H, W)
-    ĝ = g − mean(g)        per sample and channel (separate feature channels), or over the whole batch
+    ĝ = g − mean(g)        the mean per sample and channel
     AD, MEAN:  ref_m = max|m − mean(m)|,  ref_g = quantile(|ĝ|, p),  r = max(ref_m, ref_g)
+               (the references per sample and channel with separate feature channels, else over the whole batch)
                out = clamp(ĝ, −r, r) / r · ref_m + mean(g)
     STD, MEAN: out = ĝ / std(ĝ) · std(m − mean(m)) + mean(g)
     ZERO:      out = g · ref_m / ref_g        (ref: the AD or STD measure above)
@@ -22,7 +23,8 @@ Both scales may follow a schedule over the run (``mimic_mode`` / ``cfg_mode``, :
 - ``"calls"``: A1111's extension — the ``CFGDenoiser``'s call count ``k`` (0-based) over its ``total_steps``
   (the run's expected calls, :func:`sdadapt.samplers.run_total_steps`): ``frac = k / (total_steps − 1)``;
 - ``"timesteps"``: Forge's and ComfyUI's — the call's timestep ``t`` (its σ's nearest training step):
-  ``frac = (999 − t) / 998``.
+  ``frac = (999 − t) / 998``. (The ComfyUI node's newest version also skips thresholding altogether — plain
+  guidance, no schedule — on a call whose guidance scale equals the mimic scale; Forge's copy and sdadapt do not.)
 
 The two agree for the ``Constant`` modes (the defaults). Where it runs: A1111's σ samplers (a ``schedule``;
 :func:`check_dynamic_thresholding_run`), which read each branch to x̂0 as the tools do
@@ -65,6 +67,9 @@ DYNAMIC_THRESHOLDING_FORGE_FIELDS = ("dynthres_enabled", "dynthres_mimic_scale",
                                      "dynthres_interpolate_phi", "dynthres_threshold_percentile", "dynthres_mimic_mode",
                                      "dynthres_mimic_scale_min", "dynthres_cfg_mode", "dynthres_cfg_scale_min",
                                      "dynthres_sched_val")
+
+#: the order Forge's script writes its keys in (forge_dynamic_thresholding.py ``p.extra_generation_params``)
+_FORGE_WRITTEN_ORDER = tuple(DYNAMIC_THRESHOLDING_FORGE_FIELDS[k] for k in (0, 1, 6, 7, 8, 9, 10, 11, 2, 3, 4, 5))
 
 #: samplers that combine the model outputs on any grid (diffusers' solvers, not A1111's): refused
 COMBINES_OUTPUTS = ("ddpm", "pndm", "dpmsolver", "dpmsingle", "unipc")
@@ -291,7 +296,7 @@ def dynamic_thresholding_fields(setting: DynamicThresholding) -> dict[str, objec
     if setting.step_rule == "timesteps":
         fields = dict(zip(DYNAMIC_THRESHOLDING_FORGE_FIELDS, values))
         fields["dynthres_separate_feature_channels"] = "enable" if setting.separate_feature_channels else "disable"
-        return fields
+        return {key: fields[key] for key in _FORGE_WRITTEN_ORDER}
     fields = dict(zip(DYNAMIC_THRESHOLDING_FIELDS[:7], values[:7]))
     fields["Threshold percentile"] = round(setting.threshold_percentile * 100.0, 6)  # (its panel's %)
     if setting.mimic_mode != "Constant":

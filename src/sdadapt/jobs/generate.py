@@ -1107,14 +1107,21 @@ def run_generate(
     if soft_inpainting is not None and getattr(system, "edm", None) is not None:
         raise ValueError(f"--soft-inpainting is A1111's; {model} is an EDM model (Playground v2.5), whose samplers "
                          "blend as diffusers' inpaint pipeline: leave it out")
-    if dynamic_thresholding is not None:  # (each pass's sampler and grid)
+    if dynamic_thresholding is not None:  # (each pass's sampler and grid it runs on)
         from ..dynamic_thresholding import check_dynamic_thresholding_run
 
+        # (A1111's extension wraps p.sampler_name only: a hires pass with a sampler of its own runs plain CFG there;
+        # Forge's built-in patches the UNet, every pass)
+        own_hires_plain = dynamic_thresholding.step_rule == "calls" and len(passes) > 1
         try:
-            for name, grid in passes:
+            for name, grid in passes[:1] if own_hires_plain else passes:
                 check_dynamic_thresholding_run(name, schedule=grid, edm=getattr(system, "edm", None) is not None)
         except ValueError as exc:
             raise ValueError(f"--dynamic-thresholding: {exc}") from None
+        if own_hires_plain:
+            say(f"--dynamic-thresholding: the hires pass's own sampler ({hires_sampler}) runs plain CFG, as A1111's "
+                "extension leaves it (it wraps the first pass's sampler only; leave out --hires-sampler to "
+                "threshold both passes)")
     refiner_system = None
     if refiner is not None:  # (both held at once: the base's latents go to the refiner undecoded)
         from .generate_refiner import check_refiner_pair
