@@ -194,3 +194,28 @@ def test_dreambooth_without_class_images_trains_as_kohyas_train_db_without_reg_d
     assert main(["train", "dreambooth", "--images", str(red_circles), "--no-prior", "--steps", "1", "--batch-size", "2",
                  "-o", str(out)]) == 0
     assert out.is_file() and "prior images" not in capsys.readouterr().out
+
+
+def test_dreambooth_from_a_dataset_config_without_is_reg_trains_without_prior_preservation(tmp_path, capsys):
+    """Beside a dataset config kohya reads class images from its is_reg subsets only (a reg_data_dir is unused):
+    without one a DreamBooth config trains with no prior preservation — from the tiny SD folder (no default class),
+    where a class prompt was asked for and the message pointed to --reg-data-dir, which the run then called unused."""
+    from test_cli_train import _tiny_pipeline
+    from train_inputs import captioned_pngs
+
+    model = _tiny_pipeline(tmp_path / "sd", prediction_type="epsilon")
+    images, reg = captioned_pngs(tmp_path / "img", [(64, 64)] * 2), captioned_pngs(tmp_path / "reg", [(64, 64)] * 2)
+    subset = f"[[datasets.subsets]]\nimage_dir = '{images}'\ncaption_extension = '.txt'\n"
+    plain, with_reg = tmp_path / "ds.toml", tmp_path / "ds_reg.toml"
+    plain.write_text(f"[general]\nresolution = 64\n[[datasets]]\nbatch_size = 2\n{subset}", encoding="utf-8")
+    with_reg.write_text(f"[general]\nresolution = 64\n[[datasets]]\nbatch_size = 2\n{subset}[[datasets.subsets]]\n"
+                        f"image_dir = '{reg}'\nis_reg = true\ncaption_extension = '.txt'\n", encoding="utf-8")
+    for name, dataset in (("db", plain), ("db_reg", with_reg)):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"pretrained_model_name_or_path = '{model}'\ndataset_config = '{dataset}'\n"
+                          f"reg_data_dir = '{reg}'\nmax_train_steps = 1\noutput_dir = '{tmp_path / 'out'}'\n"
+                          f"output_name = '{name}'\nseed = 1\n", encoding="utf-8")
+        assert main(["train", "dreambooth", "--config", str(config)]) == 0, name
+        err = capsys.readouterr().err
+        assert ("no class images (kohya: only with an is_reg subset in the dataset config)" in err) == (name == "db")
+        assert (tmp_path / "out" / f"{name}.safetensors").is_file()

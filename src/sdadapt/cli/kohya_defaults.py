@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..network_args import KOHYA_NETWORK_DEFAULTS, kohya_conv_alpha
-from ..training.dataset_config import dataset_toml_keys
+from ..training.dataset_config import dataset_toml_has_reg, dataset_toml_keys
 
 __all__ = ["KOHYA_NETWORK_DEFAULTS", "KOHYA_TRAIN_DEFAULTS", "is_kohya_config", "kohya_defaults"]
 
@@ -129,10 +129,14 @@ def kohya_defaults(*, method: str, values: Mapping[str, Any], methods: Mapping[s
     if method == "full" and "text_encoder" in method_options and "text_encoder" not in methods:
         added["text_encoder"] = False  # (fine_tune.py's and sdxl_train.py's default, and sdadapt's: said, so the
         # text-encoder LRs a GUI writes count as unused — with Prodigy / D-Adaptation no clash, as in kohya)
-    if (prior == "auto" and model in _TOY_MODELS or prior == "required") and not any(name in values for name in (
-            "prior", "class_prompt", "class_images", "class_data_dir", "reg_data_dir", "dataset_config")):
+    dataset_config = values.get("dataset_config")  # (beside one kohya reads class images from its is_reg subsets only)
+    class_images_given = (dataset_toml_has_reg(dataset_config) if dataset_config
+                          else any(name in values for name in ("class_data_dir", "reg_data_dir")))
+    if (prior == "auto" and model in _TOY_MODELS or prior == "required") and not class_images_given and not any(
+            name in values for name in ("prior", "class_prompt", "class_images")):
         options["prior"] = False  # (dreambooth too: train_db.py / sdxl_train.py train it without prior preservation)
-        shown.append("no class images (kohya: only with reg_data_dir)")
+        shown.append("no class images (kohya: only with " + ("an is_reg subset in the dataset config)" if dataset_config
+                                                             else "reg_data_dir)"))
     from_file = str(methods.get("dim_from_weights", False)).lower() in ("true", "1")  # (ranks and alphas: the file's)
     for name, (value, kohya) in KOHYA_NETWORK_DEFAULTS.items():
         if name in method_options and name not in methods and not from_file:

@@ -112,8 +112,9 @@ def prior_images(
     elif method.prior == "required" or enabled or class_data_dir is not None:
         raise ValueError(f"prior preservation for {method.name} needs a class prompt: pass --class-prompt "
                          "'a photo of a <class>' (the class your images belong to, e.g. 'a photo of a dog'), or "
-                         "--reg-data-dir with your own class images, or --no-prior to train without prior "
-                         "preservation (what kohya's train_db.py / sdxl_train.py do without reg_data_dir)")
+                         "--reg-data-dir with your own class images (with a dataset config: an is_reg = true "
+                         "subset), or --no-prior to train without prior preservation (what kohya's train_db.py / "
+                         "sdxl_train.py do without class images)")
     else:
         return None
     if class_data_dir is None:

@@ -547,10 +547,11 @@ class TrainOptions:
             raise ValueError("give --steps or --epochs, not both")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("--prompt is empty; give the caption words, or leave it out and put NAME.txt captions beside the images")
-        if self.reg_data_dir is not None and self.class_images is not None:
+        unused_reg = self.dataset_config is not None  # (beside a dataset config --reg-data-dir is unused, as in kohya)
+        if self.reg_data_dir is not None and self.class_images is not None and not unused_reg:
             raise ValueError(f"--reg-data-dir {self.reg_data_dir} gives your own class images and --class-images "
                              f"{self.class_images} asks for generated ones: give one of the two")
-        if self.reg_data_dir is not None and self.prior is False:
+        if self.reg_data_dir is not None and self.prior is False and not unused_reg:
             raise ValueError(f"--reg-data-dir {self.reg_data_dir} is prior preservation with your class images, so it "
                              "cannot go with --no-prior: leave one of the two out")
         if self.class_data_dir is not None:

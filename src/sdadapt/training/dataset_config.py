@@ -66,6 +66,7 @@ __all__ = [
     "DatasetConfig",
     "SubsetConfig",
     "dataset_records",
+    "dataset_toml_has_reg",
     "dataset_toml_keys",
     "in_json_config",
     "kohya_bucket_range",
@@ -282,6 +283,22 @@ def dataset_toml_keys(path: Any) -> set[str]:
             for subset in dataset.get("subsets", []) if isinstance(dataset.get("subsets"), list) else []:
                 keys |= set(subset) if isinstance(subset, dict) else set()
     return keys
+
+
+def dataset_toml_has_reg(path: Any) -> bool:
+    """Whether the kohya dataset TOML (or JSON) at ``path`` has an ``is_reg = true`` subset (its class images, the
+    only ones kohya reads beside a dataset config). False without one or when it cannot be read (the run reads it
+    and reports that)."""
+    if not path:
+        return False
+    try:
+        data = read_config_table(path, flag="--dataset-config", allow_json=True)
+    except (OSError, ValueError, ImportError):
+        return False
+    datasets = data.get("datasets", []) if isinstance(data.get("datasets"), list) else []
+    return any(isinstance(subset, dict) and subset.get("is_reg") is True
+               for dataset in datasets if isinstance(dataset, dict)
+               for subset in (dataset.get("subsets", []) if isinstance(dataset.get("subsets"), list) else []))
 
 
 def read_config_table(path: str | os.PathLike, *, flag: str, allow_json: bool = False) -> dict:
