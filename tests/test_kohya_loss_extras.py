@@ -502,11 +502,16 @@ def test_a_dataset_tomls_subsets_give_their_own_mask_folders(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(jobs, "fit", lambda system, adaptation, dataset, *a, **k: seen.append(dataset) or [0.1])
     out = tmp_path / "m.safetensors"
+    cli_masks = tmp_path / "cli_masks"  # (kohya reads no --conditioning_data_dir beside a dataset config: the
+    cli_masks.mkdir()  # subsets' own folders, config_util.py's BlueprintGenerator; a flag given is unused, said)
+    for name in ("a", "b"):
+        (cli_masks / f"{name}.png").write_bytes(encode_png(np.full((32, 32, 3), 255, np.uint8)))
     main(["train", "lora", "--dataset-config", str(toml), "--masked-loss", "--steps", "1", "--no-prior",
-          "-o", str(out)])
+          "--conditioning-data-dir", str(cli_masks), "-o", str(out)])
     (dataset,) = seen
     assert dataset.loss_masks == LossMaskSource(per_subset=True)
-    assert "--masked-loss: no masks" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--masked-loss: no masks" not in err and f"--conditioning-data-dir {cli_masks}: not used" in err
     read = {str(r.path): dataset.loss_masks.read(r)[0].numpy() for r in dataset.records}
     assert read.keys() == expected.keys()
     for path, mask in expected.items():

@@ -1874,13 +1874,15 @@ def _run_train(method: str, options: TrainOptions, *, progress: Progress | None 
     # the outputs that need no model to name: checked before anything is loaded
     _check_outputs(spec, options, outputs, planned=[])
     unused_sources = [(flag, value) for flag, value in (("--reg-data-dir", options.reg_data_dir),
-                                                        ("--in-json", options.in_json)) if value is not None]
+                                                        ("--in-json", options.in_json),
+                                                        ("--conditioning-data-dir", options.conditioning_data_dir))
+                      if value is not None]
     if options.dataset_config is not None and unused_sources:  # (the kohya_ss fine-tune tab always writes in_json)
         source_note = (f"{', '.join(f'{flag} {value}' for flag, value in unused_sources)}: not used, --dataset-config "
                        f"{options.dataset_config} lists the images (kohya ignores them with a dataset config too; "
                        "a regularisation folder is a subset with is_reg = true there, metadata a subset's "
-                       "metadata_file)")
-        options = dataclasses.replace(options, reg_data_dir=None, in_json=None)
+                       "metadata_file, mask images a subset's conditioning_data_dir)")
+        options = dataclasses.replace(options, reg_data_dir=None, in_json=None, conditioning_data_dir=None)
     else:
         source_note = None
     from ..training.max_norm import MAX_NORM_SKIPPED
