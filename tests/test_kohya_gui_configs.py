@@ -219,3 +219,24 @@ def test_dreambooth_from_a_dataset_config_without_is_reg_trains_without_prior_pr
         err = capsys.readouterr().err
         assert ("no class images (kohya: only with an is_reg subset in the dataset config)" in err) == (name == "db")
         assert (tmp_path / "out" / f"{name}.safetensors").is_file()
+
+
+def test_a_length_flag_replaces_the_configs_other_length(tmp_path, capsys):
+    """Every kohya_ss config writes max_train_steps: `--epochs N` on the command line trains the epochs (kohya's
+    flags override the file, and its scripts then count the steps from the epochs) — was "give --steps or --epochs";
+    `--steps N` over a file's max_train_epochs trains N steps, as the flag asks. Both noted."""
+    from train_inputs import captioned_pngs
+
+    images = captioned_pngs(tmp_path / "img", [(32, 32), (32, 32)])
+    for name, length, flag in (("a", "max_train_steps = 1600", ["--epochs", "1"]),
+                               ("b", "max_train_epochs = 40", ["--steps", "1"])):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f"pretrained_model_name_or_path = 'toy'\ntrain_data_dir = '{images}'\n{length}\n"
+                          f"output_dir = '{tmp_path}'\noutput_name = '{name}'\ntrain_batch_size = 2\nseed = 1\n"
+                          "resolution = '32,32'\n", encoding="utf-8")
+        assert main(["train", "lora", "--config", str(config), "--no-prior", *flag]) == 0, name
+        err = capsys.readouterr().err
+        other = "steps 1600" if name == "a" else "epochs 40"
+        assert f"ignored the config's {other} ({flag[0]} {flag[1]} is given" in err
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["ss_max_train_steps"] == "1"  # (2 images, batch 2: one epoch is one step)

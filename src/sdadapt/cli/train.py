@@ -812,6 +812,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         given.pop("overwrite", None)
     if given.get("dtype") == "keep" and "dtype" in values:
         given.pop("dtype")
+    for flag, other in (("steps", "epochs"), ("epochs", "steps")):  # (a length flag replaces the file's other one)
+        if given.get(flag) is not None and values.get(other) is not None and given.get(other) is None:
+            notes.append(f"ignored the config's {other} {values.pop(other)} (--{flag} {given[flag]} is given"
+                         + (", and kohya's scripts count the steps from the epochs" if flag == "epochs" else "") + ")")
     values.update(given)
     if kohya:  # (after the flags: a --random-crop given with the file's cache_latents counts too)
         _check_cached_pixel_changes(Path(args.config), values)
