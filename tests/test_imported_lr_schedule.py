@@ -91,6 +91,17 @@ class MovesBeta1(LRScheduler):
         return list(self.base_lrs)
 
 
+class ScalesWeightDecay(LRScheduler):
+    """Keeps the LR and halves each group's weight decay every step (a weight-decay schedule): a move that a
+    probe with no weight decay (0 · ½ = 0) would not show."""
+
+    def get_lr(self):
+        if self.last_epoch > 0:
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = group["weight_decay"] * 0.5
+        return list(self.base_lrs)
+
+
 def _kohya_lrs(make, steps: int, bases=(1e-4, 3e-5), *, total_stop: bool = True,
                learning_rate: float = 1e-3) -> list[list[float]]:
     """Each group's LR at optimiser steps 0 .. steps-1 in kohya's loop (one process): a real optimiser with both
@@ -172,6 +183,7 @@ def test_a_class_with_total_steps_stops_where_accelerate_stops_stepping_it():
     (f"{HERE}.WarmupCosineRestarts", {"first_cycle_max_steps": 4, "last_epoch": 3}, ValueError, "--resume"),
     (f"{HERE}.WarmupCosineRestarts", {"first_cycle_max_steps": 4, "gamma": object()}, ValueError, "not a Python literal"),
     (f"{HERE}.MovesBeta1", {"at": 1}, ValueError, "sets the optimiser's betas"),
+    (f"{HERE}.ScalesWeightDecay", {}, ValueError, "sets the optimiser's weight_decay"),
     (f"{HERE}._no_step", {}, ValueError, "has no step()"),
 ])
 def test_what_cannot_be_run_is_refused_when_parsed(name, args, error, words):

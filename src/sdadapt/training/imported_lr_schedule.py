@@ -41,7 +41,7 @@ from .torch_lr_schedules import _Curve
 __all__ = ["ImportedSchedule"]
 
 #: the group keys besides the LR the probe optimiser carries, and their values: a scheduler moving one is refused
-_FIXED_KEYS = {"momentum": 0.9, "betas": (0.9, 0.999), "weight_decay": 0.0}
+_FIXED_KEYS = {"momentum": 0.9, "betas": (0.9, 0.999), "weight_decay": 0.0123}  # (no 0: a scaled 0 stays 0)
 
 
 class _ProbeOptimizer(torch.optim.Optimizer):
