@@ -129,12 +129,16 @@ def _backend(tokenizer) -> str:
 def test_to_transformers_is_the_tokenizer_its_saved_folder_loads_as(tmp_path, pad):
     """``to_transformers`` (built from the vocabulary in memory on transformers 5) is what transformers reads from the
     folder ``save_folder`` writes: the same backend (vocabulary, merges, added tokens, normaliser, post-processor),
-    special tokens, length, ids, and the same files when saved."""
+    special tokens, length, ids, and the same files when saved. With the ``!`` pad the folder is read as kohya's SDXL
+    scripts read theirs — the pad set by id, ``!`` an ordinary token in texts (open_clip's reading)."""
     import filecmp
 
     ours = CLIPTokenizer.load(None, pad=pad, max_length=77)
     built = ours.to_transformers()
-    read = transformers.CLIPTokenizerFast.from_pretrained(ours.save_folder(tmp_path / "folder"))
+    read = transformers.CLIPTokenizerFast.from_pretrained(ours.save_folder(tmp_path / "folder"), **(
+        {} if pad == "eos" else {"pad_token": "<|endoftext|>"}))
+    if pad == "!":
+        read.pad_token_id = 0  # (kohya's strategy_sdxl.py: tokenizer2.pad_token_id = 0)
     assert _backend(built) == _backend(read)
     for name in ("pad_token", "pad_token_id", "bos_token", "eos_token", "unk_token", "model_max_length"):
         assert getattr(built, name) == getattr(read, name), name
@@ -151,29 +155,42 @@ def test_to_transformers_is_the_tokenizer_its_saved_folder_loads_as(tmp_path, pa
     assert configs[0] == configs[1]
 
 
-def test_sdxl_second_tokenizer_is_diffusers_tokenizer_2_from_every_source(tmp_path):
-    """SDXL's second tokenizer, from a source holding one tokenizer (the shipped vocabulary, a vocabulary file, a
-    tokenizer folder), is what transformers reads from a ``tokenizer_2`` folder (pad token ``!``, as SDXL's diffusers
-    folder writes it): ``!`` a special pad token, so ``"!!"`` is two pad ids there (diffusers issue #4153). Before, a
-    file or folder source gave a copy whose ``!`` stayed an ordinary token (``"!!"`` one id, 748)."""
+def test_sdxl_second_and_sd2_tokenizers_read_bang_as_open_clip_from_every_source(tmp_path):
+    """SD2's and SDXL's second tokenizer pad with ``!`` (id 0) but read a ``!`` in a text as an ordinary token, as
+    open_clip (what the models were trained with; ``open_clip.tokenize("! !! !!!")`` is ``49406, 256, 748, 995,
+    49407, 0 ...`` — diffusers issue #4153), A1111 (``id_pad = 0``), ComfyUI's clip_g and kohya's SDXL scripts
+    (``pad_token_id = 0``) do — from the shipped vocabulary, a vocabulary file, a tokenizer folder, and a diffusers
+    model folder whose ``tokenizer_2`` makes ``!`` a special token (transformers then splits ``"!!"`` into two pad
+    ids, diffusers' pipelines' ids). Before, every source gave diffusers' split."""
     import gzip
     import types
 
     from sdadapt.diffusers_system import _tokenizers
 
-    folder = CLIPTokenizer.load(None, pad="!").save_folder(tmp_path / "tokenizer_2")
-    tokenizer_2 = transformers.CLIPTokenizerFast.from_pretrained(folder)  # (what diffusers loads from the SDXL folder)
+    model = tmp_path / "model"
+    CLIPTokenizer.load(None).save_folder(model / "tokenizer")
+    folder = CLIPTokenizer.load(None, pad="!").save_folder(model / "tokenizer_2")
+    config_file = folder / "tokenizer_config.json"  # (as diffusers' SDXL folders carry it: "!" a special token)
+    written = json.loads(config_file.read_text())
+    written["added_tokens_decoder"] = {"0": {"content": "!", "lstrip": False, "normalized": False, "rstrip": False,
+                                             "single_word": False, "special": True}}
+    config_file.write_text(json.dumps(written))
+    split = transformers.CLIPTokenizerFast.from_pretrained(folder)  # (what diffusers loads from the SDXL folder)
     vocab_file = tmp_path / "bpe.txt"
     with gzip.open(DEFAULT_VOCABULARY, "rb") as packed:
         vocab_file.write_bytes(packed.read())
     one = CLIPTokenizer.load(None).save_folder(tmp_path / "one")  # (a tokenizer folder: vocab.json + merges.txt)
     config = types.SimpleNamespace(max_position_embeddings=77)
     text = ["! !! !!! a cat!!", "a photo"]
-    want = tokenizer_2(text, padding="max_length", max_length=77).input_ids
-    assert want[0][1:3] == [0, 0]
-    for source in (None, vocab_file, one):
-        first, second = _tokenizers(source, "sdxl", config, CLIPTokenizer)
-        assert _backend(second) == _backend(tokenizer_2), source
-        assert second(text, padding="max_length", max_length=77).input_ids == want, source
-        assert (second.pad_token, second.pad_token_id) == ("!", 0), source
-        assert first.pad_token == "<|endoftext|>" and first(text).input_ids[0][1] == 256, source  # (the first: "!")
+    open_clip_ids = [49406, 256, 748, 995, 320, 2368, 748, 49407] + [0] * 69  # (open_clip's, by its BPE)
+    assert split(text, padding="max_length", max_length=77).input_ids[0][1:3] == [0, 0]  # (diffusers' split)
+    for source, architecture in ((None, "sdxl"), (vocab_file, "sdxl"), (one, "sdxl"), (model, "sdxl"),
+                                 (None, "sd2"), (vocab_file, "sd2")):
+        first, second = _tokenizers(source, architecture, config, CLIPTokenizer)
+        bang = second if architecture == "sdxl" else first
+        assert bang(text, padding="max_length", max_length=77).input_ids[0] == open_clip_ids, source
+        assert (bang.pad_token, bang.pad_token_id) == ("!", 0), source
+        assert bang(text, padding="max_length", max_length=77).input_ids[0] == [
+            bang.bos_token_id, *CLIPTokenizer.load(None).encode_words(text[0]), bang.eos_token_id] + [0] * 69
+        if architecture == "sdxl":
+            assert first.pad_token == "<|endoftext|>" and first(text).input_ids[0][1] == 256, source

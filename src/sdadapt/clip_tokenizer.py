@@ -254,6 +254,11 @@ class CLIPTokenizer:
         ``CLIPTokenizer`` is the slow Python one, which gives other ids for some Unicode text); built offline from
         this vocabulary.
 
+        A pad token other than ``<|endoftext|>`` (``!``, id 0: SD2, SDXL's second encoder) is set by id, not made a
+        special token, so ``!`` in a text stays an ordinary token, as open_clip (which SD2 and SDXL were trained
+        with), A1111, ComfyUI and kohya's SDXL scripts read it: ``"wow!!"`` is ``2781, 748``, not the two pad ids a
+        diffusers ``tokenizer_2`` folder splits it into (diffusers issue #4153).
+
         Raises:
             ImportError: transformers is not installed.
         """
@@ -267,12 +272,16 @@ class CLIPTokenizer:
         if int(transformers.__version__.split(".")[0]) >= 5:  # (it takes the vocabulary and merges themselves: the
             # tokenizer its folder loads as, without writing and parsing 49,408 tokens, ~0.3 s)
             merges = sorted(self.ranks, key=self.ranks.get)  # (the pairs, highest priority first)
-            return TransformersCLIPTokenizer(vocab=dict(self.encoder), merges=merges, unk_token=_SPECIAL[1],
-                                             bos_token=_SPECIAL[0], eos_token=_SPECIAL[1],
-                                             pad_token=self.decoder[self.pad_id], model_max_length=self.model_max_length,
-                                             clean_up_tokenization_spaces=False)  # (as save_folder says)
-        with tempfile.TemporaryDirectory(prefix="sdadapt-tokenizer-") as folder:  # (transformers 4: from files)
-            return TransformersCLIPTokenizer.from_pretrained(self.save_folder(folder))
+            built = TransformersCLIPTokenizer(vocab=dict(self.encoder), merges=merges, unk_token=_SPECIAL[1],
+                                              bos_token=_SPECIAL[0], eos_token=_SPECIAL[1], pad_token=_SPECIAL[1],
+                                              model_max_length=self.model_max_length,
+                                              clean_up_tokenization_spaces=False)  # (as save_folder says)
+        else:
+            with tempfile.TemporaryDirectory(prefix="sdadapt-tokenizer-") as folder:  # (transformers 4: from files)
+                built = TransformersCLIPTokenizer.from_pretrained(self.save_folder(folder), pad_token=_SPECIAL[1])
+        if self.pad_id != self.eos_id:  # (by id: the token stays an ordinary one in texts, as in open_clip)
+            built.pad_token_id = self.pad_id
+        return built
 
     # ----------------------------------------------------------------------------- encoding
     def __len__(self) -> int:

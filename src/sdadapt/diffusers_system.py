@@ -1635,9 +1635,11 @@ def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any
     a tokenizer folder, a model folder holding ``tokenizer/`` (+ ``tokenizer_2/``), or a vocabulary file.
 
     Padding follows the diffusers model folders: ``<|endoftext|>`` for SD1 and SDXL's first
-    encoder, ``!`` for SD2 and SDXL's second. SDXL's second, when the source has only one, is the first
-    with ``!`` as its special pad token, as diffusers' ``tokenizer_2`` has it (it splits ``"!!"`` into two
-    pad ids, where open_clip and kohya keep one ``!!`` token: diffusers issue #4153).
+    encoder, ``!`` (id 0) for SD2 and SDXL's second — set by id, ``!`` in a text staying an ordinary token as
+    open_clip, A1111, ComfyUI and kohya's SDXL scripts read it (``"wow!!"``: ``2781, 748``), also from a diffusers
+    folder whose ``tokenizer_2`` makes ``!`` a special token and so splits ``"!!"`` into two pad ids (diffusers
+    issue #4153: its pipelines' ids differ there). SDXL's second, when the source has only one, is the first
+    with that pad.
     """
     # (the fast tokenizer on transformers 4, whose CLIPTokenizer is the slow one; on 5 the same class as CLIPTokenizer)
     from transformers import CLIPTokenizerFast as Transformers
@@ -1653,17 +1655,22 @@ def _tokenizers(source: str | os.PathLike | None, architecture: str, config: Any
                                                     or not (folder / "merges.txt").is_file()):
         raise FileNotFoundError(f"{root}: not a CLIP tokenizer folder (needs vocab.json and merges.txt)")
 
+    def from_folder(where: Path):
+        loaded = Transformers.from_pretrained(where)
+        if loaded.pad_token != "!" or len(loaded) != loaded.vocab_size:
+            return loaded  # (an <|endoftext|> pad; or tokens added to it, e.g. an embedding's, kept as they are)
+        return cls.load(where, max_length=length, pad="!").to_transformers()  # ("!" an ordinary token again)
+
     def build(pad: str):
         if folder is not None:
-            return Transformers.from_pretrained(folder)
+            return from_folder(folder)
         return cls.load(root, max_length=length, pad=pad).to_transformers()  # (the vocabulary parsed once a process)
 
     first = build(first_pad)
-    second = Transformers.from_pretrained(root / "tokenizer_2") if model_folder and (root / "tokenizer_2").is_dir() else None
+    second = from_folder(root / "tokenizer_2") if model_folder and (root / "tokenizer_2").is_dir() else None
     if architecture == "sdxl" and second is None:
         # the first built again rather than deep-copied (a copy of a transformers tokenizer ~0.6 s, a build ~0.15 s)
-        second = build("!")
-        second.add_special_tokens({"pad_token": "!"})  # (setting .pad_token alone leaves "!" an ordinary token)
+        second = cls.load(folder if folder is not None else root, max_length=length, pad="!").to_transformers()
     return first, second
 
 
