@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
@@ -312,7 +313,10 @@ class CLIPTokenizer:
     def encode_words(self, text: str) -> list[int]:
         """Token ids of ``text`` without the start/end tokens, padding or truncation."""
         ids: list[int] = []
-        for word in split_words(_collapse(unicodedata.normalize("NFC", text)).lower()):
+        # (transformers cuts the special tokens out of the text first, so punctuation before one cannot take its
+        # "<|" into a run of other characters, as CLIP's regex alone would: "x!<|endoftext|>" is x, !, <|endoftext|>)
+        pieces = re.split(f"({'|'.join(map(re.escape, _SPECIAL))})", _collapse(unicodedata.normalize("NFC", text)))
+        for word in (word for piece in pieces for word in ([piece] if piece in _SPECIAL else split_words(piece.lower()))):
             if word in _SPECIAL:
                 ids.append(self.encoder[word])
                 continue
