@@ -134,3 +134,71 @@ def test_the_docs_example():
     from docs_pages import run_block_with
 
     run_block_with("samplers.md", "exif_user_comment(")
+
+
+def _pillow_read(data: bytes) -> str:  # (A1111's read_info_from_image on an opened image: Pillow's info["exif"])
+    with Image.open(io.BytesIO(data)) as image:
+        return _a1111_read(image.info["exif"])
+
+
+def test_fill_bytes_before_a_marker_are_skipped_as_pillow_skips_them():
+    data = _a1111_image("JPEG", "Steps: 20, Seed: 1")
+    assert data[2:4] == b"\xff\xe1"  # (piexif's Exif APP1 right after the start)
+    for fill in (b"\xff", b"\xff" * 5):  # (JPEG B.1.1.2: any number of 0xFF before a marker)
+        filled = data[:2] + fill + data[2:]
+        assert exif_user_comment(filled) == _pillow_read(filled) == "Steps: 20, Seed: 1"
+    xmp = b"\xff\xe1" + (2 + 9).to_bytes(2, "big") + b"http://x\x00"  # (fill bytes before a later segment too)
+    later = data[:2] + xmp + b"\xff\xff" + data[2:]
+    assert exif_user_comment(later) == _pillow_read(later) == "Steps: 20, Seed: 1"
+
+
+def _webp_chunks(data: bytes) -> dict[bytes, bytes]:
+    out, at = {}, 12
+    while at + 8 <= len(data):
+        size = int.from_bytes(data[at + 4:at + 8], "little")
+        out.setdefault(data[at:at + 4], data[at + 8:at + 8 + size])
+        at += 8 + size + (size & 1)
+    return out
+
+
+def test_an_animation_whose_last_frame_is_smaller_keeps_its_canvas():
+    import numpy as np
+
+    from sdadapt.image_exif import insert_exif, user_comment_exif
+
+    first = Image.fromarray(np.random.default_rng(2).integers(0, 256, (33, 47, 3), dtype=np.uint8))
+    last = first.copy()
+    last.paste((255, 0, 0), (0, 0, 4, 4))  # (libwebp stores the last frame as a 4x4 sub-rectangle)
+    saved = io.BytesIO()
+    first.save(saved, format="WEBP", save_all=True, append_images=[last], duration=100, lossless=True)
+    data = insert_exif(saved.getvalue(), user_comment_exif("Steps: 20"))
+    assert _webp_chunks(data)[b"VP8X"][4:10] == _webp_chunks(saved.getvalue())[b"VP8X"][4:10]  # (47x33, not 4x4)
+    assert exif_user_comment(data) == "Steps: 20"
+    with Image.open(io.BytesIO(data)) as ours, Image.open(saved) as theirs:
+        assert (ours.size, ours.n_frames) == (theirs.size, theirs.n_frames) == ((47, 33), 2)
+        for k in range(2):
+            ours.seek(k)
+            theirs.seek(k)
+            assert np.array_equal(np.asarray(ours.convert("RGB")), np.asarray(theirs.convert("RGB")))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_insert_exif_refuses_a_cut_file_naming_it(fmt):
+    import struct
+
+    from sdadapt.image_exif import insert_exif, user_comment_exif
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (10, 20, 30)).save(buffer, format=fmt)
+    data, block = buffer.getvalue(), user_comment_exif("hi")
+    # (a WebP cut anywhere; a JPEG cut inside the segments piexif reads: its start and the two after it)
+    ends = range(12, len(data)) if fmt == "WEBP" else range(3, 4 + int.from_bytes(data[4:6], "big") + 4)
+    for end in ends:
+        try:
+            insert_exif(data[:end], block)
+        except ValueError as exc:
+            assert "not a whole" in str(exc)
+        except struct.error as exc:
+            raise AssertionError(f"cut to {end} bytes: {exc!r}") from None
+        else:
+            raise AssertionError(f"cut to {end} bytes: no error")

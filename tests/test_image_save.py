@@ -14,7 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdadapt.cli import main
-from sdadapt.image_exif import exif_user_comment, insert_exif, user_comment_exif
+from sdadapt.image_exif import (
+    check_jpeg_comment,
+    exif_user_comment,
+    insert_exif,
+    user_comment_exif,
+)
 from sdadapt.images import (
     check_output_suffix,
     decode_png,
@@ -103,7 +108,9 @@ def test_inserting_again_replaces_the_comment_as_piexif_does(fmt):
 
 def test_what_is_refused_and_the_names():
     with pytest.raises(ValueError, match="64 KiB"):
-        user_comment_exif("x" * 40000)
+        check_jpeg_comment("x" * 40000)
+    with pytest.raises(ValueError, match="64 KiB"):
+        insert_exif(encode_image(_pixels(0, (2, 2, 3)), kind="jpeg"), user_comment_exif("x" * 40000))
     with pytest.raises(ValueError, match="Exif"):
         insert_exif(b"\xff\xd8\xff\xe0", b"MM\x00*")
     with pytest.raises(ValueError, match="not png"):
@@ -225,3 +232,101 @@ def test_avif_as_a1111_writes_it(tmp_path):
                  "-o", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "a.png").read_bytes()
     assert main(["inspect", str(tmp_path / "a.avif")]) == 0
+
+
+def test_only_a_jpeg_limits_the_infotext_as_piexif_does():
+    import struct
+
+    long = "Steps: 20, " + "a castle, " * 10000  # (100,011 characters: A1111 writes and reads them in WebP, AVIF)
+    pixels = _pixels(5, (9, 13, 3))
+    for fmt, lossless in (("WEBP", False), ("WEBP", True)):
+        ours = encode_image(pixels, kind="webp", text={"parameters": long}, lossless=lossless)
+        assert ours == _a1111_save(pixels, fmt, long, lossless=lossless)
+        assert exif_user_comment(ours) == _a1111_read(ours) == long
+    assert user_comment_exif(long) == _piexif_dump(long)
+    check_jpeg_comment("x" * 32739)  # (the last length a JPEG holds: piexif's too)
+    _a1111_save(pixels, "JPEG", "x" * 32739)
+    with pytest.raises(struct.error):  # (A1111's piexif.insert fails one character later)
+        _a1111_save(pixels, "JPEG", "x" * 32740)
+    with pytest.raises(ValueError, match="64 KiB.*PNG or a WebP"):
+        encode_image(pixels, kind="jpeg", text={"parameters": "x" * 32740})
+    from PIL import features
+
+    if features.check("avif"):
+        avif = encode_image(pixels, kind="avif", text={"parameters": long})
+        assert exif_user_comment(avif) == _a1111_read(avif) == long
+
+
+def test_generate_refuses_a_jpegs_long_infotext_before_sampling(tmp_path, monkeypatch, capsys):
+    from sdadapt.jobs import generate_hires, infotext
+
+    sampled = []
+    real = generate_hires.sample_image
+    monkeypatch.setattr(generate_hires, "sample_image", lambda *a, **k: sampled.append(1) or real(*a, **k))
+    long = "x" * 40000  # (the toy's prompts are short: a long infotext as a long prompt would make it)
+    monkeypatch.setattr(infotext.InfotextRun, "for_image", lambda self, i, **k: long)
+    assert main([*_BASE, "-o", str(tmp_path / "a.jpg")]) != 0
+    assert "64 KiB); write a PNG or a WebP, which have no such limit (refused before sampling)" in capsys.readouterr().err
+    assert not sampled and not list(tmp_path.iterdir())
+    assert main([*_BASE, "-o", str(tmp_path / "a.webp")]) == 0  # (a WebP holds it, as A1111 writes it)
+    assert sampled and exif_user_comment((tmp_path / "a.webp").read_bytes()) == long
+
+
+def test_a_jpeg_whose_infotext_grew_too_long_is_written_without_it(tmp_path):
+    from sdadapt.jobs.generate import _write
+
+    said, kept = [], ([], [])
+    pixels, long = _pixels(6, (9, 13, 3)), "x" * 40000
+    written = _write(tmp_path / "a.jpg", pixels, long, kept, {"quality": 80, "lossless": False}, said.append)
+    assert Path(written).read_bytes() == _a1111_save(pixels, "JPEG", None)  # (what A1111's Pillow saved, no EXIF)
+    assert kept[1] == [long] and len(said) == 1 and "a.jpg: written without its infotext" in said[0]
+    _write(tmp_path / "a.webp", pixels, long, kept, {"quality": 80, "lossless": False}, said.append)
+    assert exif_user_comment((tmp_path / "a.webp").read_bytes()) == long and len(said) == 1
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:  # (each chunk's type and its whole bytes, CRC included)
+    out, at = [], 8
+    while at + 8 <= len(data):
+        length = int.from_bytes(data[at:at + 4], "big")
+        out.append((data[at + 4:at + 8], data[at:at + 12 + length]))
+        at += 12 + length
+    return out
+
+
+@pytest.mark.parametrize("value", ["Steps: 20, Seed: 1", "caf\u00e9 \u00b5 \u00ff", "a\x00b\r\nc", "",
+                                   "\u732b, Steps: 20", "\U0001f600", "x" * (1 << 20)])
+def test_png_text_chunks_are_pillows_add_text_byte_for_byte(value):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()  # (A1111's save_image_with_geninfo, ComfyUI's SaveImage)
+    info.add_text("parameters", value)
+    info.add_text("extras", "e")
+    saved = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(saved, format="PNG", pnginfo=info)
+    theirs = [chunk for chunk in _png_chunks(saved.getvalue()) if chunk[0] in (b"tEXt", b"iTXt", b"zTXt")]
+    ours = encode_image(_pixels(0, (2, 2, 3)), kind="png", text={"parameters": value, "extras": "e"})
+    assert [chunk for chunk in _png_chunks(ours) if chunk[0] in (b"tEXt", b"iTXt", b"zTXt")] == theirs
+    assert theirs[0][0] == (b"iTXt" if value[:1] in ("\u732b", "\U0001f600") else b"tEXt")
+
+
+def test_compressed_png_text_is_read_as_pillow_reads_it(tmp_path):
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "Steps: 20 zTXt caf\u00e9", zip=True)
+    info.add_itxt("prompt", '{"3": "\u732b"}', zip=True)
+    info.add_text("workflow", "\u732b plain")  # (uncompressed iTXt)
+    info.add(b"zTXt", b"big\x00\x00" + zlib.compress(b"x" * ((1 << 20) + 1)))  # (over Pillow's MAX_TEXT_CHUNK)
+    info.add(b"zTXt", b"edge\x00\x00" + zlib.compress(b"y" * (1 << 20)))  # (exactly 1 MiB: read)
+    Image.new("RGB", (2, 2)).save(tmp_path / "a.png", pnginfo=info)
+    text = read_png_text(tmp_path / "a.png")
+    assert text == {"parameters": "Steps: 20 zTXt caf\u00e9", "prompt": '{"3": "\u732b"}', "workflow": "\u732b plain",
+                    "edge": "y" * (1 << 20)}
+    with pytest.raises(ValueError, match="MAX_TEXT_CHUNK"):  # (Pillow refuses the file; sdadapt skips the chunk)
+        Image.open(tmp_path / "a.png")
+    info.chunks = [chunk for chunk in info.chunks if not chunk[1].startswith(b"big")]
+    Image.new("RGB", (2, 2)).save(tmp_path / "b.png", pnginfo=info)
+    with Image.open(tmp_path / "b.png") as image:
+        assert read_png_text(tmp_path / "b.png") == {key: str(value) for key, value in image.text.items()}

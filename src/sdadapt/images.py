@@ -27,6 +27,7 @@ __all__ = ["to_uint8", "write_png", "read_image", "read_image_channels", "scale_
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".avif")  # (what write_image writes: A1111's samples formats)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_TEXT_CHUNK = 1 << 20  # (a compressed text chunk's most decompressed bytes: Pillow's PngImagePlugin.MAX_TEXT_CHUNK)
 
 
 def is_image_file(path: Path, *, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> bool:
@@ -68,15 +69,21 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _text_chunk(key: str, value: str) -> bytes:
-    """An uncompressed ``iTXt`` chunk (UTF-8 text; the keyword 1-79 printable Latin-1 characters)."""
+    """A text chunk as Pillow's ``PngInfo.add_text`` writes it (A1111's and ComfyUI's PNGs): ``tEXt`` where the value
+    encodes as Latin-1, else an uncompressed ``iTXt`` (UTF-8, no language tag or translated keyword); the keyword
+    1-79 printable ASCII characters."""
     if not 1 <= len(key) <= 79 or not all(32 < ord(ch) < 127 or ch == " " for ch in key) or key != key.strip():
         raise ValueError(f"a PNG text keyword must be 1-79 printable ASCII characters, got {key!r}")
-    return _chunk(b"iTXt", key.encode("latin-1") + b"\x00\x00\x00\x00\x00" + value.encode("utf-8"))
+    try:
+        return _chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1"))
+    except UnicodeEncodeError:
+        return _chunk(b"iTXt", key.encode("latin-1") + b"\x00\x00\x00\x00\x00" + value.encode("utf-8"))
 
 
 def encode_png(pixels: np.ndarray, *, text: Mapping[str, str] | None = None) -> bytes:
     """(H, W, C) uint8, C in 1/3/4 -> PNG bytes (filter 0 on every row, zlib level 6); ``text``: key -> value
-    written as uncompressed ``iTXt`` chunks before the pixels (:func:`read_png_text` reads them back)."""
+    written as text chunks before the pixels, as Pillow's ``PngInfo.add_text`` writes them — ``tEXt`` for Latin-1
+    text, else uncompressed ``iTXt`` (:func:`read_png_text` reads them back)."""
     h, w, c = pixels.shape
     colour_type = {1: 0, 3: 2, 4: 6}[c]
     raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
@@ -88,7 +95,7 @@ def encode_png(pixels: np.ndarray, *, text: Mapping[str, str] | None = None) -> 
 
 def write_png(path: str | os.PathLike, image: Tensor, *, text: Mapping[str, str] | None = None) -> Path:
     """Write one image — (C, H, W) float in [-1, 1] or (H, W, C) uint8 — as PNG, atomically (``text``: key ->
-    value, kept in the file as ``iTXt`` chunks)."""
+    value, kept in the file as ``tEXt`` / ``iTXt`` chunks: :func:`encode_png`)."""
     data = encode_png(to_uint8(image), text=text)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
@@ -149,7 +156,9 @@ def encode_image(pixels: np.ndarray, *, kind: str, text: Mapping[str, str] | Non
     A1111 leaves them.
 
     Raises:
-        ValueError: ``kind`` or ``quality`` (1-100) out of range, an image too large for the format.
+        ValueError: ``kind`` or ``quality`` (1-100) out of range, an image too large for the format, an infotext too
+            long for a JPEG's EXIF (64 KiB: :func:`sdadapt.image_exif.check_jpeg_comment`; WebP and AVIF have no
+            such limit).
     """
     check_save_settings(quality=quality, lossless=lossless)
     if kind == "png":
@@ -160,10 +169,12 @@ def encode_image(pixels: np.ndarray, *, kind: str, text: Mapping[str, str] | Non
 
     from PIL import Image
 
-    from .image_exif import insert_exif, user_comment_exif
+    from .image_exif import check_jpeg_comment, insert_exif, user_comment_exif
 
     comment = (text or {}).get(comment_key)
-    exif = None if comment is None else user_comment_exif(comment)  # (a text too long refused before encoding)
+    if comment is not None and kind == "jpeg":  # (a text too long for a JPEG refused before encoding; WebP and AVIF
+        check_jpeg_comment(comment)  # hold any length, as A1111 writes them)
+    exif = None if comment is None else user_comment_exif(comment)
     limit = {"jpeg": 65535, "webp": 16383}.get(kind)  # (an AVIF's: the encoder's to say)
     if limit is not None and max(pixels.shape[:2]) > limit:
         raise ValueError(f"a {pixels.shape[1]}x{pixels.shape[0]} image is larger than {kind.upper()} holds "
@@ -195,9 +206,54 @@ def write_image(path: str | os.PathLike, image: Tensor | np.ndarray, *, text: Ma
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def _inflate_text(data: bytes) -> bytes | None:
+    """A compressed text chunk's zlib stream inflated as Pillow inflates it (at most ``MAX_TEXT_CHUNK``, 1 MiB:
+    never unbounded), else ``None`` (larger: Pillow refuses it)."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, _MAX_TEXT_CHUNK)
+    return None if inflater.unconsumed_tail else out
+
+
+def _png_text(kind: bytes, body: bytes) -> tuple[str, str] | None:
+    """A ``tEXt``, ``zTXt`` or ``iTXt`` chunk's key and value as Pillow reads them (A1111's ``image.info``), else
+    ``None``: another chunk, a compression other than zlib, a stream larger than 1 MiB or a broken ``iTXt``."""
+    key, _, rest = body.partition(b"\x00")
+    if kind == b"tEXt":
+        value = rest
+    elif kind == b"zTXt":  # (a method byte, 0: zlib; a broken stream an empty value, as Pillow's)
+        if rest[:1] not in (b"", b"\x00"):
+            return None
+        try:
+            value = _inflate_text(rest[1:])
+        except zlib.error:
+            value = b""
+        if value is None:
+            return None
+    elif kind == b"iTXt":  # (compression flag, method, language tag, translated keyword, the UTF-8 text)
+        if len(rest) < 2 or rest.count(b"\x00", 2) < 2:
+            return None
+        flag, method = rest[0], rest[1]
+        value = rest[2:].split(b"\x00", 2)[2]
+        if flag:
+            if method != 0:
+                return None
+            try:
+                value = _inflate_text(value)
+            except zlib.error:
+                return None
+            if value is None:
+                return None
+        return key.decode("latin-1"), value.decode("utf-8", errors="replace")
+    else:
+        return None
+    return key.decode("latin-1"), value.decode("latin-1")
+
+
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:
-    """The text chunks (``tEXt``, uncompressed ``iTXt``) of a PNG file as key -> value; ``{}`` for a file that is
-    not a PNG (no PIL needed). Only the chunks before the pixels are read (where :func:`write_png` puts them)."""
+    """The text chunks (``tEXt``, ``zTXt``, ``iTXt`` — compressed ones inflated up to 1 MiB each, as Pillow reads
+    them; larger ones skipped) of a PNG file as key -> value; ``{}`` for a file that is not a PNG (no PIL needed).
+    Only the chunks before the pixels are read (where :func:`write_png` puts them, and A1111's ``Image.open`` reads
+    them)."""
     out: dict[str, str] = {}
     with open(path, "rb") as handle:
         if handle.read(8) != _PNG_SIGNATURE:
@@ -210,17 +266,16 @@ def read_png_text(path: str | os.PathLike) -> dict[str, str]:
             kind = head[4:]
             if kind in (b"IDAT", b"IEND"):
                 return out
+            if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+                handle.seek(length + 4, os.SEEK_CUR)  # (another chunk, and its CRC)
+                continue
             body = handle.read(length)
             handle.seek(4, os.SEEK_CUR)  # (the CRC)
             if len(body) < length:
                 return out
-            key, _, rest = body.partition(b"\x00")
-            if kind == b"tEXt":
-                out[key.decode("latin-1")] = rest.decode("latin-1")
-            elif kind == b"iTXt" and rest[:1] == b"\x00":  # (compressed iTXt: not ours, not read)
-                _, _, rest = rest[2:].partition(b"\x00")  # language tag
-                _, _, rest = rest.partition(b"\x00")  # translated keyword
-                out[key.decode("latin-1")] = rest.decode("utf-8", errors="replace")
+            text = _png_text(kind, body)
+            if text is not None:
+                out[text[0]] = text[1]
 
 
 def image_grid(images: Tensor, *, columns: int, padding: int = 2, fill: float = 1.0) -> Tensor:

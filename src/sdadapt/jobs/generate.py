@@ -1712,6 +1712,7 @@ def run_generate(
                                                                   getattr(sd_upscaler, "name", sd_upscaler)),
         loopback=None if loop_curve is None else (float(loopback_final_denoising), loop_curve),
         img2img_alt=None if img2img_alt is None else img2img_alt.infotext_fields(), hires_checkpoint=hires_checkpoint)
+    _check_jpeg_infotext(files, infotext.for_image(0))  # (before any sampling: a JPEG's EXIF holds 64 KiB)
     written: list[str] = []
     kept: tuple[list, list[str]] = ([], [])  # (each written image's 8-bit pixels and infotext: A1111's grids' cells)
     report: dict = {}  # dpm_adaptive's own step count and model calls, said per image
@@ -1866,9 +1867,9 @@ def run_generate(
             if tiled is None:
                 parameters = infotext.for_image(i, **({} if loop_strengths is None else
                                                       {"denoising": job_strength, "fixed_subseed": True}))
-                written.append(_write(file, to_uint8(image), parameters, kept, save))
+                written.append(_write(file, to_uint8(image), parameters, kept, save, say))
             elif (combined := tiled.add(image)) is not None:  # (A1111 saves each with the first tile's infotext)
-                written.append(_write(file, to_uint8(combined), infotext.for_image(0), kept, save))
+                written.append(_write(file, to_uint8(combined), infotext.for_image(0), kept, save, say))
             if progress is not None:
                 progress(done + 1, len(jobs), file.name)
     run_scope.close()  # (the run's models as loaded again; they are the run's own, so an error leaves nothing behind)
@@ -1907,14 +1908,47 @@ def _a1111_clip_skip(system, model, skip: int, say: Callable[[str], None]) -> No
             "penultimate layer; Forge and diffusers would take an earlier one)")
 
 
-def _write(file: Path, image, parameters: str, kept: tuple[list, list[str]], save: dict) -> str:
+def _is_jpeg(file: Path) -> bool:
+    return Path(file).suffix.lower() in (".jpg", ".jpeg")
+
+
+def _check_jpeg_infotext(files: Sequence[Path], parameters: str) -> None:
+    """Refuse, before sampling, a run whose JPEG outputs cannot hold its infotext (``parameters``: the first image's,
+    as far as it is known before sampling) in their EXIF (64 KiB: about 32,700 characters); WebP, AVIF and PNG hold
+    any length.
+
+    Raises:
+        ValueError: naming the length and the formats that hold it.
+    """
+    if any(_is_jpeg(file) for file in files):
+        from ..image_exif import check_jpeg_comment
+
+        try:
+            check_jpeg_comment(parameters)
+        except ValueError as exc:
+            raise ValueError(f"{Path(files[0]).name}: {exc} (refused before sampling)") from None
+
+
+def _write(file: Path, image, parameters: str, kept: tuple[list, list[str]], save: dict,
+           say: Callable[[str], None] = lambda line: None) -> str:
     """Write ``image`` ((H, W, 3) uint8) to ``file`` in its suffix's format with ``parameters`` as its infotext;
-    keep both in ``kept`` (pixels, infotexts) for the run's result."""
+    keep both in ``kept`` (pixels, infotexts) for the run's result. A JPEG whose infotext grew past its EXIF's 64 KiB
+    while sampling (fields A1111 adds then) is written without it, said on ``say`` — not lost: A1111's
+    ``piexif.insert`` fails there after Pillow saved the JPEG, leaving it without EXIF under a ``.tmp`` name."""
     from ..images import write_image
 
     kept[0].append(image)
     kept[1].append(parameters)
-    return str(write_image(file, image, text={"parameters": parameters}, **save))
+    text: dict[str, str] | None = {"parameters": parameters}
+    if _is_jpeg(file):
+        from ..image_exif import check_jpeg_comment
+
+        try:
+            check_jpeg_comment(parameters)
+        except ValueError as exc:
+            say(f"{Path(file).name}: written without its infotext ({exc}); the run's result keeps it")
+            text = None
+    return str(write_image(file, image, text=text, **save))
 
 
 def _expanded(text: str | None, handles) -> str | None:

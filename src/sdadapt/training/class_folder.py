@@ -20,7 +20,7 @@ run makes none. sdadapt does the same for DreamBooth-style prior preservation
   the one holding image ``n`` on (up to ``batch - 1`` images made again and dropped, so each kept one
   is what a run with an empty folder makes), and writes each chunk as it is made: an interrupted run
   keeps what it wrote and the next one goes on from there.
-* **the prompt in the file**: each written PNG keeps its prompt in an ``iTXt`` chunk
+* **the prompt in the file**: each written PNG keeps its prompt in a text chunk
   (:data:`PROMPT_KEY`). A run whose ``--class-prompt`` differs from the prompt a file records refuses
   the folder (its images show another class); a file that records none (your own images, diffusers'
   JPEGs) trains on ``--class-prompt`` as diffusers' do. Systems with their own class prompts (the toy
