@@ -115,14 +115,14 @@ def _print_summary(summary: dict) -> None:
         for line in summary["not_taken"]:
             print(f"not taken:  {safe_text(line)}")
         for sampler in summary["comfyui"]:  # (read from the graph: generate would not make ComfyUI's image)
+            texts = [key for key in sampler if key.startswith(("positive", "negative")) or key == "middle"]
             settings = ", ".join(f"{key} {value}" for key, value in sampler.items()
-                                 if key not in ("node", "class_type", "positive", "negative", "loras")
-                                 and value is not None)
+                                 if key not in ("node", "class_type", "loras", *texts) and value is not None)
             print(f"ComfyUI {sampler['class_type']} (node {sampler['node']}): {safe_text(settings)}")
             for lora in sampler["loras"]:
                 print(f"  LoRA {safe_text(lora['lora'])}: model {lora['strength_model']}, "
                       f"clip {lora['strength_clip']}")
-            for side in ("positive", "negative"):
+            for side in texts:  # (positive, negative; an encoder's other texts: positive_text_l ...)
                 if sampler[side] is not None:
                     print(f"  {side}: {safe_text(' '.join(sampler[side].split()))}")
         for key, value in summary["other_text"].items():  # (long JSON cut short: --json has it whole)
