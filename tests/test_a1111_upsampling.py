@@ -10,9 +10,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from tiny_models import _unet  # noqa: E402
+from tiny_models import _unet
 
-from sdadapt.a1111_upsampling import A1111Upsampling  # noqa: E402
+from sdadapt.a1111_upsampling import A1111Upsampling
 
 
 class TorchHijackForUnet:  # A1111 v1.10 modules/sd_hijack_unet.py, verbatim but for the f-string's quotes

@@ -187,9 +187,10 @@ def test_clip_clean_gives_slow_tokenizer_ids(tokenizer_folder: Path) -> None:
     transformers = pytest.importorskip("transformers")
     if int(transformers.__version__.split(".")[0]) >= 5:
         pytest.skip("transformers 5 has no slow (ftfy) CLIPTokenizer")
-    from sdadapt.clip_tokenizer import CLIPTokenizer
     from transformers import CLIPTokenizer as SlowTokenizer
     from transformers import CLIPTokenizerFast
+
+    from sdadapt.clip_tokenizer import CLIPTokenizer
 
     slow = SlowTokenizer.from_pretrained(tokenizer_folder)
     if getattr(slow, "fix_text", None) is None:

@@ -5,9 +5,8 @@ entities read as their plain forms — on a tiny SD folder (a small byte-level B
 from __future__ import annotations
 
 import pytest
-import torch
-
 import tiny_sd_fixtures
+import torch
 
 system, tiny_sd = tiny_sd_fixtures.system, tiny_sd_fixtures.tiny_sd
 

@@ -371,7 +371,9 @@ class CLIPTokenizerSide:
         return insert_after_token(prompt, self.tokenizer, first, token_strings(self.name, self.count)[1:])
 
     def word_ids(self, text: str) -> list[int]:
-        from ..clip_text import clip_clean  # (as every prompt is tokenized: the slow CLIP tokenizer's clean-up)
+        from ..clip_text import clip_clean
+
+        # (as every prompt is tokenized: the slow CLIP tokenizer's clean-up)
 
         return [int(i) for i in self.tokenizer(clip_clean(text), add_special_tokens=False)["input_ids"]]
 
