@@ -32,7 +32,7 @@ import unicodedata
 from functools import lru_cache
 from re import Match
 
-__all__ = ["SPECIAL_TOKENS", "clip_clean", "fix_text"]
+__all__ = ["SPECIAL_TOKENS", "added_tokens", "clip_clean", "fix_text"]
 
 #: transformers' CLIP added tokens, cut out of the text before the slow tokenizer cleans it
 SPECIAL_TOKENS: tuple[str, str] = ("<|startoftext|>", "<|endoftext|>")
@@ -246,12 +246,26 @@ def _slow_clean(text: str) -> str:
     return _whitespace_clean(fix_text(text))
 
 
-def clip_clean(text: str, *, open_clip: bool = False) -> str:
+def added_tokens(tokenizer: object) -> tuple[str, ...]:
+    """The added tokens of a transformers tokenizer (its special tokens, an embedding's trigger words), which its
+    slow form cuts out of a text before cleaning the pieces between them; ``()`` for another tokenizer."""
+    vocab = getattr(tokenizer, "get_added_vocab", None)
+    return tuple(vocab()) if callable(vocab) else ()
+
+
+@lru_cache(maxsize=64)
+def _cutter(tokens: tuple[str, ...]) -> re.Pattern[str]:
+    """A pattern splitting a text at ``tokens`` (longest first, as transformers' trie takes the longest match)."""
+    return re.compile("(" + "|".join(map(re.escape, sorted(set(tokens), key=len, reverse=True))) + ")")
+
+
+def clip_clean(text: str, *, open_clip: bool = False, added: tuple[str, ...] = ()) -> str:
     """The clean-up a CLIP tokenizer applies before BPE, except the lower-casing (the tokenizer does that).
 
     ``open_clip=False``: transformers' slow ``CLIPTokenizer`` (kohya, A1111 SD1, ComfyUI, diffusers on
-    transformers 4): ``whitespace_clean(ftfy.fix_text(segment))`` for each segment between the special tokens
-    ``<|startoftext|>`` / ``<|endoftext|>``, which are kept as they are (the slow tokenizer cuts them out first,
+    transformers 4): ``whitespace_clean(ftfy.fix_text(segment))`` for each segment between its added tokens — the
+    special tokens ``<|startoftext|>`` / ``<|endoftext|>`` and ``added`` (:func:`added_tokens`: an embedding's
+    trigger words such as ``<cat-toy>``) —, which are kept as they are (the slow tokenizer cuts them out first,
     so a ``<`` in them does not turn off HTML un-escaping of the rest, and each segment is stripped). The
     segments are joined without separator, so transformers' fast tokenizer or :class:`sdadapt.clip_tokenizer.
     CLIPTokenizer` on the result gives the slow tokenizer's ids. Not reproducible by cleaning: text that turns
@@ -270,7 +284,8 @@ def clip_clean(text: str, *, open_clip: bool = False) -> str:
         if text.isascii() and _ASCII_CLEAN_RE.search(text) is None:
             return _whitespace_clean(text)
         return _whitespace_clean(html.unescape(html.unescape(fix_text(text))))
-    if "<|" not in text:
+    cut = tuple(token for token in (*SPECIAL_TOKENS, *added) if token and token in text)
+    if not cut:
         return _slow_clean(text)
-    pieces = re.split("(<\\|startoftext\\|>|<\\|endoftext\\|>)", text)
-    return "".join(piece if piece in SPECIAL_TOKENS else _slow_clean(piece) for piece in pieces)
+    pieces = _cutter(cut).split(text)
+    return "".join(piece if i % 2 else _slow_clean(piece) for i, piece in enumerate(pieces))

@@ -86,11 +86,12 @@ def _token_ids(tokenizer: Any, prompts: list[str], length: int | None = None) ->
     """(B, L) ids from sdadapt's :class:`~sdadapt.clip_tokenizer.CLIPTokenizer` or a transformers tokenizer,
     padded and truncated to ``length`` (default: the tokenizer's ``model_max_length``); each prompt cleaned first as
     the slow CLIP tokenizer cleans it (:func:`sdadapt.clip_text.clip_clean`: ftfy's fixes, kohya's and A1111's ids)."""
-    from .clip_text import clip_clean
+    from .clip_text import added_tokens, clip_clean
     from .clip_tokenizer import CLIPTokenizer
 
     length = int(tokenizer.model_max_length) if length is None else length
-    prompts = [clip_clean(prompt) for prompt in prompts]
+    added = added_tokens(tokenizer)  # (cut out before the clean-up, as the slow tokenizer cuts them)
+    prompts = [clip_clean(prompt, added=added) for prompt in prompts]
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer(prompts, max_length=length)
     from .embeddings.a1111_match import has_a1111_names

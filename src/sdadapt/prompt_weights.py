@@ -134,10 +134,10 @@ def _piece_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` (one emphasis piece) without ``<BOS>``/``<EOS>`` (sdadapt's or a transformers CLIP
     tokenizer), with the embeddings injected with ``a1111=True`` matched in them as A1111 matches them
     (:func:`sdadapt.embeddings.a1111_match.match_token_ids`; the plain ids when there are none)."""
-    from .clip_text import clip_clean
+    from .clip_text import added_tokens, clip_clean
     from .clip_tokenizer import CLIPTokenizer
 
-    text = clip_clean(text)  # (the slow CLIP tokenizer's clean-up: kohya's and A1111's ids)
+    text = clip_clean(text, added=added_tokens(tokenizer))  # (the slow CLIP tokenizer's clean-up: kohya's, A1111's ids)
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer.encode_words(text)
     from .embeddings.a1111_match import match_token_ids

@@ -815,7 +815,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for flag, other in (("steps", "epochs"), ("epochs", "steps")):  # (a length flag replaces the file's other one)
         if given.get(flag) is not None and values.get(other) is not None and given.get(other) is None:
             notes.append(f"ignored the config's {other} {values.pop(other)} (--{flag} {given[flag]} is given"
-                         + (", and kohya's scripts count the steps from the epochs" if flag == "epochs" else "") + ")")
+                         + (", and kohya's scripts count the steps from the epochs" if flag == "epochs" else
+                            "; kohya's scripts would train the file's epochs, which win over any step count there")
+                         + ")")
     values.update(given)
     if kohya:  # (after the flags: a --random-crop given with the file's cache_latents counts too)
         _check_cached_pixel_changes(Path(args.config), values)

@@ -371,11 +371,11 @@ class CLIPTokenizerSide:
         return insert_after_token(prompt, self.tokenizer, first, token_strings(self.name, self.count)[1:])
 
     def word_ids(self, text: str) -> list[int]:
-        from ..clip_text import clip_clean
+        from ..clip_text import added_tokens, clip_clean
 
         # (as every prompt is tokenized: the slow CLIP tokenizer's clean-up)
-
-        return [int(i) for i in self.tokenizer(clip_clean(text), add_special_tokens=False)["input_ids"]]
+        cleaned = clip_clean(text, added=added_tokens(self.tokenizer))
+        return [int(i) for i in self.tokenizer(cleaned, add_special_tokens=False)["input_ids"]]
 
     def known_single_token(self, word: str) -> int | None:
         ids = self.word_ids(word)

@@ -2444,10 +2444,11 @@ def _token_ids(system) -> Callable[[str], list[int]]:
     """The model's tokenizer as ``text -> token ids`` without special tokens (the toy: its words)."""
     tokenizer = getattr(system, "tokenizer", None)
     if tokenizer is not None and callable(tokenizer) and hasattr(tokenizer, "convert_tokens_to_ids"):
-        from ..clip_text import clip_clean
+        from ..clip_text import added_tokens, clip_clean
 
         # (the slow CLIP tokenizer's clean-up, as A1111's tokenizer runs it)
-        return lambda text: list(tokenizer(clip_clean(text), add_special_tokens=False).input_ids)
+        return lambda text: list(tokenizer(clip_clean(text, added=added_tokens(tokenizer)),
+                                           add_special_tokens=False).input_ids)
     vocabulary: dict[str, int] = {}
     return lambda text: [vocabulary.setdefault(word, len(vocabulary)) for word in text.lower().split()]
 
