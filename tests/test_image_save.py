@@ -330,3 +330,19 @@ def test_compressed_png_text_is_read_as_pillow_reads_it(tmp_path):
     Image.new("RGB", (2, 2)).save(tmp_path / "b.png", pnginfo=info)
     with Image.open(tmp_path / "b.png") as image:
         assert read_png_text(tmp_path / "b.png") == {key: str(value) for key, value in image.text.items()}
+
+
+def test_a_grid_whose_infotext_a_jpeg_cannot_hold_is_written_without_it(tmp_path):
+    """A script's grid (a large X/Y/Z plot's infotext lists every axis value) made after its runs: a JPEG whose EXIF
+    cannot hold the text is written without it and said — not lost after the runs; WebP keeps the text."""
+    from sdadapt.image_exif import JPEG_EXIF_LIMIT, exif_user_comment
+    from sdadapt.jobs.generate_runs import write_grid
+
+    grid = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    long_text = "x" * (JPEG_EXIF_LIMIT + 10)
+    said: list[str] = []
+    path = write_grid(tmp_path / "grid.jpg", grid, parameters=long_text, given={}, say=said.append)
+    assert path.is_file() and exif_user_comment(path.read_bytes()) is None
+    assert len(said) == 1 and "grid.jpg: written without its infotext" in said[0]
+    webp = write_grid(tmp_path / "grid.webp", grid, parameters=long_text, given={}, say=said.append)
+    assert exif_user_comment(webp.read_bytes()) == long_text and len(said) == 1

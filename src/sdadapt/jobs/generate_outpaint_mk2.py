@@ -144,5 +144,5 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
                 infotext = result["infotexts"][0] if infotext is None else infotext
                 if progress is not None:
                     progress(n * len(sides) + k + 1, count * len(sides), f"{target.name}: {side}")
-            written.append(str(write_grid(target, np.asarray(grown), parameters=str(infotext), given=given)))
+            written.append(str(write_grid(target, np.asarray(grown), parameters=str(infotext), given=given, say=say)))
     return {"files": written, "runs": runs}

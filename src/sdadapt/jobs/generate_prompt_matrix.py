@@ -77,6 +77,6 @@ def run_prompt_matrix(*, at_start: bool = False, different_seeds: bool = False, 
     rows, columns, row_labels = matrix_labels(parts)
     grid = annotate_grid(cells_grid(pictures, rows=rows), pictures[0].shape[1], pictures[0].shape[0], columns,
                          row_labels, margin=margin, font=font)
-    grid_file = str(write_grid(out, grid, parameters=texts[0], given=given))
+    grid_file = str(write_grid(out, grid, parameters=texts[0], given=given, say=say))
     return {"files": [grid_file, *(str(file) for file in files)], "grid": grid_file, "prompts": prompts,
             "images": results}

@@ -105,12 +105,23 @@ def cell_pictures(results: Iterable[Mapping]) -> tuple[list[np.ndarray], list[st
 
 
 def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None,
-               given: Mapping[str, object]) -> Path:
+               given: Mapping[str, object], say: Callable[[str], None] | None = None) -> Path:
     """Write an image a script makes of its runs — a grid, Outpainting mk2's grown image — ``(H, W, 3)`` uint8,
     atomically, with ``parameters`` as its infotext, in ``path``'s format at the runs' JPEG/WebP settings
-    (``given``'s ``jpeg_quality``, ``webp_lossless``)."""
+    (``given``'s ``jpeg_quality``, ``webp_lossless``). A JPEG whose infotext is longer than its EXIF holds (a large
+    X/Y/Z plot's) is written without it, said on ``say``: the runs' images are made by then, and the grid is not
+    lost."""
     from ..images import write_image
 
+    if parameters is not None and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        from ..image_exif import check_jpeg_comment
+
+        try:
+            check_jpeg_comment(parameters)
+        except ValueError as exc:
+            if say is not None:
+                say(f"{Path(path).name}: written without its infotext ({exc})")
+            parameters = None
     return write_image(path, np.ascontiguousarray(grid), text=None if parameters is None else {"parameters": parameters},
                        quality=int(given.get("jpeg_quality", 80)),  # type: ignore[call-overload]
                        lossless=bool(given.get("webp_lossless", False)))

@@ -287,10 +287,10 @@ def run_xyz_plot(axes: Sequence[tuple[str, str] | None], *, style_table: Mapping
         whole = annotate_grid(whole, max(g.shape[1] for g in grids), max(g.shape[0] for g in grids), z_labels, [""],
                               font=font)
     written = [str(write_grid(out, whole, parameters=_grid_infotext(
-        texts[0], run.fields(z=True, keep_random_seeds=keep_random_seeds)), given=given))]
+        texts[0], run.fields(z=True, keep_random_seeds=keep_random_seeds)), given=given, say=say))]
     if sub_grids and nz > 1:
         for iz, grid in enumerate(grids):
             written.append(str(write_grid(outputs[1 + iz], grid, parameters=_grid_infotext(
-                texts[iz * nx * ny], run.fields(z=False, keep_random_seeds=keep_random_seeds)), given=given)))
+                texts[iz * nx * ny], run.fields(z=False, keep_random_seeds=keep_random_seeds)), given=given, say=say)))
     cells_written = [file for k in range(nx * ny * nz) for file in results[k]["files"]]
     return {"files": written + cells_written, "grid": written[0], "cells": [results[k] for k in range(nx * ny * nz)]}
