@@ -59,23 +59,20 @@ def test_the_schedule_is_a1111s_rescale_and_its_sigma_table_a1111s():
         a1111_zero_terminal_snr_alphas_cumprod(torch.linspace(0.1, 0.9, 10))
 
 
-def test_read_markers_takes_the_keys_whatever_their_shape_and_refuses_edm_v():
+def test_read_markers_takes_the_keys_whatever_their_shape_and_leaves_edm_v_to_its_reader():
+    from sdadapt.formats.prediction_markers import edm_v_range
+
     state = {"model.diffusion_model.x": torch.zeros(2), "v_pred": torch.tensor([]), "ztsnr": torch.zeros(1)}
     markers, rest = read_markers(state, source="f.safetensors")
     assert markers == {"v_pred", "ztsnr"} and list(rest) == ["model.diffusion_model.x"]
     assert read_markers({"a": torch.zeros(1)}, source="f")[0] == frozenset()
-    with pytest.raises(WeightFileError, match=r"f.safetensors: edm_vpred.sigma_max / edm_vpred.sigma_min: an EDM "
-                                              r"v-prediction model \(CosXL's formulation, σ_max 120\)"):
-        read_markers({**state, "edm_vpred.sigma_max": torch.tensor(120.0), "edm_vpred.sigma_min": torch.tensor(0.002)},
-                     source="f.safetensors")
+    cosxl = {**state, "edm_vpred.sigma_max": torch.tensor(120.0), "edm_vpred.sigma_min": torch.tensor(0.001)}
+    assert list(read_markers(cosxl, source="f")[1]) == ["model.diffusion_model.x"]  # (CosXL's: tests/test_cosxl.py)
+    assert edm_v_range(cosxl, source="f") == pytest.approx((0.001, 120.0))
     # (ComfyUI's CheckpointSave of a Playground v2.5 model: the markers at Playground's σ range, no edm_mean / edm_std)
-    with pytest.raises(WeightFileError, match=r"σ_max 80\); .*0.002-80 is Playground v2.5's range.*put back edm_mean") as caught:
-        read_markers({**state, "edm_vpred.sigma_max": torch.tensor(80.0), "edm_vpred.sigma_min": torch.tensor(0.002)},
-                     source="f.safetensors")
-    with pytest.raises(WeightFileError) as cosxl:
-        read_markers({**state, "edm_vpred.sigma_max": torch.tensor(120.0), "edm_vpred.sigma_min": torch.tensor(0.001)},
-                     source="f.safetensors")
-    assert "Playground" in str(caught.value) and "put back" not in str(cosxl.value)
+    with pytest.raises(WeightFileError, match=r"at σ 0.002-80, Playground v2.5's range.*put back edm_mean"):
+        edm_v_range({**state, "edm_vpred.sigma_max": torch.tensor(80.0), "edm_vpred.sigma_min": torch.tensor(0.002)},
+                    source="f.safetensors")
     written = marker_tensors(architecture="sdxl", v_prediction=True, zero_terminal_snr=True)
     assert list(written) == ["v_pred", "ztsnr"]
     assert all(t.dtype == torch.float32 and t.shape == (0,) for t in written.values())  # (ComfyUI's torch.tensor([]))
@@ -155,9 +152,10 @@ def test_convert_keeps_the_markers_and_says_them(sdxl_file, tmp_path, capsys):
     state, _ = read_weights(tmp_path / "out.safetensors")
     assert {"v_pred", "ztsnr"} <= set(state)
     edm_v = _with(sdxl_file, tmp_path / "cosxl.safetensors", {"edm_vpred.sigma_max": torch.tensor(120.0)})
-    assert main(["convert", str(edm_v), "--to", "ldm", "-q", "-o", str(tmp_path / "no.safetensors")]) != 0
-    assert "an EDM v-prediction model" in capsys.readouterr().err
-    assert not (tmp_path / "no.safetensors").exists()
+    assert main(["convert", str(edm_v), "--to", "ldm", "-q", "-o", str(tmp_path / "cosxl_out.safetensors")]) == 0
+    state, _ = read_weights(tmp_path / "cosxl_out.safetensors")  # (CosXL's markers kept, σ_min ComfyUI's default)
+    assert float(state["edm_vpred.sigma_max"]) == 120.0 and float(state["edm_vpred.sigma_min"]) == pytest.approx(0.002)
+    assert "v_pred" not in state
 
 
 # ---- generate --noise-schedule ------------------------------------------------------------------------------------

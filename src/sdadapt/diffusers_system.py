@@ -505,11 +505,14 @@ class DiffusersSystem(nn.Module):
         schedule = {**(SDXL_SCHEDULE if architecture == "sdxl" else SD_SCHEDULE), "prediction_type": prediction}
         if getattr(checkpoint, "zero_terminal_snr", False):  # (its ztsnr marker: sdadapt.formats.prediction_markers)
             schedule["rescale_betas_zero_snr"] = True
-        if stats is not None:  # (diffusers' scheduler config of a Playground v2.5 file; sdadapt's own files say theirs)
-            from .formats.edm import PLAYGROUND_SCHEDULER, is_edm_scheduler
+        edm_v = getattr(checkpoint, "edm_v", None)  # (CosXL: ComfyUI's EDM v-prediction σ range)
+        if stats is not None or edm_v is not None:  # (diffusers' scheduler config of a Playground v2.5 file, an EDM
+            # v-prediction one of a CosXL file; sdadapt's own files say theirs)
+            from .formats.edm import PLAYGROUND_SCHEDULER, edm_v_scheduler, is_edm_scheduler
 
             written = configs.get("scheduler")
-            schedule = {**(written if isinstance(written, dict) and is_edm_scheduler(written) else PLAYGROUND_SCHEDULER),
+            own = PLAYGROUND_SCHEDULER if edm_v is None else edm_v_scheduler(*edm_v)
+            schedule = {**(written if isinstance(written, dict) and is_edm_scheduler(written) else own),
                         **({"prediction_type": prediction_type} if prediction_type else {})}
         system = cls(unet, vae, text_encoder, None if refiner else first, schedule, clip_skip=clip_skip, source=checkpoint.path,
                      max_token_length=max_token_length, **extra)
@@ -585,19 +588,28 @@ class DiffusersSystem(nn.Module):
             ldm.update({ema_key(k): v for k, v in averaged.items()})
         if dtype is not None:
             ldm = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ldm.items()}
-        if self.edm is not None:  # (Playground v2.5: the file says EDM by its latent statistics, float32)
+        edm_v = self.edm is not None and self.latent_stats is None  # (CosXL: ComfyUI's EDM v-prediction markers)
+        if self.edm is not None and not edm_v:  # (Playground v2.5: the file says EDM by its latent statistics, float32)
             from .formats.edm import edm_stat_tensors
 
-            if self.latent_stats is None:
-                raise ValueError(f"{target}: this EDM model's VAE config has no latents_mean / latents_std, and an "
-                                 "LDM file tells an EDM model (Playground v2.5) by its edm_mean / edm_std tensors; "
-                                 "write a diffusers folder instead")
             ldm.update(edm_stat_tensors(*self.latent_stats))
+        elif edm_v:
+            from .formats.edm import EDM_V_SIGMA_DATA
+            from .formats.prediction_markers import edm_v_tensors
+
+            if self.edm.prediction_type != "v_prediction" or self.edm.sigma_data != EDM_V_SIGMA_DATA:
+                raise ValueError(f"{target}: an LDM file tells an EDM model by Playground v2.5's edm_mean / edm_std "
+                                 "(this model's VAE config has no latents_mean / latents_std) or by ComfyUI's "
+                                 f"edm_vpred.* markers (v-prediction at σ_data {EDM_V_SIGMA_DATA:g}; this one: "
+                                 f"{self.edm.prediction_type} at σ_data {self.edm.sigma_data:g}); write a diffusers "
+                                 "folder instead")
+            ldm.update(edm_v_tensors(self.edm.sigma_min, self.edm.sigma_max))
         if self.unclip is not None:  # (the noise augmentor's schedule buffers and A1111's unCLIP marker)
             ldm.update(self.unclip.ldm_tensors())
         # (v_pred / ztsnr, as ComfyUI and A1111 read them: sdadapt.formats.prediction_markers)
-        ldm.update(marker_tensors(architecture=self.architecture, v_prediction=self.prediction_type == "v_prediction",
-                                  zero_terminal_snr=self.zero_terminal_snr))
+        ldm.update(marker_tensors(architecture=self.architecture, zero_terminal_snr=self.zero_terminal_snr,
+                                  v_prediction=self.prediction_type == "v_prediction" and not edm_v))  # (ComfyUI's
+        # CheckpointSave writes no v_pred for its EDM v-prediction models: the edm_vpred.* keys say it)
         if ema is not None:
             ldm["model_ema.decay"] = torch.tensor(float(ema.decay), dtype=torch.float32)
             ldm["model_ema.num_updates"] = torch.tensor(int(ema.updates), dtype=torch.int32)

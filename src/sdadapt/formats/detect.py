@@ -315,7 +315,8 @@ def _checkpoint_summary(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping
     if any(k in keys for k in EDM_V_KEYS):  # (ComfyUI's EDM v-prediction markers: CosXL)
         return {"model": f"{names[architecture]} layout in the EDM v-prediction formulation (CosXL; "
                          f"{' / '.join(k for k in EDM_V_KEYS if k in keys)})",
-                "use": "not read by sdadapt (EDM v-prediction); ComfyUI samples it"}
+                "use": "--model FILE (generate --sampler euler or dpmsolver++: the EDM v-prediction formulation, σ_data 1, "
+                       "as ComfyUI samples it); convert"}
     said = markers_said(keys)
     return {"model": f"{names[architecture]} ({architecture}{', ' + said if said else ''})",
             "use": "--model FILE (generate, train, invert); merge, merge-lora BASE, extract-lora, convert"}

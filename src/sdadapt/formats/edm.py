@@ -31,12 +31,15 @@ from torch import Tensor
 from .files import WeightFileError
 
 __all__ = [
+    "COSXL_SIGMA_RANGE",
     "EDM_SCHEDULERS",
     "EDM_STAT_KEYS",
+    "EDM_V_SIGMA_DATA",
     "PLAYGROUND_SCALING_FACTOR",
     "PLAYGROUND_SCHEDULER",
     "edm_stat_tensors",
     "edm_stats",
+    "edm_v_scheduler",
     "has_edm_stats",
     "is_edm_scheduler",
     "vae_latent_stats",
@@ -70,6 +73,23 @@ PLAYGROUND_SCHEDULER = {
     "solver_type": "midpoint",
     "thresholding": False,
 }
+
+
+#: ComfyUI's EDM v-prediction formulation (CosXL: ``ModelType.V_PREDICTION_EDM``, comfy/model_base.py): its σ_data
+#: (``ModelSamplingContinuousEDM``'s default, comfy/model_sampling.py) — the file gives σ_min / σ_max only
+EDM_V_SIGMA_DATA = 1.0
+#: ComfyUI's ``ModelSamplingContinuousEDM`` σ range where the file gives none (σ_min; CosXL's files give both)
+COSXL_SIGMA_RANGE = (0.002, 120.0)
+
+
+def edm_v_scheduler(sigma_min: float, sigma_max: float) -> dict:
+    """The diffusers scheduler config of an EDM v-prediction model (CosXL) with the file's σ range: diffusers'
+    ``EDMEulerScheduler`` at σ_data 1 and ``prediction_type="v_prediction"``, whose preconditioning is ComfyUI's
+    ``V_PREDICTION`` on ``ModelSamplingContinuousEDM`` (``c_skip = σ_d²/(σ²+σ_d²)``, ``c_out = −σ·σ_d/√(σ²+σ_d²)``,
+    ``c_in = 1/√(σ²+σ_d²)``, ``c_noise = ¼·ln σ``) and whose Karras grid is ComfyUI's ``karras`` scheduler's."""
+    return {"_class_name": "EDMEulerScheduler", "num_train_timesteps": 1000, "sigma_min": float(sigma_min),
+            "sigma_max": float(sigma_max), "sigma_data": EDM_V_SIGMA_DATA, "sigma_schedule": "karras", "rho": 7.0,
+            "prediction_type": "v_prediction", "final_sigmas_type": "zero"}
 
 
 def has_edm_stats(keys: Iterable[str]) -> bool:

@@ -17,12 +17,15 @@ model, and ``ztsnr`` (with ``v_pred`` for a v model) for a zero-terminal-SNR mod
 diffusers folder says the same in its scheduler config: ``prediction_type: "v_prediction"``,
 ``rescale_betas_zero_snr: true``.
 
-ComfyUI's EDM v-prediction markers (``edm_vpred.sigma_max`` / ``edm_vpred.sigma_min``: CosXL's formulation) name
-a model sdadapt does not sample (its EDM support is Playground v2.5's): such a file is refused with the reason.
+ComfyUI's EDM v-prediction markers (``edm_vpred.sigma_max`` / ``edm_vpred.sigma_min``, 0-dim float32: CosXL's
+formulation, ComfyUI's ``ModelType.V_PREDICTION_EDM``) give the model's σ range (:func:`edm_v_range`); its σ_data is
+1 and it predicts v (:func:`sdadapt.formats.edm.edm_v_scheduler`). sdadapt reads them (``supported_models.SDXL``'s
+rule: they win over ``v_pred``) and writes them for such a model, as ComfyUI's ``CheckpointSave`` does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 
 import torch
@@ -30,7 +33,8 @@ from torch import Tensor
 
 from .files import WeightFileError
 
-__all__ = ["EDM_V_KEYS", "V_PRED_KEY", "ZTSNR_KEY", "marker_tensors", "markers_said", "read_markers"]
+__all__ = ["EDM_V_KEYS", "V_PRED_KEY", "ZTSNR_KEY", "edm_v_range", "edm_v_tensors", "marker_tensors", "markers_said",
+           "read_markers"]
 
 #: a v-prediction model
 V_PRED_KEY = "v_pred"
@@ -50,28 +54,53 @@ def markers_said(keys: Collection[str]) -> str:
     return f"{', '.join(_WORDS[key] for key in found)}: {' / '.join(found)}"
 
 
-def read_markers(state: Mapping[str, Tensor], *, source: object) -> tuple[frozenset[str], dict[str, Tensor]]:
-    """``(markers, state without them)``: which of :data:`V_PRED_KEY` / :data:`ZTSNR_KEY` an LDM ``state`` holds (any
-    shape and dtype: only the key counts, as for ComfyUI and A1111), and the state for the key map.
+def edm_v_range(state: Mapping[str, Tensor], *, source: object) -> tuple[float, float] | None:
+    """``(σ_min, σ_max)`` of an EDM v-prediction model (CosXL) from its :data:`EDM_V_KEYS`, as ComfyUI reads them
+    (``supported_models.SDXL.model_type``: σ_max from its key, σ_min from its own or 0.002); ``None`` without
+    ``edm_vpred.sigma_max`` (a σ_min alone tells ComfyUI nothing either).
 
     Raises:
-        WeightFileError: ComfyUI's EDM v-prediction keys (:data:`EDM_V_KEYS`), naming ``source``.
+        WeightFileError: a value that is not one finite positive number, σ_min ≥ σ_max, or Playground v2.5's range
+            0.002-80 with no latent statistics — what ComfyUI's ``CheckpointSave`` writes of a Playground model (its
+            EDM class is one of its v-prediction ones), which is no v-prediction model (``source`` named).
     """
-    edm_v = [key for key in EDM_V_KEYS if key in state]
-    if edm_v:
-        sigma_max, sigma_min = (state.get(key) for key in EDM_V_KEYS)
-        top = float(sigma_max.reshape(-1)[0]) if sigma_max is not None and sigma_max.numel() else None
-        low = float(sigma_min.reshape(-1)[0]) if sigma_min is not None and sigma_min.numel() else None
-        value = f", σ_max {top:g}" if top is not None else ""
-        # (ComfyUI's CheckpointSave writes these markers for every EDM model, its Playground class being one of its
-        # v-prediction ones, and no edm_mean / edm_std: Playground's σ range 0.002-80 says which model it was)
-        playground = ("; σ 0.002-80 is Playground v2.5's range: a Playground model saved by ComfyUI loses its latent "
-                      "statistics, so put back edm_mean / edm_std (ComfyUI's latent_formats.SDXL_Playground_2_5) and "
-                      "remove the two markers to read it here" if top is not None and low is not None
-                      and abs(top - 80.0) < 1e-3 and abs(low - 0.002) < 1e-7 else "")
-        raise WeightFileError(f"{source}: {' / '.join(edm_v)}: an EDM v-prediction model (CosXL's formulation{value}); "
-                              "sdadapt samples EDM models in Playground v2.5's formulation only (edm_mean / edm_std), "
-                              f"so this file is not read: use ComfyUI for it{playground}")
+    if EDM_V_KEYS[0] not in state:
+        return None
+    values = []
+    for key, default in zip(EDM_V_KEYS, (None, 0.002)):
+        tensor = state.get(key)
+        if tensor is None:
+            values.append(default)
+            continue
+        if tensor.numel() != 1 or not math.isfinite(float(tensor.reshape(-1)[0])):
+            raise WeightFileError(f"{source}: {key} must hold one finite number (ComfyUI's EDM v-prediction σ "
+                                  f"range), got shape {tuple(tensor.shape)}")
+        values.append(float(tensor.reshape(-1)[0]))
+    top, low = values
+    if not 0 < low < top:
+        raise WeightFileError(f"{source}: edm_vpred.sigma_min {low:g} / edm_vpred.sigma_max {top:g}: the σ range "
+                              "must be 0 < σ_min < σ_max")
+    if abs(top - 80.0) < 1e-3 and abs(low - 0.002) < 1e-7 and not any(k in state for k in ("edm_mean", "edm_std")):
+        raise WeightFileError(f"{source}: {' / '.join(k for k in EDM_V_KEYS if k in state)} at σ 0.002-80, Playground "
+                              "v2.5's range: a Playground model saved by ComfyUI (which writes these markers for it and "
+                              "loses its latent statistics), not an EDM v-prediction model; put back edm_mean / edm_std "
+                              "(ComfyUI's latent_formats.SDXL_Playground_2_5) and remove the two markers to read it here")
+    return low, top
+
+
+def edm_v_tensors(sigma_min: float, sigma_max: float) -> dict[str, Tensor]:
+    """The :data:`EDM_V_KEYS` tensors ComfyUI's ``CheckpointSave`` writes for an EDM v-prediction model (0-dim
+    float32: ``torch.tensor(model_sampling.sigma_max).float()``)."""
+    return {EDM_V_KEYS[0]: torch.tensor(float(sigma_max), dtype=torch.float32),
+            EDM_V_KEYS[1]: torch.tensor(float(sigma_min), dtype=torch.float32)}
+
+
+def read_markers(state: Mapping[str, Tensor], *, source: object) -> tuple[frozenset[str], dict[str, Tensor]]:
+    """``(markers, state without them)``: which of :data:`V_PRED_KEY` / :data:`ZTSNR_KEY` an LDM ``state`` holds (any
+    shape and dtype: only the key counts, as for ComfyUI and A1111), and the state for the key map (without ComfyUI's
+    EDM v-prediction keys either: :func:`edm_v_range` reads them).
+    """
+    state = {k: v for k, v in state.items() if k not in EDM_V_KEYS}
     markers = frozenset(key for key in (V_PRED_KEY, ZTSNR_KEY) if key in state)
     if not markers:
         return markers, dict(state)

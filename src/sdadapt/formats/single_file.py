@@ -34,7 +34,7 @@ from .files import WeightFileError, read_weights
 from .key_source import KeyMapError
 from .edm import EDM_STAT_KEYS, PLAYGROUND_SCALING_FACTOR, edm_stats
 from .model_keys import checkpoint_architecture, convert_checkpoint, is_sdxl_refiner
-from .prediction_markers import V_PRED_KEY, ZTSNR_KEY, read_markers
+from .prediction_markers import V_PRED_KEY, ZTSNR_KEY, edm_v_range, read_markers
 from .unclip import UnclipFile, unclip_info
 
 __all__ = [
@@ -74,6 +74,8 @@ class SingleFile:
         edm_stats: an EDM model's (Playground v2.5's) VAE latent ``(mean, std)`` per channel, from its
             ``edm_mean`` / ``edm_std`` tensors (:mod:`.edm`); ``None`` for the others.
         markers: the file's prediction marker keys, ``"v_pred"`` / ``"ztsnr"`` (:mod:`.prediction_markers`).
+        edm_v: an EDM v-prediction model's (CosXL's) ``(σ_min, σ_max)``, from ComfyUI's ``edm_vpred.*`` keys
+            (:func:`.prediction_markers.edm_v_range`); ``None`` for the others.
     """
 
     path: Path
@@ -86,6 +88,7 @@ class SingleFile:
     #: an SD 2.1 unCLIP file's image-conditioning parts (:mod:`.unclip`; its ``image_encoder`` component), else ``None``
     unclip: UnclipFile | None = None
     markers: frozenset[str] = frozenset()
+    edm_v: tuple[float, float] | None = None
 
     @property
     def refiner(self) -> bool:
@@ -197,6 +200,7 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
             f"found e.g. {', '.join(list(state)[:3]) or 'no tensors'}); --model takes 'toy', a diffusers folder "
             "or an SD1/SD2/SDXL .safetensors/.ckpt checkpoint"
         )
+    edm_v = edm_v_range(state, source=file)  # (ComfyUI's EDM v-prediction σ range: CosXL)
     markers, state = read_markers(state, source=file)  # (v_pred / ztsnr: read apart, no component's keys)
     stats = None
     if any(k in state for k in EDM_STAT_KEYS):  # (Playground v2.5: read apart, the key map has no rule for them)
@@ -234,7 +238,15 @@ def split_single_file(state: Mapping[str, Tensor], *, metadata: Mapping[str, str
         raise WeightFileError(f"{file}: edm_mean / edm_std (an EDM model's latent statistics, Playground v2.5) in an "
                               f"{architecture}{' refiner' if architecture == 'sdxl' else ''} checkpoint: only SDXL base "
                               "models come in the EDM formulation; remove the two tensors if the file is a plain one")
-    return SingleFile(file, architecture, components, meta, configs, list(report.dropped), stats, unclip, markers)
+    if edm_v is not None and (architecture != "sdxl" or is_sdxl_refiner(state) or stats is not None):
+        raise WeightFileError(f"{file}: edm_vpred.sigma_max (ComfyUI's EDM v-prediction marker, CosXL's formulation) "
+                              + ("beside edm_mean / edm_std (Playground v2.5's EDM formulation): one model is one of "
+                                 "the two; remove the markers or the statistics" if stats is not None else
+                                 f"in an {architecture}{' refiner' if architecture == 'sdxl' else ''} checkpoint: "
+                                 "ComfyUI reads it for SDXL base models only; remove the two markers if the file is "
+                                 "a plain one"))
+    return SingleFile(file, architecture, components, meta, configs, list(report.dropped), stats, unclip, markers,
+                      edm_v)
 
 
 # ------------------------------------------------------------------------------------- configs

@@ -109,10 +109,11 @@ def model_size_multiple(model: str | os.PathLike) -> int | None:
 
 
 def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
-    """The EDM scheduler config of an EDM-formulation ``model`` (Playground v2.5), told without loading it: a
+    """The EDM scheduler config of an EDM-formulation ``model`` (Playground v2.5, CosXL), told without loading it: a
     diffusers folder whose ``scheduler/scheduler_config.json`` names an EDM scheduler (that config), or a single file
     with ``edm_mean`` / ``edm_std`` (diffusers' Playground scheduler config, what the loader gives it:
-    :data:`sdadapt.formats.edm.PLAYGROUND_SCHEDULER`) — a ``.safetensors`` file by its header, a ``.ckpt`` /
+    :data:`sdadapt.formats.edm.PLAYGROUND_SCHEDULER`) or ComfyUI's ``edm_vpred.sigma_max`` (CosXL's:
+    :func:`sdadapt.formats.edm.edm_v_scheduler`, ComfyUI's default σ range — the loader reads the file's) — a ``.safetensors`` file by its header, a ``.ckpt`` /
     ``torch.save`` pickle by its tensor names (:func:`sdadapt.formats.pickles.pickle_header`: the pickle stream only,
     no tensor read, nothing run; read once per file version, :func:`_header_shapes`); ``None`` for every other model
     and where that cannot tell (the toy, a corrupt or oversized file: the loader reports it, and the loaded model's
@@ -121,7 +122,8 @@ def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
     Raises:
         UnsafeFileError: a pickle that would run code (what the load would refuse, said before it).
     """
-    from ..formats.edm import PLAYGROUND_SCHEDULER, has_edm_stats, is_edm_scheduler
+    from ..formats.edm import COSXL_SIGMA_RANGE, PLAYGROUND_SCHEDULER, edm_v_scheduler, has_edm_stats, is_edm_scheduler
+    from ..formats.prediction_markers import EDM_V_KEYS
 
     path = Path(model)
     config = None
@@ -134,6 +136,8 @@ def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
         shapes = _header_shapes(path)
         if shapes is not None and has_edm_stats(shapes):
             config = dict(PLAYGROUND_SCHEDULER)
+        elif shapes is not None and EDM_V_KEYS[0] in {k.removeprefix("state_dict.") for k in shapes}:
+            config = edm_v_scheduler(*COSXL_SIGMA_RANGE)  # (CosXL: its class and formulation; the loader reads its σ)
     return config if isinstance(config, dict) and is_edm_scheduler(config) else None
 
 
