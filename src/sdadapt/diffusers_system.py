@@ -1080,7 +1080,7 @@ class DiffusersSystem(nn.Module):
         (:attr:`zero_terminal_snr`: a ``ztsnr`` checkpoint or such a config).
 
         Raises:
-            ValueError: an EDM model (Playground v2.5), whose σ do not come from ᾱ.
+            ValueError: an EDM model (Playground v2.5, CosXL), whose σ do not come from ᾱ.
         """
         if self.zero_terminal_snr:
             return
@@ -1382,7 +1382,7 @@ class DiffusersSystem(nn.Module):
                                  "(Playground v2.5) samples with diffusers' EDM schedulers, which take none: leave "
                                  "them out")
             if uncond_skip is not None and not uncond_skip.is_off:
-                raise ValueError("Skip Early CFG / NGMS are A1111's settings; an EDM model (Playground v2.5) samples "
+                raise ValueError("Skip Early CFG / NGMS are A1111's settings; an EDM model (Playground v2.5, CosXL) samples "
                                  "with diffusers' EDM schedulers, which A1111 does not run: leave them out")
         if guidance is None:  # (the model's: 7.5, an EDM model's card scale for this sampler)
             from .sampling import default_guidance

@@ -583,7 +583,7 @@ def run_generate(
 
         sampler = model_default_sampler(model)
         if sampler != "ddim":
-            say(f"--model {model}: an EDM model (Playground v2.5); sampling with {sampler}, its own scheduler "
+            say(f"--model {model}: an EDM model (Playground v2.5, CosXL); sampling with {sampler}, its own scheduler "
                 "(--sampler euler or dpmsolver++_sde for the others)")
     try:
         sampler, label_schedule = sampler_schedule_from_label(sampler)
@@ -691,7 +691,7 @@ def run_generate(
         raise ValueError("--sgm-noise-multiplier scales the start noise of a txt2img run (A1111's sample); an "
                          "--init-image run starts from the image (its sample_img2img): leave it out")
     if _is_edm_own_grid(model, sampler=sampler, schedule=schedule, karras=karras, schedule_options=schedule_options):
-        say(f"--model {model}: an EDM model (Playground v2.5) samples on its own σ grid, which is the "
+        say(f"--model {model}: an EDM model (Playground v2.5, CosXL) samples on its own σ grid, which is the "
             f"{schedule or 'karras'} grid asked for (as its infotext's Schedule type names it); nothing changes")
         schedule = label_schedule = schedule_options = None
         karras = False
@@ -1067,8 +1067,8 @@ def run_generate(
         from ..sampling import default_guidance
 
         guidance = default_guidance(system, sampler)  # (Playground v2.5: its model card's, as the library's default)
-        say(f"--model {model}: an EDM model (Playground v2.5); guidance {guidance:g}, its model card's default for "
-            f"{sampler} (--guidance to change)")
+        say(f"--model {model}: an EDM model (Playground v2.5, CosXL); guidance {guidance:g}, the EDM default for "
+            f"{sampler}, Playground v2.5's model card's (--guidance to change)")
     if (aesthetic is not None or custom_specs) and getattr(system, "is_refiner", False):
         raise ValueError(f"{model} is the SDXL refiner (OpenCLIP-G alone, no CLIP-L): "
                          f"{'--aesthetic' if aesthetic is not None else '--custom-diffusion'} needs a model with the "
@@ -1096,7 +1096,7 @@ def run_generate(
 
         try:
             if getattr(system, "edm", None) is not None:
-                raise ValueError(f"{model} is an EDM model (Playground v2.5), whose σ do not come from ᾱ")
+                raise ValueError(f"{model} is an EDM model (Playground v2.5, CosXL), whose σ do not come from ᾱ")
             if noise_schedule == "zero-terminal-snr" or getattr(system, "zero_terminal_snr", False):
                 raise ValueError("A1111 rescales the halved ᾱ to zero terminal SNR in float16, which sdadapt does "
                                  "not: leave out one of them")
@@ -1105,7 +1105,7 @@ def run_generate(
         except ValueError as exc:
             raise ValueError(f"--downcast-alphas-cumprod: {exc}") from None
     if soft_inpainting is not None and getattr(system, "edm", None) is not None:
-        raise ValueError(f"--soft-inpainting is A1111's; {model} is an EDM model (Playground v2.5), whose samplers "
+        raise ValueError(f"--soft-inpainting is A1111's; {model} is an EDM model (Playground v2.5, CosXL), whose samplers "
                          "blend as diffusers' inpaint pipeline: leave it out")
     if dynamic_thresholding is not None:  # (each pass's sampler and grid it runs on)
         from ..dynamic_thresholding import check_dynamic_thresholding_run

@@ -54,7 +54,7 @@ def check_img2img_alt_model(system, model: str | os.PathLike) -> None:
         raise ValueError(f"--img2img-alt: {model} has no A1111 prompt conditioning (the toy model); give a Stable "
                          "Diffusion model")
     if getattr(system, "edm", None) is not None:
-        raise ValueError(f"--img2img-alt: {model} is an EDM model (Playground v2.5), whose σ do not come from ᾱ; the "
+        raise ValueError(f"--img2img-alt: {model} is an EDM model (Playground v2.5, CosXL), whose σ do not come from ᾱ; the "
                          "script inverts on A1111's discrete σ grid")
     unet_config = system.unet.config
     if (int(unet_config.in_channels) != int(system.vae.config.latent_channels)

@@ -101,7 +101,7 @@ def check_refiner_pair(base, refiner, *, refiner_name: str = "--refiner") -> Non
             raise ValueError(f"{refiner_name}: --model is the SDXL refiner, which refines an SDXL base; give the base "
                              "model as --model")
         if getattr(refiner, "edm", None) is not None:
-            raise ValueError(f"{refiner_name}: it is an EDM model (Playground v2.5), which samples on its own "
+            raise ValueError(f"{refiner_name}: it is an EDM model (Playground v2.5, CosXL), which samples on its own "
                              "schedule; give a model of --model's schedule")
         if (int(unet.config.in_channels) != int(refiner.vae.config.latent_channels)
                 or getattr(unet.config, "class_embed_type", None) == "projection"):
@@ -148,7 +148,7 @@ class RefinerHandoff:
     def __init__(self, base, refiner, *, switch_at: float | None, by_steps: bool = False) -> None:
         check_refiner_pair(base, refiner)
         if getattr(base, "edm", None) is not None:  # (its sampling runs diffusers' EDM schedulers, no handoff)
-            raise ValueError("--refiner: this --model is an EDM model (Playground v2.5), which samples on its own EDM "
+            raise ValueError("--refiner: this --model is an EDM model (Playground v2.5, CosXL), which samples on its own EDM "
                              "schedule; a refiner takes over from a model on the ᾱ schedule")
         self.refiner = refiner
         self.switch_at = switch_at

@@ -327,7 +327,7 @@ def guidance_rescale_for_run(guidance_rescale: float | GuidanceRescale | None, s
                              schedule: str | None, prediction_type: str, edm: bool = False) -> GuidanceRescale | None:
     """The :class:`~sdadapt.guidance_rescale.GuidanceRescale` a run of ``sampler`` on ``schedule`` (``None``:
     diffusers' grid) of a model predicting ``prediction_type`` takes (``None``: off), its ``outputs_are_v`` set;
-    ``edm``: an EDM model (Playground v2.5), sampled by diffusers' EDM schedulers.
+    ``edm``: an EDM model (Playground v2.5, CosXL), sampled by diffusers' EDM schedulers.
 
     Raises:
         ValueError: a rescale in v (ComfyUI's RescaleCFG) where a call's σ is not read: A1111's timestep samplers
@@ -338,7 +338,7 @@ def guidance_rescale_for_run(guidance_rescale: float | GuidanceRescale | None, s
     if rescale is None or rescale.space != "v":
         return rescale
     if edm:
-        raise ValueError("an EDM model (Playground v2.5) rescales its guidance as diffusers' SDXL pipeline does, on "
+        raise ValueError("an EDM model (Playground v2.5, CosXL) rescales its guidance as diffusers' SDXL pipeline does, on "
                          "the UNet outputs: leave the rescale's space 'combined'")
     name = canonical_sampler(sampler)
     if runs_a1111_timesteps(name, schedule) or name == "lcm":

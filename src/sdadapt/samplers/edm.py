@@ -380,7 +380,7 @@ def check_edm_request(name: str, *, karras: bool = False, schedule: str | None =
         ValueError: naming the option, why, and what works.
     """
     if name not in EDM_SAMPLERS:
-        raise ValueError(f"sampler {name!r} has no EDM form: an EDM model (Playground v2.5) samples with "
+        raise ValueError(f"sampler {name!r} has no EDM form: an EDM model (Playground v2.5, CosXL) samples with "
                          f"{', '.join(EDM_SAMPLERS)} (diffusers' EDMEulerScheduler and EDMDPMSolverMultistepScheduler; "
                          "the model's own scheduler is EDMDPMSolverMultistepScheduler: --sampler dpmsolver++)")
     if edm is not None and edm_own_grid(edm.sigma_schedule, sampler=name, karras=karras, schedule=schedule,
@@ -396,7 +396,7 @@ def check_edm_request(name: str, *, karras: bool = False, schedule: str | None =
                                           ("a refiner (the SDXL refiner samples on the discrete DDPM schedule)",
                                            refiner is not None)) if given]
     if refused:
-        raise ValueError(f"an EDM model (Playground v2.5) samples by diffusers' EDM schedulers only; leave out "
+        raise ValueError(f"an EDM model (Playground v2.5, CosXL) samples by diffusers' EDM schedulers only; leave out "
                          f"{'; '.join(refused)}")
 
 
