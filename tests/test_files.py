@@ -510,3 +510,28 @@ def test_no_stray_files_in_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_safetensors("rel.safetensors", {"a": torch.ones(1)})
     assert os.listdir(tmp_path) == ["rel.safetensors"]
+
+
+def test_a_name_with_no_room_for_the_files_made_beside_it_is_refused_before_any_work(tmp_path, red_circles):
+    """A legal name (255 bytes is the limit) whose write needs a temporary file ``.NAME.<pid>-<random>.tmp`` too long
+    for the file system, or whose run derives a step save ``NAME-step000001.safetensors`` that is: a whole training
+    ran and then failed at the save. Refused up front, naming the longest output name that fits; that one trains,
+    saves every step and writes its files."""
+    from sdadapt.cli import main
+    from sdadapt.formats.files import NAME_ROOM, OutputError, check_output_file
+
+    out = tmp_path / "out"
+    out.mkdir()
+    limit = os.pathconf(out, "PC_NAME_MAX")
+    with pytest.raises(OutputError, match=f"a name of {limit - NAME_ROOM + 1} bytes is too long to write here.*at "
+                                          f"most {limit - NAME_ROOM} bytes"):
+        check_output_file(out / ("n" * (limit - NAME_ROOM + 1 - 4) + ".png"), overwrite=False, suffix=None)
+    fits = limit - NAME_ROOM - len("-step999999")  # (the longest -o whose derived step save fits)
+    train = ["train", "lora", "--model", "toy", "--images", str(red_circles), "--no-prior", "-q", "--steps", "2",
+             "--save-every-n-steps", "1"]
+    too_long = "n" * (fits + 1 - len(".safetensors")) + ".safetensors"
+    assert main([*train, "-o", str(out / too_long)]) == 7
+    assert list(out.iterdir()) == []  # (nothing trained, nothing written)
+    name = too_long[1:]
+    assert main([*train, "-o", str(out / name)]) == 0
+    assert (out / name).is_file() and any(p.name.endswith("-step000001.safetensors") for p in out.iterdir())

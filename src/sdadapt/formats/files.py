@@ -57,6 +57,7 @@ __all__ = [
     "OutputExistsError",
     "DiskSpaceError",
     "check_input_file",
+    "check_name_room",
     "check_output_file",
     "check_safetensors_name",
     "make_output_folder",
@@ -192,6 +193,37 @@ def _read_only(folder: Path) -> bool:
         return False
 
 
+#: the bytes a run adds to a file's name in the files it makes beside it: the temporary file of the atomic write
+#: (``.NAME.<pid>-<random>.tmp``) and the output lock (``.NAME.sdadapt-lock``)
+NAME_ROOM = 24
+
+
+def check_name_room(target: str | os.PathLike, *, output: str | os.PathLike | None = None) -> None:
+    """Refuse a file name too long for the files made beside it (:data:`NAME_ROOM`) before any work: such a name is
+    legal itself, but the write's temporary file fails after the work is done. ``output``: the ``-o`` a derived
+    name comes from (``NAME-step000001.safetensors``, ``NAME-state``), named in the message with its own limit.
+
+    Raises:
+        OutputError: naming the limit and the longest output name that fits.
+    """
+    target = Path(target)
+    folder = _existing_base(target, _output_folder(target))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # (no pathconf: Windows' 255 characters)
+        limit = 255
+    size = len(os.fsencode(target.name))
+    if limit <= NAME_ROOM or size <= limit - NAME_ROOM:
+        return
+    base = Path(output) if output is not None else target
+    fits = limit - NAME_ROOM - (size - len(os.fsencode(base.name)))
+    made = f" (the run makes {target.name} from it)" if output is not None else ""
+    raise OutputError(f"{base}: a name of {len(os.fsencode(base.name))} bytes is too long to write here{made}: a write "
+                      f"makes a temporary file and a lock beside each file (.NAME.<pid>-<random>.tmp, "
+                      f".NAME.sdadapt-lock), which this file system holds up to {limit} bytes; give an output name of "
+                      f"at most {fits} bytes")
+
+
 def check_output_file(
     path: str | os.PathLike,
     *,
@@ -228,6 +260,7 @@ def check_output_file(
     except OSError as exc:  # (a name longer than the file system holds: nothing can be written there)
         if exc.errno == errno.ENAMETOOLONG:
             raise OutputError(f"{target}: cannot be written ({exc.strerror}); give a shorter output name") from None
+    check_name_room(target)
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; give a file name such as {target / ('out' + (suffix or ''))}")
     if os.path.lexists(target) and not overwrite:

@@ -1541,6 +1541,10 @@ def _check_outputs(spec, options: TrainOptions, outputs: _Outputs, *, planned: l
         raise OutputError(f"{final}: is a folder; give a file name such as {final / ('out' + spec.file_suffix)}")
     # the one output check every writer runs: a file or a dangling link in the path, a read-only or unwritable folder
     check_output_file(final, overwrite=True, suffix=None)  # (existing outputs: below, with the planned ones)
+    from ..formats.files import check_name_room
+
+    for derived in (outputs.periodic(step=999_999), outputs.periodic(epoch=9_999), outputs.state, outputs.log):
+        check_name_room(derived, output=final)  # (the longest names the run derives from -o, before any step)
     whole_model = _whole_model(spec)  # full / dreambooth: a .safetensors file or a folder
     if not whole_model and options.extract_lora is not None:
         raise ValueError(f"--extract-lora is for the whole-model methods (full, dreambooth); {spec.name} already writes "
