@@ -19,6 +19,7 @@ from sdadapt.extras_upscale import (
 from sdadapt.images import read_png_text
 
 Image = pytest.importorskip("PIL.Image")
+ImageOps = pytest.importorskip("PIL.ImageOps")
 from test_sd_upscale import _a1111_upscale
 
 
@@ -149,6 +150,26 @@ def test_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit):  # (a usage error: argparse's exit 2)
         main(["upscale", str(tmp_path / "in" / "a.png"), "--no-crop", "-o", str(tmp_path / "y.png")])
     assert "--no-crop only applies with --scale-to WxH" in capsys.readouterr().err
+
+
+def test_an_exif_rotated_image_is_upscaled_upright_and_several_images_need_a_folder(tmp_path, capsys):
+    """A JPEG stored 32x40 with EXIF Orientation 6 (upright 40x32) comes out upright, as A1111's Extras reads it
+    (``images.read`` -> ``ImageOps.exif_transpose``); two images with an image-named ``--out`` are refused (they go
+    into a folder), where a folder named ``two.png`` was made."""
+    stored = Image.new("RGB", (32, 40), (200, 10, 10))
+    stored.paste((10, 10, 200), (0, 0, 32, 8))  # (a blue band on top of the stored pixels)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    assert main(["upscale", str(tmp_path / "rot.jpg"), "--scale-by", "2", "-q", "-o", str(tmp_path / "up.png")]) == 0
+    with Image.open(tmp_path / "rot.jpg") as opened:
+        want = ImageOps.exif_transpose(opened).convert("RGB").resize((80, 64), Image.LANCZOS)
+    got = Image.open(tmp_path / "up.png")
+    assert got.size == (80, 64) and np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
+    stored.save(tmp_path / "b.png")
+    assert main(["upscale", str(tmp_path / "rot.jpg"), str(tmp_path / "b.png"), "-q",
+                 "-o", str(tmp_path / "two.png")]) == 2
+    assert "several images are written into a folder" in capsys.readouterr().err and not (tmp_path / "two.png").exists()
 
 
 def test_the_docs_example():

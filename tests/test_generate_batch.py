@@ -31,6 +31,17 @@ def test_images_are_listed_as_a1111s_walk_files(tmp_path):
         batch_images(tmp_path / "empty")
 
 
+def test_hidden_files_are_skipped_and_a_folder_inside_a_hidden_one_is_read(tmp_path):
+    """macOS's ``._NAME.png`` AppleDouble files (no image: A1111 fails to open and skips them) are left out; a folder
+    given inside a hidden one (``~/.cache/imgs``, absolute) is read — A1111's test of the whole path listed nothing
+    there — while a hidden folder below it stays out."""
+    root = tmp_path / ".cache" / "imgs"
+    _save(root / "a.png", 0, (4, 4))
+    _save(root / ".sub" / "b.png", 0, (4, 4))
+    (root / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert batch_images(root.resolve()) == [root.resolve() / "a.png"]
+
+
 def test_masks_pair_as_a1111s_batch(tmp_path):
     images = [tmp_path / "in" / name for name in ("a.png", "a.b.png", "c.jpg")]
     one = _save(tmp_path / "one.png", 1, (4, 4))

@@ -5,6 +5,8 @@ sd-scripts trains every one of these files, and so must sdadapt (or say exactly 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from safetensors import safe_open
 from train_inputs import kohya_config_names
@@ -240,3 +242,41 @@ def test_a_length_flag_replaces_the_configs_other_length(tmp_path, capsys):
         assert f"ignored the config's {other} ({flag[0]} {flag[1]} is given" in err
         with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
             assert f.metadata()["ss_max_train_steps"] == "1"  # (2 images, batch 2: one epoch is one step)
+
+
+@pytest.mark.parametrize("value", ["C:/Users/me/img", "C:\\\\Users\\\\me\\\\img", "\\\\\\\\server\\\\share\\\\img"])
+def test_a_windows_path_in_a_config_is_refused_naming_the_key(tmp_path, value, capsys):
+    """The kohya_ss GUI on Windows writes C:/ paths; read on Linux one is a relative folder name — kohya would make
+    ``./C:\\Users\\me\\out`` or find no images there. Refused, naming the file and the key, in a training config and in
+    a dataset TOML, before anything is made."""
+    if os.name == "nt":
+        pytest.skip("a Windows path is a path there")
+    config = tmp_path / "win.toml"
+    config.write_text(f"pretrained_model_name_or_path = 'toy'\ntrain_data_dir = '{value}'\nmax_train_steps = 1\n"
+                      f"output_dir = '{tmp_path / 'out'}'\n", encoding="utf-8")
+    assert main(["train", "lora", "--config", str(config), "--no-prior"]) == 2
+    assert f"--config {config}: train_data_dir = " in capsys.readouterr().err
+    dataset = tmp_path / "ds.toml"
+    dataset.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{value}'\n", encoding="utf-8")
+    assert main(["train", "lora", "--model", "toy", "--dataset-config", str(dataset), "--steps", "1", "--no-prior",
+                 "-o", str(tmp_path / "out" / "x.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert "subsets[0].image_dir = " in err and "a Windows path" in err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ds.toml", "win.toml"]
+
+
+def test_a_home_folder_path_in_a_config_is_the_home_folder(tmp_path, monkeypatch):
+    """``output_dir = '~/outs'`` writes under the home folder (kohya would make a folder named ``~`` here)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "home.toml"
+    from train_inputs import captioned_pngs
+
+    (home / "img").mkdir()
+    captioned_pngs(home / "img" / "1_circle", [(32, 32), (32, 32)])  # (~/img: the images' folder too)
+    config.write_text("pretrained_model_name_or_path = 'toy'\ntrain_data_dir = '~/img'\n"
+                      "max_train_steps = 1\noutput_dir = '~/outs'\noutput_name = 'h'\n", encoding="utf-8")
+    assert main(["train", "lora", "--config", str(config), "--no-prior", "-q"]) == 0
+    assert (home / "outs" / "h.safetensors").is_file() and not (tmp_path / "~").exists()

@@ -68,6 +68,9 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
             raise InputError(f"{given}: no such image or folder")
     single = len(args.images) == 1 and not os.path.isdir(args.images[0])
     out = Path(args.out)
+    if not single and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".avif"):
+        raise InputError(f"--out {out}: several images are written into a folder (--out FOLDER, each image's name "
+                         f"there); give a folder, or upscale one image to {out.name}")
     outputs = [out] if single else [out / f"{image.stem}.{args.image_format}" for image in inputs]
     if single and args.image_format != "png":
         raise InputError(f"--image-format {args.image_format}: for an --out folder (several images); one output's "
@@ -88,14 +91,14 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         if taken:
             raise InputError(f"{taken[0]}: the name the flipped copies or pieces of another image get (NAME-1, "
                              "NAME-2, ...); upscale that image apart, or rename it")
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     bar = progress_bar(args, "upscale", unit="image") if len(inputs) > 1 else None
     written_count = 0
     for done, (source, target) in enumerate(zip(inputs, outputs)):
         try:
-            with Image.open(source) as opened:
-                image = opened.convert("RGB")
+            with Image.open(source) as opened:  # (upright by its EXIF orientation: A1111's images.read, fix_image)
+                image = ImageOps.exif_transpose(opened).convert("RGB")
         except OSError as exc:
             raise InputError(f"{source}: not an image Pillow reads ({exc})") from None
         results = extras_images(image, upscale=settings, crop=crop, flips=flips, split=split)

@@ -24,17 +24,20 @@ def _natural(text: str) -> list:
 def batch_images(folder: str | os.PathLike) -> list[Path]:
     """The images of ``folder`` as A1111's ``walk_files`` lists them: the folder and its subfolders (following
     links) in natural order, each folder's files in natural order, only :data:`BATCH_IMAGE_SUFFIXES` (any case),
-    none under a hidden folder (A1111's default ``list_hidden_files`` off).
+    none under a hidden folder below ``folder`` (A1111's default ``list_hidden_files`` off; A1111 tests the whole
+    path, so a ``folder`` inside a hidden one, ``~/.cache/imgs``, lists nothing there) and no hidden file (macOS's
+    ``._NAME.png`` AppleDouble files, which A1111 fails to open and skips with a message).
 
     Raises:
         ValueError: a folder without such images.
     """
     found = []
     for root, _, names in sorted(os.walk(folder, followlinks=True), key=lambda item: _natural(item[0])):
-        if "/." in root or "\\." in root:
+        below = os.path.relpath(root, folder)
+        if any(part.startswith(".") and part not in (".", "..") for part in Path(below).parts):
             continue
         found += [Path(root) / name for name in sorted(names, key=_natural)
-                  if os.path.splitext(name)[1].lower() in BATCH_IMAGE_SUFFIXES]
+                  if os.path.splitext(name)[1].lower() in BATCH_IMAGE_SUFFIXES and not name.startswith(".")]
     if not found:
         raise ValueError(f"--init-image {folder}: a folder without images ({', '.join(BATCH_IMAGE_SUFFIXES)}); give "
                          "an image, or a folder of them (A1111's img2img batch)")

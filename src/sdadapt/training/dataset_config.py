@@ -533,8 +533,11 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
                 resolve(name, tables)
             faces = parse_face_crop_range(resolve("face_crop_aug_range", tables), source=f"{source}: {where}.face_crop_aug_range")
             repeats = resolve("num_repeats", tables)
-            image_dir = table.get("image_dir")
-            metadata = table.get("metadata_file")
+            from ..config_paths import config_path  # (a Windows path refused, ~ read as the home folder)
+
+            image_dir, metadata = (None if table.get(key) is None else config_path(str(table[key]), where=f"{source}: "
+                                                                                  f"{where}.{key}")
+                                   for key in ("image_dir", "metadata_file"))
             identity = str(metadata if finetuning else image_dir)
             if identity in seen:
                 notes.append(f"{where}: ignored, it repeats {'metadata_file' if finetuning else 'image_dir'} {identity!r} of an "
@@ -564,8 +567,9 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
                 **{name: bool(resolve(name, tables)) for name in _AUGMENT_KEYS}, face_crop_aug_range=faces,
                 alpha_mask=bool(resolve("alpha_mask", tables)),
                 resize_interpolation=_interpolation(resolve("resize_interpolation", tables), where=f"{source}: {where}"),
-                dataset=index, conditioning_data_dir=(Path(table["conditioning_data_dir"])
-                                                      if table.get("conditioning_data_dir") else None)))
+                dataset=index, conditioning_data_dir=(
+                    Path(config_path(str(table["conditioning_data_dir"]), where=f"{source}: {where}.conditioning_data_dir"))
+                    if table.get("conditioning_data_dir") else None)))
         if not any(not s.is_reg and s.dataset == index for s in subsets):
             raise InputError(f"{source}: {block} has no training subset (every subset is is_reg = true or ignored); add "
                              "one with the images to learn" + (", or leave the block out" if len(datasets) > 1 else ""))
