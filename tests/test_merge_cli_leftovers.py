@@ -177,6 +177,7 @@ def test_a_second_convert_to_a_locked_out_stops_naming_the_first(tmp_path, capsy
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 7 and f"test run (pid {os.getpid()}" in err and "is writing it now" in err
+        assert "if no such run is going on" in err and f"delete {lock}" in err
         assert not out.exists()
     assert not lock.exists()  # released with the block
     assert main(argv) == 0  # ... and then the same command runs

@@ -63,7 +63,8 @@ def _holder(path: Path) -> str:
 
 def _refuse(out: Path, lock: Path) -> OutputLockedError:
     return OutputLockedError(f"{out}: {_holder(lock)} is writing it now (lock {lock}); two runs writing one output "
-                             "would read back each other's result: wait for it to finish, or write elsewhere")
+                             "would read back each other's result: wait for it to finish, or write elsewhere (if no "
+                             f"such run is going on — a process id reused after a restart — delete {lock})")
 
 
 def _describe(command: str) -> str:
