@@ -35,6 +35,19 @@ def test_hidden_files_are_not_images(tmp_path):
     assert len(hidden) == 1 and "3 hidden file(s)" in hidden[0] and "2_cat/._c.png" in hidden[0]
 
 
+def test_avif_images_and_folders_inside_an_n_name_folder_are_said_skipped(tmp_path):
+    """kohya's glob_images reads neither an .avif image (without pillow_avif, not in its requirements) nor a folder
+    inside an N_name one; they were skipped without a word."""
+    random_png(tmp_path / "a.png", 1)
+    (tmp_path / "b.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")
+    random_png(tmp_path / "2_cat" / "c.png", 3)
+    random_png(tmp_path / "2_cat" / "more" / "d.png", 4)
+    records, notes = find_images(tmp_path, default_caption="a cat")
+    assert sorted(r.path.name for r in records) == ["a.png", "c.png"]
+    said = [n for n in notes if "skipped" in n and "glob_images" in n]
+    assert len(said) == 1 and "2_cat/more" in said[0] and "b.avif" in said[0]
+
+
 def test_an_image_with_both_caption_files_says_which_it_read(tmp_path):
     random_png(tmp_path / "a.png", 1)
     (tmp_path / "a.txt").write_text("1girl, dog, grass")  # (kohya's WD14 tagger writes .txt)

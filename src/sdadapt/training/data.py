@@ -647,11 +647,14 @@ def find_images(
     blank: list[str] = []
     hidden: list[str] = []
     unread: list[str] = []
+    unlisted: list[str] = []  # (kohya's glob_images reads neither: AVIF images, folders inside an N_name one)
     joined = 0
     for folder, count, class_tokens, label in sets:
         listed = list(folder.iterdir())
         hidden.extend(f"{label}/{p.name}" if label != "." else p.name for p in listed
                       if p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+        unlisted.extend(f"{label}/{p.name}" if label != "." else p.name for p in listed if not p.name.startswith(".")
+                        and (p.suffix.lower() == ".avif" or label != "." and p.is_dir()))
         files = sorted(p for p in listed if is_image_file(p))
         for file in files:
             text = _caption_text(file, caption_extension, borrowed=borrowed, other=other, unread=unread)
@@ -680,6 +683,9 @@ def find_images(
                      f"another caption file ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); kohya reads "
                      f"{caption_extension} files only (it would give them the class tokens, else \"\"): pass "
                      "--caption-extension (kohya's caption_extension) to name the files")
+    if unlisted:
+        notes.append(f"{base}: skipped {', '.join(sorted(unlisted)[:3])}{', ...' if len(unlisted) > 3 else ''} (AVIF "
+                     "images and folders inside an N_name folder are not read, as kohya's glob_images reads neither)")
     if hidden:  # (kohya's glob_images skips them too)
         notes.append(f"{base}: {len(hidden)} hidden file(s) named like images skipped ({', '.join(sorted(hidden)[:3])}"
                      f"{', ...' if len(hidden) > 3 else ''}; e.g. macOS ._name resource forks), as kohya skips them")
