@@ -184,3 +184,28 @@ def test_a_marker_in_another_model_is_refused_naming_it(files, tmp_path):
                                                            "edm_std": torch.ones(1, 4, 1, 1)})
     with pytest.raises(WeightFileError, match="beside edm_mean / edm_std"):
         read_single_file(both)
+
+
+def test_merges_keep_the_sigma_range_of_the_first_input_and_say_a_mix(files, tmp_path, capsys):
+    """The σ range is the first input's (copied, never averaged: two CosXL ranges stay the first's); a plain model
+    first drops it with a note naming --copy-extra-keys, which keeps it — ComfyUI's "CosXL-ify a finetune" recipe,
+    add-difference FINETUNE COSXL BASE."""
+    from sdadapt.cli import main
+
+    cosxl, plain = files
+    other = _with(cosxl, tmp_path / "other.safetensors", {"edm_vpred.sigma_max": torch.tensor(80.5)})
+
+    def merged(name, *argv):
+        assert main(["merge", *argv, "-q", "-o", str(tmp_path / name)]) == 0
+        state = load_file(tmp_path / name)
+        return {k: float(v) for k, v in state.items() if k.startswith("edm_vpred.")}, capsys.readouterr()
+
+    keys, _ = merged("a.safetensors", "weighted-sum", str(cosxl), str(other), "--alpha", "0.5")
+    assert keys == pytest.approx({"edm_vpred.sigma_max": 120.0, "edm_vpred.sigma_min": 0.002})
+    keys, _ = merged("b.safetensors", "weighted-sum", str(cosxl), str(plain), "--alpha", "0.5")
+    assert keys == pytest.approx({"edm_vpred.sigma_max": 120.0, "edm_vpred.sigma_min": 0.002})
+    keys, said = merged("c.safetensors", "add-difference", str(plain), str(cosxl), str(plain), "--alpha", "1")
+    assert keys == {} and "--copy-extra-keys" in said.out + said.err
+    keys, _ = merged("d.safetensors", "add-difference", str(plain), str(cosxl), str(plain), "--alpha", "1",
+                     "--copy-extra-keys")
+    assert keys == pytest.approx({"edm_vpred.sigma_max": 120.0, "edm_vpred.sigma_min": 0.002})

@@ -36,8 +36,8 @@ def test_hidden_files_are_not_images(tmp_path):
 
 
 def test_avif_images_and_folders_inside_an_n_name_folder_are_said_skipped(tmp_path):
-    """kohya's glob_images reads neither an .avif image (without pillow_avif, not in its requirements) nor a folder
-    inside an N_name one; they were skipped without a word."""
+    """kohya's glob_images reads no folder inside an N_name one, and an .avif image only with the pillow_avif plugin
+    (not in its requirements); they were skipped without a word."""
     random_png(tmp_path / "a.png", 1)
     (tmp_path / "b.avif").write_bytes(b"\x00\x00\x00\x1cftypavif")
     random_png(tmp_path / "2_cat" / "c.png", 3)

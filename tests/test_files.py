@@ -535,3 +535,17 @@ def test_a_name_with_no_room_for_the_files_made_beside_it_is_refused_before_any_
     name = too_long[1:]
     assert main([*train, "-o", str(out / name)]) == 0
     assert (out / name).is_file() and any(p.name.endswith("-step000001.safetensors") for p in out.iterdir())
+
+
+def test_generate_checks_the_numbered_names_of_its_images_before_sampling(tmp_path):
+    """``--count 2`` writes ``NAME-00.png`` / ``NAME-01.png``: an ``-o`` that fits alone but whose numbered names do
+    not is refused before any image is made, naming the longest name that fits."""
+    from sdadapt.cli import main
+    from sdadapt.formats.files import NAME_ROOM
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "n" * (limit - NAME_ROOM - len(".png")) + ".png"  # (fits alone)
+    run = ["generate", "--model", "toy", "--prompt", "a red circle", "--steps", "1", "-q"]
+    assert main([*run, "--count", "2", "-o", str(tmp_path / name)]) == 7
+    assert list(tmp_path.iterdir()) == []
+    assert main([*run, "-o", str(tmp_path / name)]) == 0 and (tmp_path / name).is_file()

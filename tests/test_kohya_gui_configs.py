@@ -280,3 +280,22 @@ def test_a_home_folder_path_in_a_config_is_the_home_folder(tmp_path, monkeypatch
                       "max_train_steps = 1\noutput_dir = '~/outs'\noutput_name = 'h'\n", encoding="utf-8")
     assert main(["train", "lora", "--config", str(config), "--no-prior", "-q"]) == 0
     assert (home / "outs" / "h.safetensors").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_list_of_paths_in_a_config_is_read_as_its_items(tmp_path, monkeypatch):
+    """``base_weights = ['~/a.safetensors']``: each item is a path as a string value is (``~`` the home folder, a
+    Windows path refused naming the key)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    fields = {f.name for f in __import__("dataclasses").fields(TrainOptions)}
+    from sdadapt.cli.train import _method_options
+
+    config = tmp_path / "list.toml"
+    config.write_text("base_weights = ['~/a.safetensors', 'b.safetensors']\n", encoding="utf-8")
+    options, methods, _ = read_config(config, fields=fields, method_options=set(_method_options()))
+    values = {**options, **methods}["base_weights"]
+    assert values == [str(home / "a.safetensors"), "b.safetensors"]
+    config.write_text("base_weights = ['C:/loras/a.safetensors']\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"base_weights = 'C:/loras/a.safetensors': a Windows path"):
+        read_config(config, fields=fields, method_options=set(_method_options()))

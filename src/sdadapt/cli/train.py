@@ -317,7 +317,7 @@ def _flat_config(path: Path) -> dict[str, Any]:
 
 
 #: the config keys (sdadapt's names) that hold a path besides the options typed as paths
-_CONFIG_PATHS = frozenset({"output_dir", "model", "logging_dir", "network_weights", "tokenizer"})
+_CONFIG_PATHS = frozenset({"output_dir", "model", "logging_dir", "network_weights", "tokenizer", "base_weights"})
 
 
 def read_config(path: str | Path, *, fields: set[str], method_options: set[str]) -> tuple[dict, dict, list[str]]:
@@ -367,10 +367,14 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             hint = (hints.get(name) if name in fields else _scalar_type(typed_methods[name][0]) if name in typed_methods
                     else _KOHYA_ONLY_TYPES.get(name))
             value = _typed_value(file, key, value, hint)
-        if isinstance(value, str) and (name in _CONFIG_PATHS or "Path" in str(hints.get(name, ""))):
+        if name in _CONFIG_PATHS or "Path" in str(hints.get(name, "")):
             from ..config_paths import config_path  # (a Windows path refused, ~ read as the home folder)
 
-            value = config_path(value, where=f"--config {file}: {key}")
+            if isinstance(value, str):
+                value = config_path(value, where=f"--config {file}: {key}")
+            elif isinstance(value, list):  # (base_weights = ['a.safetensors', ...])
+                value = [config_path(item, where=f"--config {file}: {key}") if isinstance(item, str) else item
+                         for item in value]
         typed[key] = value
         if name in KOHYA_IGNORED:
             if value is False or isinstance(value, (int, float)) and value == 0:

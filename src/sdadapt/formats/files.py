@@ -194,8 +194,9 @@ def _read_only(folder: Path) -> bool:
 
 
 #: the bytes a run adds to a file's name in the files it makes beside it: the temporary file of the atomic write
-#: (``.NAME.<pid>-<random>.tmp``) and the output lock (``.NAME.sdadapt-lock``)
-NAME_ROOM = 24
+#: (``.NAME.<pid>-<random>.tmp``, a 7-digit pid where pids go up to 4194304), the backup of a replaced file
+#: (``.NAME.<pid>-<12 hex>.tmp``) and the output lock (``.NAME.sdadapt-lock``)
+NAME_ROOM = 28
 
 
 def check_name_room(target: str | os.PathLike, *, output: str | os.PathLike | None = None) -> None:
@@ -212,16 +213,19 @@ def check_name_room(target: str | os.PathLike, *, output: str | os.PathLike | No
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # (no pathconf: Windows' 255 characters)
         limit = 255
-    size = len(os.fsencode(target.name))
+    def length(name: str) -> int:  # (NTFS counts UTF-16 units, POSIX file systems bytes)
+        return len(name.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(name))
+
+    unit = "characters" if os.name == "nt" else "bytes"
+    size = length(target.name)
     if limit <= NAME_ROOM or size <= limit - NAME_ROOM:
         return
     base = Path(output) if output is not None else target
-    fits = limit - NAME_ROOM - (size - len(os.fsencode(base.name)))
+    fits = limit - NAME_ROOM - (size - length(base.name))
     made = f" (the run makes {target.name} from it)" if output is not None else ""
-    raise OutputError(f"{base}: a name of {len(os.fsencode(base.name))} bytes is too long to write here{made}: a write "
-                      f"makes a temporary file and a lock beside each file (.NAME.<pid>-<random>.tmp, "
-                      f".NAME.sdadapt-lock), which this file system holds up to {limit} bytes; give an output name of "
-                      f"at most {fits} bytes")
+    raise OutputError(f"{base}: a name of {length(base.name)} {unit} is too long to write here{made}: a write makes a "
+                      f"temporary file and a lock beside each file (.NAME.<pid>-<random>.tmp, .NAME.sdadapt-lock), "
+                      f"which this file system holds up to {limit} {unit}; give an output name of at most {fits} {unit}")
 
 
 def check_output_file(

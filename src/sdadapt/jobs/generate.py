@@ -924,6 +924,10 @@ def run_generate(
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+    from ..formats.files import check_name_room
+
+    for file in sorted(files, key=lambda f: len(os.fsencode(f.name)))[-1:]:  # (the longest name the run writes)
+        check_name_room(file, output=target)
     from .generate_prompt_tags import prompt_tag_files, read_lbw_presets
 
     for option, folder in (("--lora-dir", lora_dir), ("--hypernetwork-dir", hypernetwork_dir),

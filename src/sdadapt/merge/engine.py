@@ -644,15 +644,23 @@ class MergedSource:
 
     def _plan_markers(self, actions: dict[str, _Action], others: dict[str, int], names: list[str],
                       float_dtype: Callable[[torch.dtype, bool], torch.dtype]) -> None:
-        """The single-file markers ``v_pred`` / ``ztsnr`` (:mod:`sdadapt.formats.prediction_markers`) as the merge's
-        model metadata (:mod:`.model_metadata`): the first input's, a disagreement noted; a marker the first input
-        lacks while every other input has it is copied (and taken out of ``others``), with a note — as for
-        ModelSpec's prediction type, a v model is not silently turned into ε."""
-        from ..formats.prediction_markers import V_PRED_KEY, ZTSNR_KEY
+        """The single-file markers ``v_pred`` / ``ztsnr`` and ComfyUI's EDM v-prediction σ range ``edm_vpred.*``
+        (CosXL; :mod:`sdadapt.formats.prediction_markers`) as the merge's model metadata (:mod:`.model_metadata`): the
+        first input's, a disagreement noted (the σ range copied from the first input where every input has one, not
+        averaged); a marker the first input lacks while every other input has it is copied (and taken out of
+        ``others``), with a note — as for ModelSpec's prediction type, a v model is not silently turned into ε."""
+        from ..formats.prediction_markers import EDM_V_KEYS, V_PRED_KEY, ZTSNR_KEY
 
         sources, report = self._sources, self.report
-        for marker in (V_PRED_KEY, ZTSNR_KEY):
+        for marker in (V_PRED_KEY, ZTSNR_KEY, *EDM_V_KEYS):
             having = [index for index, source in enumerate(sources) if marker in source]
+            if marker in EDM_V_KEYS and having and len(having) == len(sources):  # (one model's range, the first's)
+                source = sources[0]
+                actions[marker] = _Action("copy", float_dtype(source.dtype(marker), False), source.shape(marker), source=0)
+                report.copied[marker] = f"{names[0]}'s (a σ range, not averaged)"
+                if marker in report.merged:
+                    report.merged.remove(marker)
+                continue
             if not having or len(having) == len(sources):
                 continue
             if having == list(range(1, len(sources))):
@@ -668,7 +676,9 @@ class MergedSource:
             report.notes.append(f"{marker}: {', '.join(names[i] for i in having)} {'has' if len(having) == 1 else 'have'} "
                                 f"it, {', '.join(lacking)} not; the merge {'has' if kept else 'lacks'} it"
                                 + ("" if kept and 0 not in having else f", as {names[0]}")
-                                + ": check that the inputs predict alike")
+                                + ": check that the inputs predict alike"
+                                + (" (CosXL's EDM v-prediction: an add-difference of a CosXL model onto another keeps "
+                                   "its σ range with --copy-extra-keys)" if marker in EDM_V_KEYS and not kept else ""))
 
     def _check_unclip(self, names: list[str]) -> None:
         """SD 2.1 unCLIP inputs (:func:`sdadapt.formats.unclip.unclip_variant`): H and L are refused together;

@@ -685,7 +685,8 @@ def find_images(
                      "--caption-extension (kohya's caption_extension) to name the files")
     if unlisted:
         notes.append(f"{base}: skipped {', '.join(sorted(unlisted)[:3])}{', ...' if len(unlisted) > 3 else ''} (AVIF "
-                     "images and folders inside an N_name folder are not read, as kohya's glob_images reads neither)")
+                     "images and folders inside an N_name folder are not read: kohya's glob_images reads no folder "
+                     "there, and AVIF only with the pillow_avif plugin, which its requirements do not install)")
     if hidden:  # (kohya's glob_images skips them too)
         notes.append(f"{base}: {len(hidden)} hidden file(s) named like images skipped ({', '.join(sorted(hidden)[:3])}"
                      f"{', ...' if len(hidden) > 3 else ''}; e.g. macOS ._name resource forks), as kohya skips them")
