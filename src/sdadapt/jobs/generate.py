@@ -1937,22 +1937,14 @@ def _write(file: Path, image, parameters: str, kept: tuple[list, list[str]], sav
            say: Callable[[str], None] = lambda line: None) -> str:
     """Write ``image`` ((H, W, 3) uint8) to ``file`` in its suffix's format with ``parameters`` as its infotext;
     keep both in ``kept`` (pixels, infotexts) for the run's result. A JPEG whose infotext grew past its EXIF's 64 KiB
-    while sampling (fields A1111 adds then) is written without it, said on ``say`` — not lost: A1111's
-    ``piexif.insert`` fails there after Pillow saved the JPEG, leaving it without EXIF under a ``.tmp`` name."""
+    while sampling is written without it, said on ``say`` (:func:`.generate_runs.infotext_chunk`); the run's result
+    keeps the text."""
     from ..images import write_image
+    from .generate_runs import infotext_chunk
 
     kept[0].append(image)
     kept[1].append(parameters)
-    text: dict[str, str] | None = {"parameters": parameters}
-    if _is_jpeg(file):
-        from ..image_exif import check_jpeg_comment
-
-        try:
-            check_jpeg_comment(parameters)
-        except ValueError as exc:
-            say(f"{Path(file).name}: written without its infotext ({exc}); the run's result keeps it")
-            text = None
-    return str(write_image(file, image, text=text, **save))
+    return str(write_image(file, image, text=infotext_chunk(file, parameters, say), **save))
 
 
 def _expanded(text: str | None, handles) -> str | None:

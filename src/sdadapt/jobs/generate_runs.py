@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["check_outputs_free", "check_script_alone", "first_pictures", "first_set", "require_pillow", "run_named",
-           "write_grid"]
+__all__ = ["check_outputs_free", "check_script_alone", "first_pictures", "first_set", "infotext_chunk", "require_pillow",
+           "run_named", "write_grid"]
 
 
 def first_set(given: Mapping[str, object], table: Mapping[str, tuple[object, str]]) -> str | None:
@@ -104,6 +104,24 @@ def cell_pictures(results: Iterable[Mapping]) -> tuple[list[np.ndarray], list[st
     return pictures, [run["infotexts"][0] for run in runs]
 
 
+def infotext_chunk(path: str | os.PathLike, parameters: str | None,
+                   say: Callable[[str], None] | None = None) -> dict[str, str] | None:
+    """``{"parameters": parameters}``, the text an image at ``path`` is written with — ``None`` without one, or for a
+    JPEG whose EXIF cannot hold it (64 KiB: :func:`sdadapt.image_exif.check_jpeg_comment`; fields A1111 adds while
+    sampling, a large X/Y/Z plot's), said on ``say``: the image is written without it rather than lost (A1111's
+    ``piexif.insert`` fails there after Pillow saved the JPEG, under a ``.tmp`` name)."""
+    if parameters is not None and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        from ..image_exif import check_jpeg_comment
+
+        try:
+            check_jpeg_comment(parameters)
+        except ValueError as exc:
+            if say is not None:
+                say(f"{Path(path).name}: written without its infotext ({exc})")
+            return None
+    return None if parameters is None else {"parameters": parameters}
+
+
 def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None,
                given: Mapping[str, object], say: Callable[[str], None] | None = None) -> Path:
     """Write an image a script makes of its runs — a grid, Outpainting mk2's grown image — ``(H, W, 3)`` uint8,
@@ -113,15 +131,6 @@ def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | N
     lost."""
     from ..images import write_image
 
-    if parameters is not None and Path(path).suffix.lower() in (".jpg", ".jpeg"):
-        from ..image_exif import check_jpeg_comment
-
-        try:
-            check_jpeg_comment(parameters)
-        except ValueError as exc:
-            if say is not None:
-                say(f"{Path(path).name}: written without its infotext ({exc})")
-            parameters = None
-    return write_image(path, np.ascontiguousarray(grid), text=None if parameters is None else {"parameters": parameters},
+    return write_image(path, np.ascontiguousarray(grid), text=infotext_chunk(path, parameters, say),
                        quality=int(given.get("jpeg_quality", 80)),  # type: ignore[call-overload]
                        lossless=bool(given.get("webp_lossless", False)))
