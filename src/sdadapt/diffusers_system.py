@@ -429,9 +429,10 @@ class DiffusersSystem(nn.Module):
         """
         from .formats.single_file import read_single_file
 
+        checkpoint = read_single_file(path)  # (first: a file that is no SD checkpoint is told so, whatever is installed)
         require_interop("diffusers")
         require_interop("transformers")
-        return cls.from_checkpoint(read_single_file(path), tokenizer=tokenizer, prediction_type=prediction_type,
+        return cls.from_checkpoint(checkpoint, tokenizer=tokenizer, prediction_type=prediction_type,
                                    clip_skip=clip_skip, device=device, max_token_length=max_token_length,
                                    clip_stats=clip_stats)
 

@@ -290,12 +290,6 @@ def image_grid(images: Tensor, *, columns: int, padding: int = 2, fill: float = 
     return grid
 
 
-def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    p = a.astype(np.int16) + b - c
-    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c)).astype(np.uint8)
-
-
 def decode_png(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
     """PNG bytes -> (H, W, C) uint8 for 8-bit non-interlaced gray/gray+alpha/RGB/RGBA images."""
     if not data.startswith(_PNG_SIGNATURE):
@@ -329,29 +323,35 @@ def decode_png(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
     stride = w * channels
     if len(raw) != h * (stride + 1):
         raise ImageFolderError(f"{source}: PNG data has {len(raw)} bytes, expected {h * (stride + 1)}")
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, stride + 1)
-    out = np.zeros((h, stride), dtype=np.uint8)
-    prev = np.zeros(stride, dtype=np.uint8)
+    # (the row filters on plain ints in a bytearray: the Sub / Average / Paeth ones run byte by byte, ~30x faster
+    # than numpy scalars; Up is one numpy add)
+    out = bytearray()
+    prev = bytearray(stride)
     for y in range(h):
-        f, line = rows[y, 0], rows[y, 1:].copy()
+        start = y * (stride + 1)
+        f, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
         if f == 1:
             for x in range(channels, stride):
-                line[x] = (int(line[x]) + int(line[x - channels])) & 0xFF
+                line[x] = (line[x] + line[x - channels]) & 0xFF
         elif f == 2:
-            line = (line.astype(np.uint16) + prev).astype(np.uint8)
+            line = bytearray((np.frombuffer(bytes(line), np.uint8) + np.frombuffer(bytes(prev), np.uint8)).tobytes())
         elif f == 3:
             for x in range(stride):
-                left = int(line[x - channels]) if x >= channels else 0
-                line[x] = (int(line[x]) + (left + int(prev[x])) // 2) & 0xFF
+                left = line[x - channels] if x >= channels else 0
+                line[x] = (line[x] + (left + prev[x]) // 2) & 0xFF
         elif f == 4:
             for x in range(stride):
-                a = line[x - channels] if x >= channels else np.uint8(0)
-                c = prev[x - channels] if x >= channels else np.uint8(0)
-                line[x] = (int(line[x]) + int(_paeth(np.array(a), np.array(prev[x]), np.array(c)))) & 0xFF
+                a = line[x - channels] if x >= channels else 0
+                b = prev[x]
+                c = prev[x - channels] if x >= channels else 0
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
         elif f != 0:
             raise ImageFolderError(f"{source}: unknown PNG filter {f} in row {y}")
-        out[y], prev = line, line
-    return out.reshape(h, w, channels)
+        out += line
+        prev = line
+    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(h, w, channels).copy()
 
 
 def read_image_channels(path: str | os.PathLike) -> np.ndarray:

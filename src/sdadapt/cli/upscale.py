@@ -25,6 +25,9 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from ..optional_packages import require_pillow
+
+    require_pillow("upscale reads, resizes and writes images with Pillow")  # (before any work, as one line)
     import numpy as np
     import torch
 

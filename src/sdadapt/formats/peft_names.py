@@ -28,8 +28,12 @@ _TEXT_MODEL = "text_model."
 @lru_cache(maxsize=1)
 def clip_text_model_has_text_model() -> bool:
     """Whether the installed transformers' ``CLIPTextModel`` nests its modules under ``text_model``
-    (transformers 4: yes; 5: no). Read from a 1-layer, 8-wide instance (microseconds), not from version numbers."""
-    import transformers
+    (transformers 4: yes; 5: no). Read from a 1-layer, 8-wide instance (microseconds), not from version numbers;
+    without transformers, 5's names (the current release's: what a peft folder written today is read with)."""
+    try:
+        import transformers
+    except ImportError:
+        return False
 
     config = transformers.CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                          num_attention_heads=1, vocab_size=4, max_position_embeddings=4)

@@ -70,7 +70,11 @@ def run_outpainting_mk2(*, pixels: int, blur: int = 8, directions: Sequence[str]
         ValueError: bad settings (:func:`~sdadapt.outpainting_mk2.check_mk2`), no init image or a folder, a mask
             option (the script sets them), ``count`` above 1 with a fixed seed, another of A1111's scripts.
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything runs).
+        ImportError: Pillow is not installed (the script grows and blends the image with it), saying how to install it.
     """
+    from ..optional_packages import require_pillow
+
+    require_pillow("--outpaint-mk2 grows and blends the image with Pillow")
     from PIL import Image
 
     from ..images import check_output_suffix, numbered

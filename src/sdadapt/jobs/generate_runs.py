@@ -65,10 +65,9 @@ def require_pillow(what: str) -> None:
     Raises:
         ImportError: saying how to install it.
     """
-    try:
-        import PIL  # noqa: F401 - only whether it is there
-    except ImportError:
-        raise ImportError(f"{what} is drawn with Pillow: pip install 'sdadapt[images]' (or pillow)") from None
+    from ..optional_packages import require_pillow as required
+
+    required(f"{what} is drawn with Pillow")
 
 
 def run_named(where: str, settings: Mapping[str, object], **keywords: object) -> dict:
