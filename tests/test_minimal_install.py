@@ -60,3 +60,27 @@ def test_a_model_file_that_is_no_checkpoint_is_told_so_before_the_missing_extra(
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(WeightFileError, match="not a Stable Diffusion single-file checkpoint"):
         DiffusersSystem.from_single_file(tmp_path / "lora.safetensors")
+
+
+def test_a_peft_text_encoder_folder_converts_to_kohya_as_a_text_encoder(tmp_path):
+    """A peft folder holds one model, named only by its layers: a CLIP text encoder's (``encoder.layers.N``) is the
+    text encoder without ``--component`` — it was taken for a UNet and written as ``lora_unet_encoder_layers_...``
+    keys that apply to nothing; a UNet's stays the UNet; a folder whose names tell nothing asks for the flag."""
+    from safetensors.torch import load_file
+
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{name}.lora_down.weight": torch.randn(2, 8), f"{name}.lora_up.weight": torch.randn(8, 2),
+               f"{name}.alpha": torch.tensor(1.0)}, str(tmp_path / "te.safetensors"))
+    assert main(["convert", str(tmp_path / "te.safetensors"), "--to", "peft", "--component", "text_encoder", "-q",
+                 "-o", str(tmp_path / "peft_te")]) == 0
+    assert main(["convert", str(tmp_path / "peft_te"), "--to", "kohya", "--base-model", "sd1", "-q",
+                 "-o", str(tmp_path / "back.safetensors")]) == 0
+    keys = set(load_file(str(tmp_path / "back.safetensors")))
+    assert f"{name}.lora_down.weight" in keys and not any(k.startswith("lora_unet_") for k in keys)
+    from sdadapt.errors import InputError
+    from sdadapt.loratools.convert import _adapted_component
+
+    unet = {"down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(1)}
+    assert _adapted_component(unet, "u") == "unet"
+    with pytest.raises(InputError, match="give --component"):
+        _adapted_component({"layer.lora_A.weight": torch.zeros(1)}, "x")

@@ -162,7 +162,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "metadata or layers (asked for when they cannot tell SD1/SD2 from SDXL)")
     convert.add_argument("--component", choices=_COMPONENTS, default=None,
                          help="--to peft: the pipeline component to write when IN has several; a peft IN: the "
-                         "component it adapts (default unet)")
+                         "component it adapts (default: what its layer names say)")
     convert.add_argument("--token", default=None, help="embeddings: the trigger word to write (default: the input's)")
     model = convert.add_argument_group("whole checkpoints")
     model.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,

@@ -297,7 +297,7 @@ def convert_lora(
 
     components, metadata = load_lora(source)
     if "model" in components:  # a peft adapter: one model, a pipeline component only by name
-        components = {component or "unet": components["model"]}
+        components = {component or _adapted_component(components["model"], source): components["model"]}
     if LORA_KINDS[kind] == "peft" and to != "peft":  # (transformers-5 CLIP paths lack the files' text_model.)
         components = {name: {add_text_model(key, ""): value for key, value in state.items()}
                       if name.startswith("text_encoder") else state for name, state in components.items()}
@@ -457,3 +457,21 @@ def delta_difference(
                                       f"written {tuple(delta_a.shape)}")
             worst = max(worst, float((delta_a - delta_b).abs().max()) if delta_a.numel() else 0.0)
     return worst, by_tensor
+
+
+def _adapted_component(state: dict, source: object) -> str:
+    """The pipeline component a peft adapter's layer names say it adapts when ``--component`` is not given: a CLIP
+    text encoder's (``encoder.layers.N.self_attn`` / ``mlp.fc1``, with or without ``text_model.``) or a UNet's
+    (``down_blocks`` / ``mid_block`` / ``up_blocks``); both or neither: the caller must say.
+
+    Raises:
+        InputError: the names do not tell (``source`` named, with the flag).
+    """
+    keys = list(state)
+    text = any(".encoder.layers." in f".{key}" for key in keys)
+    unet = any(part in key for key in keys for part in ("down_blocks.", "up_blocks.", "mid_block."))
+    if text != unet:
+        return "text_encoder" if text else "unet"
+    raise InputError(f"{source}: its layer names do not tell which pipeline component it adapts (a text encoder's "
+                     "encoder.layers.N ... or a UNet's down_blocks / mid_block / up_blocks); give --component "
+                     "unet|text_encoder|text_encoder_2")
