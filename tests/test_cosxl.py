@@ -13,8 +13,6 @@ Tiny random models: tests/test_convert_checkpoint's SDXL parts with the markers 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

@@ -367,8 +367,8 @@ def read_config(path: str | Path, *, fields: set[str], method_options: set[str])
             hint = (hints.get(name) if name in fields else _scalar_type(typed_methods[name][0]) if name in typed_methods
                     else _KOHYA_ONLY_TYPES.get(name))
             value = _typed_value(file, key, value, hint)
-        if name in _CONFIG_PATHS or "Path" in str(hints.get(name, "")):
-            from ..config_paths import config_path  # (a Windows path refused, ~ read as the home folder)
+        if name in _CONFIG_PATHS or "Path" in str(hints.get(name, "")):  # (a Windows path refused, ~ the home folder)
+            from ..config_paths import config_path
 
             if isinstance(value, str):
                 value = config_path(value, where=f"--config {file}: {key}")

@@ -122,7 +122,13 @@ def model_edm_scheduler(model: str | os.PathLike) -> dict | None:
     Raises:
         UnsafeFileError: a pickle that would run code (what the load would refuse, said before it).
     """
-    from ..formats.edm import COSXL_SIGMA_RANGE, PLAYGROUND_SCHEDULER, edm_v_scheduler, has_edm_stats, is_edm_scheduler
+    from ..formats.edm import (
+        COSXL_SIGMA_RANGE,
+        PLAYGROUND_SCHEDULER,
+        edm_v_scheduler,
+        has_edm_stats,
+        is_edm_scheduler,
+    )
     from ..formats.prediction_markers import EDM_V_KEYS
 
     path = Path(model)

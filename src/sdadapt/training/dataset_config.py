@@ -525,6 +525,8 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
         _interpolation(resolve("resize_interpolation", dataset_tables), where=f"{source}: {block}")
         blocks.append(options)
 
+        from ..config_paths import config_path  # (subsets' paths: a Windows path refused, ~ the home folder)
+
         seen: set[str] = set()  # (kohya drops a repeated subset within a dataset; another dataset may use it again)
         for i, table in enumerate(subset_tables):
             where = f"{block}.subsets[{i}]"
@@ -533,8 +535,6 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
                 resolve(name, tables)
             faces = parse_face_crop_range(resolve("face_crop_aug_range", tables), source=f"{source}: {where}.face_crop_aug_range")
             repeats = resolve("num_repeats", tables)
-            from ..config_paths import config_path  # (a Windows path refused, ~ read as the home folder)
-
             image_dir, metadata = (None if table.get(key) is None else config_path(str(table[key]), where=f"{source}: "
                                                                                   f"{where}.{key}")
                                    for key in ("image_dir", "metadata_file"))
