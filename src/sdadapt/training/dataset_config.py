@@ -525,7 +525,7 @@ def read_dataset_config(path: str | os.PathLike, *, fallback: Mapping[str, Any])
         _interpolation(resolve("resize_interpolation", dataset_tables), where=f"{source}: {block}")
         blocks.append(options)
 
-        from ..config_paths import config_path  # (subsets' paths: a Windows path refused, ~ the home folder)
+        from ..config_paths import config_path
 
         seen: set[str] = set()  # (kohya drops a repeated subset within a dataset; another dataset may use it again)
         for i, table in enumerate(subset_tables):
