@@ -429,3 +429,22 @@ def test_a_first_input_without_a_prediction_type_takes_the_one_every_other_input
     assert fields == {} and "kept A's none" in notes[0]
     fields, _ = inherited_metadata([("A", {"modelspec.prediction_type": "epsilon"}), ("B", v)])
     assert fields == {"modelspec.prediction_type": "epsilon"}
+
+
+def test_a_merge_of_toy_models_is_a_toy_model_generate_reads(tmp_path):
+    """Two toy files merged keep the toy's format and config (its loader reads them): the merge was written as a
+    plain checkpoint ("format: pt") that `generate --model` refused, neither toy nor SD."""
+    from safetensors.torch import load_file
+
+    from sdadapt.toy import build_toy
+    from sdadapt.toy.system import save_toy
+
+    save_toy(build_toy(seed=1), tmp_path / "a.safetensors")
+    save_toy(build_toy(seed=2), tmp_path / "b.safetensors")
+    assert main(["merge", "weighted-sum", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--alpha",
+                 "0.5", "-q", "-o", str(tmp_path / "m.safetensors")]) == 0
+    a, b, m = (load_file(str(tmp_path / f"{n}.safetensors")) for n in "abm")
+    key = next(k for k in m if k.startswith("unet.") and m[k].is_floating_point() and not torch.equal(a[k], b[k]))
+    assert torch.allclose(m[key].float(), (a[key].float() + b[key].float()) / 2, atol=1e-3)
+    assert main(["generate", "--model", str(tmp_path / "m.safetensors"), "--prompt", "a red circle", "--steps", "1",
+                 "-q", "-o", str(tmp_path / "g.png")]) == 0

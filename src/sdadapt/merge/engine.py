@@ -1137,6 +1137,9 @@ def merge_file(
                 hashes[path] = actual
         metadata = {"format": "pt"}
         input_meta = {path: _file_metadata(path) for path in leaves}
+        toy = [input_meta[path] for path in leaves if input_meta[path].get("format") == "sdadapt-toy/1"]
+        if len(toy) == len(leaves) and len({meta.get("config") for meta in toy}) == 1:
+            metadata = {key: toy[0][key] for key in ("format", "config") if key in toy[0]}  # (the toy's loader reads them)
         # what model it is (modelspec.prediction_type = v above all): the first input's, contradictions reported
         kept, notes = inherited_metadata([(Path(path).name, input_meta[path]) for path in leaves])
         metadata.update(kept)
