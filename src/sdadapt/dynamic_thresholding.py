@@ -198,6 +198,13 @@ class DynamicThresholding:
         object.__setattr__(self, "separate_feature_channels", bool(self.separate_feature_channels))
 
     @property
+    def wraps_first_sampler_only(self) -> bool:
+        """Whether a hires pass with a sampler of its own runs plain guidance: A1111's extension (``"calls"``) wraps
+        ``p.sampler_name`` only, and A1111 builds the hires pass's own sampler by its plain name; Forge's built-in
+        (``"timesteps"``) patches the UNet, every pass."""
+        return self.step_rule == "calls"
+
+    @property
     def scheduled(self) -> bool:
         """Whether either scale follows a schedule (a mode other than ``Constant``)."""
         return self.mimic_mode != "Constant" or self.cfg_mode != "Constant"

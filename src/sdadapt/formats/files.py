@@ -213,6 +213,7 @@ def check_name_room(target: str | os.PathLike, *, output: str | os.PathLike | No
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # (no pathconf: Windows' 255 characters)
         limit = 255
+
     def length(name: str) -> int:  # (NTFS counts UTF-16 units, POSIX file systems bytes)
         return len(name.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(name))
 

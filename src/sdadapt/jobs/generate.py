@@ -926,8 +926,7 @@ def run_generate(
         raise FileExistsError(f"{existing[0]}: already exists; pass --overwrite to replace it")
     from ..formats.files import check_name_room
 
-    for file in sorted(files, key=lambda f: len(os.fsencode(f.name)))[-1:]:  # (the longest name the run writes)
-        check_name_room(file, output=target)
+    check_name_room(max(files, key=lambda f: len(os.fsencode(f.name))), output=target)  # (the longest name written)
     from .generate_prompt_tags import prompt_tag_files, read_lbw_presets
 
     for option, folder in (("--lora-dir", lora_dir), ("--hypernetwork-dir", hypernetwork_dir),
@@ -1114,9 +1113,7 @@ def run_generate(
     if dynamic_thresholding is not None:  # (each pass's sampler and grid it runs on)
         from ..dynamic_thresholding import check_dynamic_thresholding_run
 
-        # (A1111's extension wraps p.sampler_name only: a hires pass with a sampler of its own runs plain CFG there;
-        # Forge's built-in patches the UNet, every pass)
-        own_hires_plain = dynamic_thresholding.step_rule == "calls" and len(passes) > 1
+        own_hires_plain = dynamic_thresholding.wraps_first_sampler_only and len(passes) > 1
         try:
             for name, grid in passes[:1] if own_hires_plain else passes:
                 check_dynamic_thresholding_run(name, schedule=grid, edm=getattr(system, "edm", None) is not None)
@@ -1912,25 +1909,19 @@ def _a1111_clip_skip(system, model, skip: int, say: Callable[[str], None]) -> No
             "penultimate layer; Forge and diffusers would take an earlier one)")
 
 
-def _is_jpeg(file: Path) -> bool:
-    return Path(file).suffix.lower() in (".jpg", ".jpeg")
-
-
 def _check_jpeg_infotext(files: Sequence[Path], parameters: str) -> None:
     """Refuse, before sampling, a run whose JPEG outputs cannot hold its infotext (``parameters``: the first image's,
-    as far as it is known before sampling) in their EXIF (64 KiB: about 32,700 characters); WebP, AVIF and PNG hold
-    any length.
+    as far as it is known before sampling) in their EXIF (:func:`.generate_runs.infotext_too_long`); WebP, AVIF and
+    PNG hold any length.
 
     Raises:
         ValueError: naming the length and the formats that hold it.
     """
-    if any(_is_jpeg(file) for file in files):
-        from ..image_exif import check_jpeg_comment
+    from .generate_runs import infotext_too_long
 
-        try:
-            check_jpeg_comment(parameters)
-        except ValueError as exc:
-            raise ValueError(f"{Path(files[0]).name}: {exc} (refused before sampling)") from None
+    problem = next((p for p in (infotext_too_long(file, parameters) for file in files) if p is not None), None)
+    if problem is not None:
+        raise ValueError(f"{Path(files[0]).name}: {problem} (refused before sampling)")
 
 
 def _write(file: Path, image, parameters: str, kept: tuple[list, list[str]], save: dict,

@@ -611,8 +611,8 @@ def sample_image(system, prompts: list[str], options: dict, *, init_latents: Ten
         second["sampler"] = hires.sampler
         second["schedule"] = hires.schedule
         second.pop("info", None)
-        if getattr(second.get("dynamic_thresholding"), "step_rule", None) == "calls":
-            second.pop("dynamic_thresholding")  # (A1111's extension wraps p.sampler_name only: plain CFG here)
+        if getattr(second.get("dynamic_thresholding"), "wraps_first_sampler_only", False):
+            second.pop("dynamic_thresholding")  # (A1111's extension: plain CFG in a hires pass of its own sampler)
     if plan_for is not None:
         plan = plan_for(steps)
         if isinstance(plan, tuple):  # (a plain hires plan: its text and negative, no plan)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["check_outputs_free", "check_script_alone", "first_pictures", "first_set", "infotext_chunk", "require_pillow",
-           "run_named", "write_grid"]
+__all__ = ["check_outputs_free", "check_script_alone", "first_pictures", "first_set", "infotext_chunk", "infotext_too_long",
+           "require_pillow", "run_named", "write_grid"]
 
 
 def first_set(given: Mapping[str, object], table: Mapping[str, tuple[object, str]]) -> str | None:
@@ -109,16 +109,27 @@ def infotext_chunk(path: str | os.PathLike, parameters: str | None,
     JPEG whose EXIF cannot hold it (64 KiB: :func:`sdadapt.image_exif.check_jpeg_comment`; fields A1111 adds while
     sampling, a large X/Y/Z plot's), said on ``say``: the image is written without it rather than lost (A1111's
     ``piexif.insert`` fails there after Pillow saved the JPEG, under a ``.tmp`` name)."""
-    if parameters is not None and Path(path).suffix.lower() in (".jpg", ".jpeg"):
-        from ..image_exif import check_jpeg_comment
-
-        try:
-            check_jpeg_comment(parameters)
-        except ValueError as exc:
-            if say is not None:
-                say(f"{Path(path).name}: written without its infotext ({exc})")
-            return None
+    problem = infotext_too_long(path, parameters)
+    if problem is not None:
+        if say is not None:
+            say(f"{Path(path).name}: written without its infotext ({problem})")
+        return None
     return None if parameters is None else {"parameters": parameters}
+
+
+def infotext_too_long(path: str | os.PathLike, parameters: str | None) -> str | None:
+    """Why a JPEG at ``path`` cannot hold ``parameters`` in its EXIF (64 KiB:
+    :func:`sdadapt.image_exif.check_jpeg_comment`), else ``None`` (it fits; no text; PNG, WebP and AVIF hold any
+    length)."""
+    if parameters is None or Path(path).suffix.lower() not in (".jpg", ".jpeg"):
+        return None
+    from ..image_exif import check_jpeg_comment
+
+    try:
+        check_jpeg_comment(parameters)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def write_grid(path: str | os.PathLike, grid: np.ndarray, *, parameters: str | None,
